@@ -1,0 +1,107 @@
+"""The fastload error hierarchy.
+
+One root, ``FastloadError``, mixed with the builtin that fits, so that user code
+catching ``FileNotFoundError`` / ``ValueError`` / ``OSError`` keeps working.
+Third-party exceptions (aiohttp, botocore, OS errors) are chained with
+``raise ... from`` and never escape unwrapped.
+"""
+
+from __future__ import annotations
+
+
+def format_range(byte_range: tuple[int, int] | None) -> str:
+    """Render a half-open byte range for messages: ``bytes [0, 8)``."""
+    if byte_range is None:
+        return ""
+    return f"bytes [{byte_range[0]}, {byte_range[1]})"
+
+
+class FastloadError(Exception):
+    """Root of every error fastload raises."""
+
+
+class ConfigError(FastloadError, ValueError):
+    """An invalid option or combination of options."""
+
+
+class FormatError(FastloadError, ValueError):
+    """A malformed or hostile safetensors file or shard index."""
+
+
+class SourceNotFoundError(FastloadError, FileNotFoundError):
+    """A file, URL or object that does not exist (404, NoSuchKey, ENOENT)."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class SourcePermissionError(FastloadError, PermissionError):
+    """Access denied (403, AccessDenied, EACCES)."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        super().__init__(message)
+        self.url = url
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class _TransportError(FastloadError, OSError):
+    """Common shape of the I/O errors: they name the URL and byte range."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        byte_range: tuple[int, int] | None = None,
+        attempts: int | None = None,
+    ):
+        parts = [message]
+        if url:
+            parts.append(f"url={url}")
+        if byte_range is not None:
+            parts.append(format_range(byte_range))
+        if attempts:
+            parts.append(f"attempts={attempts}")
+        super().__init__("; ".join(parts))
+        self.url = url
+        self.byte_range = byte_range
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return self.args[0] if self.args else ""
+
+
+class TransferError(_TransportError):
+    """A transfer failed for good: retries exhausted or a non-retryable reply."""
+
+
+class SourceChangedError(_TransportError):
+    """The object changed (size, ETag, Last-Modified) while it was being loaded."""
+
+
+class IntegrityError(_TransportError):
+    """Bytes that do not add up: short read, wrong length, checksum mismatch."""
+
+
+class DeviceError(FastloadError, RuntimeError):
+    """A device allocation or copy failed (e.g. CUDA out of memory)."""
+
+
+__all__ = [
+    "FastloadError",
+    "ConfigError",
+    "FormatError",
+    "SourceNotFoundError",
+    "SourcePermissionError",
+    "TransferError",
+    "SourceChangedError",
+    "IntegrityError",
+    "DeviceError",
+    "format_range",
+]
