@@ -1,0 +1,83 @@
+"""Public entry points: glue only. Arguments are checked in ``pipeline.make_request``."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from . import runner
+from .pipeline import make_request, plan_only, produce
+from .plan import LoadPlan
+
+
+def load(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
+         progress=None) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint (file, shard set or directory) into a ``{name: tensor}`` dict.
+
+    The dict is in checkpoint order; every tensor owns its memory.
+    """
+    request = make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config,
+                           trace=trace, progress=progress)
+    return runner.run(lambda: _collect(request))
+
+
+async def aload(source, **kwargs) -> dict[str, torch.Tensor]:
+    """``load`` for async code: runs in the caller's event loop."""
+    return await _collect(make_request(source, **kwargs))
+
+
+async def _collect(request) -> dict[str, torch.Tensor]:
+    got: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    await produce(request, got.__setitem__, on_plan=lambda p: order.extend(t.name for t in p.tensors))
+    return {name: got[name] for name in order}
+
+
+def plan(source, *, names=None, shard=None, config=None, trace=None) -> LoadPlan:
+    """Read only the headers and return what a load would fetch (no tensor bytes)."""
+    request = make_request(source, names=names, shard=shard, config=config, trace=trace)
+    return runner.run(lambda: plan_only(request))
+
+
+class LoadStream:
+    """``with fastload.stream(src) as s: for name, tensor in s: ...`` -- tensors in completion order.
+
+    Leaving the block early, an exception in the loop body or Ctrl-C cancels the
+    outstanding reads and joins the loader's thread: no thread, socket or open
+    file is left behind.
+    """
+
+    def __init__(self, request):
+        self._request = request
+        self._plan: LoadPlan | None = None
+        self._stream = runner.ThreadedStream(
+            lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=self._set_plan))
+
+    def _set_plan(self, plan: LoadPlan) -> None:
+        self._plan = plan
+
+    @property
+    def plan(self) -> LoadPlan | None:
+        """The plan, once headers have been read (None before)."""
+        return self._plan
+
+    def __enter__(self) -> "LoadStream":
+        self._stream.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._stream)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def stream(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
+           progress=None) -> LoadStream:
+    """Like :func:`load`, but hands out ``(name, tensor)`` pairs as each tensor completes."""
+    return LoadStream(make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config,
+                                   trace=trace, progress=progress))

@@ -1,0 +1,49 @@
+"""A bounded pool of host staging buffers: the pipeline's backpressure.
+
+Buffers are allocated lazily (a load that never stages allocates none), are
+pinned when CUDA is present, and are handed back only when whatever reads them
+(a CPU convert, an asynchronous host-to-device copy) has finished with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+
+def as_bytes_view(t: torch.Tensor) -> memoryview:
+    """A writable flat byte view of a contiguous tensor's memory (CPU only)."""
+    flat = t.reshape(-1) if t.dim() != 1 else t
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class BufferPool:
+    def __init__(self, buffer_bytes: int, count: int, *, pin: bool = False):
+        if count < 1 or buffer_bytes < 1:
+            raise ValueError("a buffer pool needs at least one non-empty buffer")
+        self.buffer_bytes = buffer_bytes
+        self.count = count
+        self.pin = pin
+        self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
+        self._allocated = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def allocated(self) -> int:
+        return self._allocated
+
+    async def acquire(self) -> torch.Tensor:
+        self._loop = asyncio.get_running_loop()
+        if self._free.empty() and self._allocated < self.count:
+            self._allocated += 1
+            return torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        return await self._free.get()
+
+    def release(self, buf: torch.Tensor) -> None:
+        """Return a buffer; callable from the loop thread only (see ``release_threadsafe``)."""
+        self._free.put_nowait(buf)
+
+    def release_threadsafe(self, buf: torch.Tensor) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._free.put_nowait, buf)

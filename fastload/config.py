@@ -1,0 +1,137 @@
+"""Configuration: one frozen object, validated on construction.
+
+Library code never reads environment variables; :func:`from_env` is the one
+place that does, and only the CLI calls it. (The AWS credential chain reads its
+own variables: that is the standard users expect.)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Per-chunk retries: exponential backoff with full jitter."""
+
+    max_attempts: int = 8  # attempts per chunk, counting the first
+    backoff_base_s: float = 0.1
+    backoff_max_s: float = 10.0
+    deadline_s: float | None = 600.0  # give up on a chunk after this long, all attempts together
+    max_concurrent_retries: int = 4  # retries in flight at once, across the load
+
+    def __post_init__(self) -> None:
+        _check(self.max_attempts >= 1, "retry.max_attempts must be >= 1")
+        _check(0 <= self.backoff_base_s <= self.backoff_max_s, "need 0 <= retry.backoff_base_s <= retry.backoff_max_s")
+        _check(self.deadline_s is None or self.deadline_s > 0, "retry.deadline_s must be > 0 or None")
+        _check(self.max_concurrent_retries >= 1, "retry.max_concurrent_retries must be >= 1")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Overrides for the AWS credential chain and environment (``None`` = use the chain)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    anonymous: bool = False
+    addressing_style: str = "auto"  # "auto" | "path" | "virtual"
+    presign_expiry_s: int = 3600
+
+    def __post_init__(self) -> None:
+        _check(self.addressing_style in ("auto", "path", "virtual"), "s3.addressing_style must be auto, path or virtual")
+        _check(
+            self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")),
+            f"s3.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}",
+        )
+        _check(60 <= self.presign_expiry_s <= 7 * 24 * 3600, "s3.presign_expiry_s must be between 60 s and 7 days")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How a load runs. Every field has a measured or conservative default."""
+
+    chunk_bytes: int = 16 * MiB  # target size of one ranged read
+    max_concurrency: int = 16  # ranged reads in flight at once
+    host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
+    local_threads: int = 4  # threads issuing preadv for local files
+    connect_timeout_s: float = 10.0
+    stall_timeout_s: float = 30.0  # no byte for this long -> the read is retried (no total timeout)
+    verify_checksums: bool = False  # verify published checksums (costs one hash pass over the bytes)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    s3: S3Options = field(default_factory=S3Options)
+    http_headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Authorization; never logged
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.chunk_bytes, int) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
+               "chunk_bytes must be an int between 64 KiB and 1 GiB")
+        _check(self.chunk_bytes % 64 == 0, "chunk_bytes must be a multiple of 64")
+        _check(isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 1024,
+               "max_concurrency must be between 1 and 1024")
+        _check(isinstance(self.local_threads, int) and 1 <= self.local_threads <= 256,
+               "local_threads must be between 1 and 256")
+        _check(self.host_buffer_bytes >= 2 * self.chunk_bytes,
+               "host_buffer_bytes must hold at least two chunks (2 * chunk_bytes)")
+        _check(self.connect_timeout_s > 0 and self.stall_timeout_s > 0, "timeouts must be > 0")
+        _check(isinstance(self.retry, RetryConfig), "retry must be a RetryConfig")
+        _check(isinstance(self.s3, S3Options), "s3 must be an S3Options")
+
+    def replace(self, **changes: Any) -> "LoadConfig":
+        return replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+_SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
+                  "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"16MiB"`` / ``"16m"`` / ``"1048576"`` -> bytes (binary units)."""
+    raw = text.strip().lower().replace(" ", "")
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    suffix = raw[len(digits):]
+    try:
+        return int(float(digits) * _SIZE_SUFFIXES[suffix])
+    except (KeyError, ValueError):
+        raise ConfigError(f"not a size: {text!r} (try 16MiB, 512k, 1g)") from None
+
+
+#: Environment variables read by :func:`from_env` (documented in the README).
+ENV_VARS = {
+    "FASTLOAD_CHUNK_BYTES": "chunk_bytes",
+    "FASTLOAD_MAX_CONCURRENCY": "max_concurrency",
+    "FASTLOAD_HOST_BUFFER_BYTES": "host_buffer_bytes",
+    "FASTLOAD_LOCAL_THREADS": "local_threads",
+    "FASTLOAD_STALL_TIMEOUT_S": "stall_timeout_s",
+}
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> LoadConfig:
+    """Build a config from ``FASTLOAD_*`` variables, then explicit overrides. CLI only."""
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, Any] = {}
+    types = {f.name: f.type for f in fields(LoadConfig)}
+    for var, name in ENV_VARS.items():
+        if var in env:
+            value = env[var]
+            if name.endswith("_bytes"):
+                kwargs[name] = parse_size(value)
+            elif "float" in str(types[name]):
+                kwargs[name] = float(value)
+            else:
+                try:
+                    kwargs[name] = int(value)
+                except ValueError:
+                    raise ConfigError(f"{var} must be an integer, got {value!r}") from None
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return LoadConfig(**kwargs)

@@ -1,0 +1,55 @@
+"""``model.safetensors.index.json``: the map from tensor name to shard file."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Mapping
+
+from ..errors import FormatError
+from .safetensors import _load_json
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    weight_map: Mapping[str, str]  # tensor name -> shard path relative to the index
+    metadata: Mapping[str, object]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Shard files in first-seen order, each once."""
+        return tuple(dict.fromkeys(self.weight_map.values()))
+
+
+def _check_shard_name(name: object, url: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise FormatError(f"{url}: weight_map values must be non-empty file names, got {name!r}")
+    bad = (
+        "://" in name
+        or name.startswith(("/", "\\"))
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or any(part in ("..", ".") for part in name.split("/"))
+        or posixpath.normpath(name) != name
+        or "\x00" in name
+        or "?" in name
+        or "#" in name
+    )
+    if bad:
+        raise FormatError(f"{url}: weight_map entry {name!r} escapes the checkpoint directory")
+    return name
+
+
+def parse_index(raw: bytes, *, url: str) -> ShardIndex:
+    doc = _load_json(raw, f"{url}: index")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{url}: index must hold a non-empty 'weight_map' object")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{url}: index 'metadata' must be an object")
+    checked = {name: _check_shard_name(file, url) for name, file in weight_map.items()}
+    return ShardIndex(checked, metadata)

@@ -1,0 +1,207 @@
+"""safetensors header parsing and validation.
+
+A safetensors file is ``u64 little-endian N`` + ``N`` bytes of UTF-8 JSON +
+the tensor bytes. The JSON maps tensor names to ``{"dtype", "shape",
+"data_offsets": [begin, end]}`` (offsets relative to the data section) plus an
+optional ``"__metadata__"`` string map.
+
+Validation is at least as strict as the reference implementation: the tensors
+must tile the data section exactly (sorted, contiguous, no holes, no overlap,
+nothing past the end), each tensor's byte length must match dtype x shape, and
+any malformed value is a :class:`FormatError` raised in time and memory bounded
+by the header cap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from ..errors import FormatError
+
+#: Same cap as the reference implementation: a header over 100 MB is hostile.
+MAX_HEADER_BYTES = 100_000_000
+#: Bytes read speculatively for the header: most headers fit in the first read.
+HEADER_PROBE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str  # safetensors name, e.g. "BF16"
+    torch_name: str  # attribute of the torch module, e.g. "bfloat16"
+    itemsize: int
+    is_float: bool
+
+
+def _dtypes() -> dict[str, DType]:
+    table = [
+        ("F64", "float64", 8, True),
+        ("F32", "float32", 4, True),
+        ("F16", "float16", 2, True),
+        ("BF16", "bfloat16", 2, True),
+        ("F8_E4M3", "float8_e4m3fn", 1, True),
+        ("F8_E5M2", "float8_e5m2", 1, True),
+        ("F8_E4M3FNUZ", "float8_e4m3fnuz", 1, True),
+        ("F8_E5M2FNUZ", "float8_e5m2fnuz", 1, True),
+        ("F8_E8M0", "float8_e8m0fnu", 1, True),
+        ("C64", "complex64", 8, False),
+        ("I64", "int64", 8, False),
+        ("I32", "int32", 4, False),
+        ("I16", "int16", 2, False),
+        ("I8", "int8", 1, False),
+        ("U64", "uint64", 8, False),
+        ("U32", "uint32", 4, False),
+        ("U16", "uint16", 2, False),
+        ("U8", "uint8", 1, False),
+        ("BOOL", "bool", 1, False),
+    ]
+    return {name: DType(name, torch_name, size, is_float) for name, torch_name, size, is_float in table}
+
+
+DTYPES: Mapping[str, DType] = _dtypes()
+
+
+def torch_dtype(dtype: DType):
+    """The torch dtype for a safetensors dtype (FormatError if this torch lacks it)."""
+    import torch
+
+    value = getattr(torch, dtype.torch_name, None)
+    if value is None:
+        raise FormatError(f"dtype {dtype.name} is not supported by torch {torch.__version__}")
+    return value
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of one file. ``start``/``end`` are absolute file offsets, half-open."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    file: int  # index into the plan's files
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    url: str
+    size: int
+    data_start: int  # 8 + N: where the data section begins
+    metadata: Mapping[str, str] | None
+    tensors: tuple[TensorSpec, ...]  # sorted by start
+
+
+def header_length(prefix: bytes, *, url: str, file_size: int) -> int:
+    """Read and check ``N`` from the first 8 bytes; returns ``8 + N``."""
+    if file_size < 8 or len(prefix) < 8:
+        raise FormatError(f"{url}: file of {file_size} bytes is too small to be safetensors")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"{url}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap")
+    if 8 + n > file_size:
+        raise FormatError(f"{url}: header length {n} runs past the end of the {file_size}-byte file")
+    return 8 + n
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FormatError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _load_json(raw: bytes, what: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except FormatError as exc:
+        raise FormatError(f"{what}: {exc}") from None
+    except RecursionError:
+        raise FormatError(f"{what}: JSON nested too deeply") from None
+    except ValueError as exc:
+        raise FormatError(f"{what}: invalid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise FormatError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _metadata(value: Any, url: str) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise FormatError(f"{url}: __metadata__ must map strings to strings")
+    return dict(value)
+
+
+def _tensor(name: str, entry: Any, *, url: str, file: int, data_start: int, data_len: int) -> TensorSpec:
+    where = f"{url}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise FormatError(f"{where}: entry must be an object")
+    unknown = set(entry) - {"dtype", "shape", "data_offsets"}
+    if unknown:
+        raise FormatError(f"{where}: unknown fields {sorted(unknown)}")
+    dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
+    if dtype is None:
+        raise FormatError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise FormatError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_len:
+        raise FormatError(f"{where}: data_offsets [{begin}, {end}) outside the {data_len}-byte data section")
+    numel = 1
+    for dim in shape:  # stop as soon as the product is impossible: no overflow games
+        numel *= dim
+        if numel * dtype.itemsize > data_len:
+            raise FormatError(f"{where}: shape {shape} needs more bytes than the file holds")
+    if numel * dtype.itemsize != end - begin:
+        raise FormatError(
+            f"{where}: {dtype.name}{shape} needs {numel * dtype.itemsize} bytes, data_offsets span {end - begin}"
+        )
+    return TensorSpec(name, dtype, tuple(shape), file, data_start + begin, data_start + end)
+
+
+def parse_header(raw: bytes, *, url: str, file_size: int, file: int = 0) -> FileHeader:
+    """Parse the JSON header ``raw`` (the N bytes after the length prefix)."""
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    doc = _load_json(raw, f"{url}: header")
+    metadata = _metadata(doc.pop("__metadata__"), url) if "__metadata__" in doc else None
+    tensors = sorted(
+        (_tensor(name, entry, url=url, file=file, data_start=data_start, data_len=data_len) for name, entry in doc.items()),
+        key=lambda t: (t.start, t.end),
+    )
+    cursor = data_start
+    for spec in tensors:
+        if spec.start != cursor:
+            problem = "overlaps the previous tensor" if spec.start < cursor else "leaves a hole before it"
+            raise FormatError(f"{url}: tensor {spec.name!r} at byte {spec.start} {problem} (expected {cursor})")
+        cursor = spec.end
+    if cursor != file_size:
+        raise FormatError(
+            f"{url}: tensors cover bytes up to {cursor} but the file has {file_size} "
+            f"({'data shorter than the header promises' if cursor > file_size else 'trailing bytes'})"
+        )
+    return FileHeader(url, file_size, data_start, metadata, tuple(tensors))

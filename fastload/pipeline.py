@@ -1,0 +1,130 @@
+"""The async core: resolve -> header -> plan -> fetch -> sink, for one load.
+
+Everything here runs inside one event loop; the sync API in ``api.py`` meets it
+through ``runner.py`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .buffers import BufferPool
+from .config import LoadConfig
+from .errors import ConfigError, DeviceError
+from .fetch import run_plan
+from .plan import LoadPlan, Shard, build_plan
+from .resolve import read_header, resolve
+from .sinks import HostSink, Sink
+from .sources import Transports
+from .trace import NULL_TRACE, Trace
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    source: Any
+    device: torch.device
+    dtype: torch.dtype | None
+    names: Sequence[str] | None
+    shard: Shard | None
+    config: LoadConfig
+    trace: Trace
+    progress: Callable[[int, int], None] | None
+
+
+def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
+                 progress=None) -> LoadRequest:
+    """Check and normalise the public arguments (shared by every entry point)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"not a device: {device!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device} is not supported (use cpu or cuda[:N])")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if not dtype.startswith("torch.") else getattr(torch, dtype[6:], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError("dtype must be a torch dtype or its name, e.g. 'bfloat16'")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    if isinstance(names, str):
+        names = [names]
+    if shard is not None and not isinstance(shard, Shard):
+        raise ConfigError("shard must be a fastload.Shard")
+    if config is None:
+        config = LoadConfig()
+    elif not isinstance(config, LoadConfig):
+        raise ConfigError("config must be a fastload.LoadConfig")
+    if progress is not None and not callable(progress):
+        raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
+    return LoadRequest(source, device, dtype, names, shard, config, trace or NULL_TRACE, progress)
+
+
+async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
+    trace = request.trace
+    with trace.span("resolve"):
+        resolved = await resolve(request.source, transports)
+    with trace.span("header"):
+        headers = await asyncio.gather(*(read_header(transports, info, i) for i, info in enumerate(resolved.files)))
+    with trace.span("plan"):
+        return build_plan(headers, resolved.files, config=request.config, names=request.names,
+                          shard=request.shard, index=resolved.index)
+
+
+def make_sink(plan: LoadPlan, request: LoadRequest) -> Sink:
+    if request.device.type == "cuda":
+        try:
+            from .sinks.cuda import CudaSink
+        except ImportError as exc:  # pragma: no cover - depends on the build
+            raise DeviceError(f"device {request.device} needs fastload's CUDA sink: {exc}") from exc
+        return CudaSink(plan, device=request.device, dtype=request.dtype, trace=request.trace)
+    return HostSink(plan, dtype=request.dtype, trace=request.trace)
+
+
+async def plan_only(request: LoadRequest) -> LoadPlan:
+    transports = Transports(request.config, request.trace)
+    try:
+        return await make_plan(request, transports)
+    finally:
+        await transports.aclose()
+
+
+async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None],
+                  on_plan: Callable[[LoadPlan], None] | None = None) -> None:
+    """Run one load, calling ``put(name, tensor)`` for each tensor as it completes."""
+    trace, config = request.trace, request.config
+    trace.begin()
+    transports = Transports(config, trace)
+    sink = None
+    try:
+        plan = await make_plan(request, transports)
+        if on_plan is not None:
+            on_plan(plan)
+        sink = make_sink(plan, request)
+        pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes),
+                          pin=request.device.type == "cuda")
+
+        def emit(indices: list[int]) -> None:
+            for i in indices:
+                put(plan.tensors[i].name, sink.tensor(i))
+
+        emit(sink.initially_complete())
+        done = 0
+        total = plan.total_bytes
+
+        def progress(n: int) -> None:
+            nonlocal done
+            done += n
+            request.progress(done, total)
+
+        await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=emit,
+                       progress=progress if request.progress else None,
+                       workers=config.max_concurrency)
+    finally:
+        if sink is not None:
+            sink.close()
+        await transports.aclose()
+        trace.end()

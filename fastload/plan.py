@@ -1,0 +1,257 @@
+"""The load plan: pure data, built from headers without I/O.
+
+A plan lists the files, the tensors to produce (with their output shapes when
+sharded) and the chunk reads that produce them. Each :class:`ChunkRead` is one
+ranged read ``[start, end)`` of one file, carrying the :class:`Piece`s that map
+its source bytes onto output-tensor bytes. Chunks are at most ``chunk_bytes``
+long; neighbouring small tensors are coalesced into one chunk; bytes of tensors
+that were not asked for are never inside a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from .config import LoadConfig
+from .errors import ConfigError, FormatError
+from .format import FileHeader, ShardIndex, TensorSpec
+from .sources import ObjectInfo
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Tensor-parallel slice: this rank gets ``full.tensor_split(world_size, dim)[rank]``.
+
+    ``rules`` maps regular expressions (``re.search``, first match wins) to the
+    split dimension; tensors matching no rule are loaded whole.
+    """
+
+    rank: int
+    world_size: int
+    rules: Sequence[tuple[str, int]] | Mapping[str, int] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.world_size, int) and self.world_size >= 1):
+            raise ConfigError(f"Shard.world_size must be >= 1, got {self.world_size!r}")
+        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
+            raise ConfigError(f"Shard.rank must be in [0, {self.world_size}), got {self.rank!r}")
+        rules = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
+        for pattern, dim in rules:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"Shard rule {pattern!r} is not a valid regular expression: {exc}") from None
+            if not isinstance(dim, int):
+                raise ConfigError(f"Shard rule {pattern!r}: split dim must be an int, got {dim!r}")
+        object.__setattr__(self, "rules", rules)
+
+    def dim_for(self, name: str) -> int | None:
+        for pattern, dim in self.rules:
+            if re.search(pattern, name):
+                return dim
+        return None
+
+
+def split_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
+    """Bounds of ``index``-th part as ``torch.tensor_split`` cuts ``size`` into ``parts``."""
+    base, extra = divmod(size, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+@dataclass(frozen=True)
+class Piece:
+    tensor: int  # index into LoadPlan.tensors
+    src: int  # absolute offset in the file
+    length: int
+    dst: int  # byte offset in the output tensor (stored dtype)
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    id: int
+    file: int
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    spec: TensorSpec
+    shape: tuple[int, ...]  # output shape (the rank's slice when sharded)
+    split_dim: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.spec.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    info: ObjectInfo
+    data_start: int
+    metadata: Mapping[str, str] | None
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    files: tuple[PlannedFile, ...]
+    tensors: tuple[PlannedTensor, ...]
+    chunks: tuple[ChunkRead, ...]
+    chunk_bytes: int
+    index_metadata: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> Mapping[str, str] | None:
+        """The ``__metadata__`` of the first file (shards normally carry the same)."""
+        return self.files[0].metadata if self.files else None
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes the chunk reads take from the sources."""
+        return sum(c.nbytes for c in self.chunks)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_dict(self) -> dict:
+        return {
+            "files": [{"url": f.info.url, "size": f.info.size, "etag": f.info.etag, "data_start": f.data_start,
+                       "metadata": dict(f.metadata) if f.metadata else None} for f in self.files],
+            "tensors": [{"name": t.name, "dtype": t.spec.dtype.name, "shape": list(t.shape),
+                         "stored_shape": list(t.spec.shape), "split_dim": t.split_dim, "file": t.spec.file,
+                         "start": t.spec.start, "end": t.spec.end} for t in self.tensors],
+            "chunks": [{"id": c.id, "file": c.file, "start": c.start, "end": c.end,
+                        "pieces": [[p.tensor, p.src, p.length, p.dst] for p in c.pieces]} for c in self.chunks],
+            "chunk_bytes": self.chunk_bytes,
+            "total_bytes": self.total_bytes,
+            "output_bytes": self.output_bytes,
+            "index_metadata": dict(self.index_metadata),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.files)} file(s), {len(self.tensors)} tensor(s), {len(self.chunks)} chunk(s), "
+                 f"{self.total_bytes / 1e6:.1f} MB to fetch"]
+        for f in self.files:
+            lines.append(f"  file {f.info.url}  {f.info.size} bytes")
+        width = max((len(t.name) for t in self.tensors), default=4)
+        lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")
+        for t in self.tensors:
+            shape = "x".join(map(str, t.shape)) or "scalar"
+            lines.append(f"  {t.name:<{width}}  {t.spec.dtype.name:<8} {shape:<20} {t.spec.file:>4} {t.nbytes:>14}")
+        return "\n".join(lines)
+
+
+def _runs(index: int, t: PlannedTensor, shard: Shard | None) -> list[Piece]:
+    """Contiguous source runs of one tensor that make up its output, in source order."""
+    spec = t.spec
+    if t.nbytes == 0:
+        return []
+    if t.split_dim is None:
+        return [Piece(index, spec.start, spec.nbytes, 0)]
+    d = t.split_dim
+    lo, hi = split_bounds(spec.shape[d], shard.world_size, shard.rank)
+    inner = math.prod(spec.shape[d + 1:]) * spec.dtype.itemsize
+    outer = math.prod(spec.shape[:d])
+    width = (hi - lo) * inner
+    if width == spec.shape[d] * inner:  # the whole dim: one run
+        return [Piece(index, spec.start, spec.nbytes, 0)]
+    stride = spec.shape[d] * inner
+    return [Piece(index, spec.start + o * stride + lo * inner, width, o * width) for o in range(outer)]
+
+
+def _planned(spec: TensorSpec, shard: Shard | None) -> PlannedTensor:
+    dim = shard.dim_for(spec.name) if shard else None
+    if dim is None:
+        return PlannedTensor(spec, spec.shape)
+    ndim = len(spec.shape)
+    if not -ndim <= dim < ndim:
+        raise ConfigError(f"Shard rule for {spec.name!r}: dim {dim} out of range for shape {list(spec.shape)}")
+    dim %= ndim
+    lo, hi = split_bounds(spec.shape[dim], shard.world_size, shard.rank)
+    return PlannedTensor(spec, spec.shape[:dim] + (hi - lo,) + spec.shape[dim + 1:], dim)
+
+
+def _chunks(runs: list[Piece], file: int, chunk_bytes: int, first_id: int) -> list[ChunkRead]:
+    chunks: list[ChunkRead] = []
+    pieces: list[Piece] = []
+
+    def close() -> None:
+        if pieces:
+            chunks.append(ChunkRead(first_id + len(chunks), file, pieces[0].src,
+                                    pieces[-1].src + pieces[-1].length, tuple(pieces)))
+            pieces.clear()
+
+    for run in runs:
+        offset = 0
+        while offset < run.length:  # a run longer than a chunk is split at chunk-size boundaries
+            n = min(chunk_bytes, run.length - offset)
+            piece = Piece(run.tensor, run.src + offset, n, run.dst + offset)
+            if pieces:
+                prev = pieces[-1]
+                gap = piece.src - (prev.src + prev.length)
+                same_tensor_gap = gap == 0 or prev.tensor == piece.tensor  # gaps only inside one tensor's span
+                if not same_tensor_gap or piece.src + n - pieces[0].src > chunk_bytes:
+                    close()
+            pieces.append(piece)
+            offset += n
+    close()
+    return chunks
+
+
+def build_plan(
+    headers: Sequence[FileHeader],
+    files: Sequence[ObjectInfo],
+    *,
+    config: LoadConfig,
+    names: Sequence[str] | None = None,
+    shard: Shard | None = None,
+    index: ShardIndex | None = None,
+) -> LoadPlan:
+    specs: dict[str, TensorSpec] = {}
+    for header in headers:
+        for spec in header.tensors:
+            if spec.name in specs:
+                raise FormatError(f"tensor {spec.name!r} appears in both {files[specs[spec.name].file].url} "
+                                  f"and {header.url}")
+            specs[spec.name] = spec
+    if index is not None:
+        file_of = {i: f.url.rsplit("/", 1)[-1] for i, f in enumerate(files)}
+        missing = [n for n, fname in index.weight_map.items()
+                   if n not in specs or file_of[specs[n].file] != fname.rsplit("/", 1)[-1]]
+        if missing:
+            raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]}")
+    if names is not None:
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in specs]
+        if unknown:
+            raise ConfigError(f"{len(unknown)} unknown tensor name(s): {unknown[:20]}")
+        chosen = [specs[n] for n in wanted]
+    else:
+        chosen = list(specs.values())
+    chosen.sort(key=lambda s: (s.file, s.start))
+    tensors = tuple(_planned(s, shard) for s in chosen)
+    chunks: list[ChunkRead] = []
+    for file in range(len(files)):
+        runs = [r for i, t in enumerate(tensors) if t.spec.file == file for r in _runs(i, t, shard)]
+        chunks += _chunks(runs, file, config.chunk_bytes, len(chunks))
+    planned_files = tuple(PlannedFile(f, h.data_start, h.metadata) for f, h in zip(files, headers))
+    return LoadPlan(planned_files, tensors, tuple(chunks), config.chunk_bytes,
+                    dict(index.metadata) if index else {})

@@ -1,0 +1,112 @@
+"""Resolve a source into checkpoint files, then read and parse their headers.
+
+``source`` is one URL/path or a list of them. A directory (a local dir, or a
+URL/prefix ending in ``/``) is a checkpoint directory: its
+``model.safetensors.index.json`` when present, else ``model.safetensors``, else
+(where the scheme can list) every ``*.safetensors`` in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ConfigError, FormatError, SourceNotFoundError
+from .format import (HEADER_PROBE_BYTES, INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
+                     parse_header, parse_index)
+from .sources import ObjectInfo, Transports, read_bytes, scheme_of
+from .sources.local import to_path
+
+MAX_INDEX_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Resolved:
+    files: tuple[ObjectInfo, ...]
+    index: ShardIndex | None = None
+    index_url: str | None = None
+
+
+def join(base: str, name: str) -> str:
+    """``name`` (already checked not to escape) relative to directory ``base``."""
+    if scheme_of(base) == "local":
+        return os.path.join(str(to_path(base)), name)
+    return base if not name else (base if base.endswith("/") else base + "/") + name
+
+
+def _is_dir_url(url: str) -> bool:
+    scheme = scheme_of(url)
+    if scheme == "local":
+        return to_path(url).is_dir()
+    if scheme == "s3":
+        key = url[5:].partition("/")[2]
+        return not key or url.endswith("/") or not key.endswith((".safetensors", ".json"))
+    return url.endswith("/")
+
+
+async def _try_stat(transports: Transports, url: str) -> ObjectInfo | None:
+    try:
+        return await transports.for_url(url).stat(url)
+    except SourceNotFoundError:
+        return None
+
+
+async def _from_index(transports: Transports, info: ObjectInfo) -> Resolved:
+    if info.size > MAX_INDEX_BYTES:
+        raise FormatError(f"{info.url}: index of {info.size} bytes is larger than the {MAX_INDEX_BYTES}-byte cap")
+    raw = await read_bytes(transports.for_url(info.url), info, 0, info.size)
+    index = parse_index(raw, url=info.url)
+    base = info.url[: len(info.url) - len(os.path.basename(info.url))] if scheme_of(info.url) != "local" \
+        else os.path.dirname(str(to_path(info.url)))
+    urls = [join(base, name) for name in index.files]
+    files = await asyncio.gather(*(transports.for_url(u).stat(u) for u in urls))
+    return Resolved(tuple(files), index, info.url)
+
+
+async def _resolve_dir(transports: Transports, url: str) -> Resolved:
+    base = url if scheme_of(url) == "local" or url.endswith("/") else url + "/"
+    index = await _try_stat(transports, join(base, INDEX_NAME))
+    if index is not None:
+        return await _from_index(transports, index)
+    single = await _try_stat(transports, join(base, SINGLE_NAME))
+    if single is not None:
+        return Resolved((single,))
+    listed = await transports.for_url(url).list(base)
+    names = sorted(u for u in (listed or []) if u.endswith(".safetensors"))
+    if not names:
+        how = "" if listed is not None else f" (and {scheme_of(url)} sources cannot be listed)"
+        raise SourceNotFoundError(f"no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors under {url}{how}", url=url)
+    return Resolved(tuple(await asyncio.gather(*(transports.for_url(u).stat(u) for u in names))))
+
+
+async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], transports: Transports) -> Resolved:
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ConfigError("empty list of sources")
+        parts = await asyncio.gather(*(resolve(s, transports) for s in source))
+        if any(p.index is not None for p in parts) and len(parts) > 1:
+            raise ConfigError("a list of sources must name .safetensors files, not index files or directories")
+        return Resolved(tuple(f for p in parts for f in p.files))
+    url = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
+    if scheme_of(url) == "hf":
+        raise ConfigError("hf:// sources need fastload's hub support (not available in this build)")
+    if _is_dir_url(url):
+        return await _resolve_dir(transports, url)
+    info = await transports.for_url(url).stat(url)
+    if url.endswith(".json"):
+        return await _from_index(transports, info)
+    return Resolved((info,))
+
+
+async def read_header(transports: Transports, info: ObjectInfo, file: int) -> FileHeader:
+    """Two small reads at most: a probe that usually holds the whole header, then the rest."""
+    transport = transports.for_url(info.url)
+    probe = await read_bytes(transport, info, 0, min(info.size, HEADER_PROBE_BYTES))
+    data_start = header_length(probe, url=info.url, file_size=info.size)
+    if data_start > len(probe):
+        probe += await read_bytes(transport, info, len(probe), data_start)
+    return parse_header(probe[8:data_start], url=info.url, file_size=info.size, file=file)

@@ -1,0 +1,100 @@
+"""Where sync meets async: the only module that starts event loops or threads for the API.
+
+Each sync call runs its own event loop: in the calling thread when it has none
+running, else (Jupyter, an async server) in a private thread. There is no
+global loop thread. A stream runs its loop in a private thread and hands
+tensors over a thread-safe queue; closing it cancels the load and joins the
+thread, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+_DONE = object()
+
+
+def run(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run the coroutine made by ``factory`` to completion, from sync code."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(factory())
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="fastload-loop", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class ThreadedStream:
+    """Runs ``producer(put)`` in a private loop thread; iterate to receive what it puts."""
+
+    def __init__(self, producer: Callable[[Callable[[Any], None]], Awaitable[None]]):
+        self._producer = producer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="fastload-stream", daemon=True)
+        self._finished = False
+
+    def start(self) -> "ThreadedStream":
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def _main(self) -> None:
+        async def body() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+            self._ready.set()
+            try:
+                await self._producer(self._queue.put)
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:
+                self._queue.put((_DONE, exc))
+                return
+            self._queue.put((_DONE, None))
+
+        try:
+            asyncio.run(body())
+        finally:
+            self._ready.set()
+
+    def __iter__(self) -> Iterator[Any]:
+        while not self._finished:
+            item = self._queue.get()
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
+                self._finished = True
+                self._thread.join()
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+
+    def close(self) -> None:
+        """Cancel whatever is still running and wait for the loop thread to end."""
+        if self._thread.is_alive() and self._loop is not None and self._task is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # loop already closed
+                pass
+        if self._thread.ident is not None:
+            self._thread.join()
+        self._finished = True

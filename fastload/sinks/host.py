@@ -1,0 +1,83 @@
+"""CPU sink: chunks land straight in the final tensors' memory.
+
+Without dtype conversion every chunk is read directly into the output tensors
+(no bounce buffer, no extra copy). A chunk that touches a tensor being
+converted is staged in a pool buffer and converted piecewise into its output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import torch
+
+from ..buffers import as_bytes_view
+from ..format import torch_dtype
+from ..plan import ChunkRead, LoadPlan
+from ..sources import Segment
+from ..trace import Trace
+from .base import Completion
+
+
+def output_dtype(stored: torch.dtype, is_float: bool, wanted: torch.dtype | None) -> torch.dtype:
+    """Floating-point tensors take ``wanted``; integer and bool tensors stay as stored."""
+    return wanted if (wanted is not None and is_float and wanted.is_floating_point) else stored
+
+
+class HostSink:
+    def __init__(self, plan: LoadPlan, *, dtype: torch.dtype | None, trace: Trace):
+        self.plan = plan
+        self.trace = trace
+        self.completion = Completion(plan)
+        self.stored = [torch_dtype(t.spec.dtype) for t in plan.tensors]
+        self.outputs = [torch.empty(t.shape, dtype=output_dtype(s, t.spec.dtype.is_float, dtype))
+                        for t, s in zip(plan.tensors, self.stored)]
+        self.converts = [o.dtype != s for o, s in zip(self.outputs, self.stored)]
+        self._views: dict[int, memoryview] = {}
+
+    def _view(self, index: int) -> memoryview:
+        view = self._views.get(index)
+        if view is None:
+            view = self._views[index] = as_bytes_view(self.outputs[index])
+        return view
+
+    def initially_complete(self) -> list[int]:
+        return self.completion.initially_complete()
+
+    def staged(self, chunk: ChunkRead) -> bool:
+        return any(self.converts[p.tensor] for p in chunk.pieces)
+
+    def targets(self, chunk: ChunkRead) -> list[Segment]:
+        return [Segment(p.src, self._view(p.tensor)[p.dst:p.dst + p.length]) for p in chunk.pieces]
+
+    def _convert(self, chunk: ChunkRead, buf: torch.Tensor) -> None:
+        offset = 0
+        for p in chunk.pieces:
+            src = buf[offset:offset + p.length]
+            offset += p.length
+            out = self.outputs[p.tensor].view(-1)
+            stored = self.stored[p.tensor]
+            if self.converts[p.tensor]:
+                size = self.plan.tensors[p.tensor].spec.dtype.itemsize
+                out[p.dst // size:(p.dst + p.length) // size].copy_(src.view(stored))
+            else:
+                out.view(torch.uint8)[p.dst:p.dst + p.length].copy_(src)
+
+    async def consume(self, chunk: ChunkRead, buf: torch.Tensor | None, release: Callable[[], None]) -> list[int]:
+        if buf is not None:
+            start = self.trace.now()
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._convert, chunk, buf)
+            finally:
+                release()
+            self.trace.interval("convert", start, self.trace.now())
+        return self.completion.account(chunk)
+
+    def tensor(self, index: int) -> torch.Tensor:
+        self._views.pop(index, None)
+        return self.outputs[index]
+
+    def close(self) -> None:
+        self._views.clear()
+        self.outputs = []

@@ -1,0 +1,56 @@
+"""Transports, one per scheme, created per load inside its event loop."""
+
+from __future__ import annotations
+
+from ..config import LoadConfig
+from ..errors import ConfigError
+from ..trace import Trace
+from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
+from .http import HttpTransport
+from .local import LocalTransport
+from .retry import RetryPolicy
+from .s3 import S3Transport
+
+
+def scheme_of(url: str) -> str:
+    if url.startswith(("http://", "https://")):
+        return "http"
+    if url.startswith("s3://"):
+        return "s3"
+    if url.startswith("hf://"):
+        return "hf"
+    if "://" in url and not url.startswith("file://"):
+        raise ConfigError(f"unsupported source scheme: {url.split('://', 1)[0]}:// (use a path, file://, "
+                          "http(s)://, s3:// or hf://)")
+    return "local"
+
+
+class Transports:
+    """Owns the transports of one load; ``aclose`` releases every socket, thread and file."""
+
+    def __init__(self, config: LoadConfig, trace: Trace):
+        self.config = config
+        self.trace = trace
+        self.policy = RetryPolicy(config.retry, trace)
+        self._made: dict[str, Transport] = {}
+
+    def for_url(self, url: str) -> Transport:
+        scheme = scheme_of(url)
+        if scheme not in self._made:
+            if scheme == "local":
+                self._made[scheme] = LocalTransport(self.config.local_threads, self.trace)
+            elif scheme == "http":
+                self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
+            elif scheme == "s3":
+                self._made[scheme] = S3Transport(self.config, self.policy, self.for_url("http://"))
+            else:
+                raise ConfigError(f"no transport for {url}")
+        return self._made[scheme]
+
+    async def aclose(self) -> None:
+        for transport in reversed(list(self._made.values())):
+            await transport.aclose()
+        self._made.clear()
+
+
+__all__ = ["ObjectInfo", "Segment", "Transport", "Transports", "http_range", "read_bytes", "scheme_of"]

@@ -1,0 +1,69 @@
+"""What every transport offers, and the values passed between it and the fetcher.
+
+Byte ranges are half-open ``[start, end)`` everywhere. A *read* fills a list of
+``Segment``s: each names an absolute file offset and a writable memoryview; the
+segments are sorted and do not overlap, and the bytes between them (gaps) are
+not wanted. Transports that can skip gaps (local files) do; streaming
+transports read across them and discard the gap bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as first seen by the load; later reads are pinned to it."""
+
+    url: str  # what users and messages see (never holds credentials)
+    size: int
+    etag: str | None = None
+    last_modified: str | None = None
+    fetch_url: str | None = None  # what is actually requested (e.g. a presigned URL); never shown
+    checksum: str | None = None  # a published checksum ("sha256:<hex>"), when the source has one
+
+
+class Segment(NamedTuple):
+    offset: int  # absolute offset in the object
+    view: memoryview  # writable, 1-D, unsigned bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.view)
+
+
+def span_of(segments: list[Segment]) -> tuple[int, int]:
+    return segments[0].offset, segments[-1].end
+
+
+def http_range(start: int, end: int) -> str:
+    """The one place a half-open range becomes an HTTP ``Range`` header value."""
+    if end <= start:
+        raise ValueError(f"empty range [{start}, {end})")
+    return f"bytes={start}-{end - 1}"
+
+
+class Transport(Protocol):
+    """One per scheme per load; created inside the load's event loop."""
+
+    async def stat(self, url: str) -> ObjectInfo: ...
+
+    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
+        """Fill every segment; return the bytes taken from the source (gaps included)."""
+        ...
+
+    async def list(self, url: str) -> list[str] | None:
+        """URLs of the objects directly under a directory/prefix URL; None if the scheme cannot list."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def read_bytes(transport: Transport, info: ObjectInfo, start: int, end: int) -> bytes:
+    """A small read into fresh memory (headers, index files)."""
+    buf = bytearray(end - start)
+    if end > start:
+        await transport.read(info, [Segment(start, memoryview(buf))])
+    return bytes(buf)

@@ -1,0 +1,201 @@
+"""HTTP(S): aiohttp ranged GETs over one session per load.
+
+Every reply is checked before a byte is used: 206 with the exact
+``Content-Range`` and ``Content-Length`` asked for, and the ETag (or
+Last-Modified) pinned from the first reply. A server that ignores ``Range``,
+lies about the range or replaces the object mid-load can therefore never put
+wrong bytes into a tensor. A read that breaks mid-body resumes from the last
+byte received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+
+from ..config import LoadConfig
+from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..trace import Trace
+from .base import ObjectInfo, Segment, http_range, span_of
+from .retry import RetryPolicy, Transient
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def check_status(status: int, reason: str, *, url: str, byte_range=None, headers=None) -> None:
+    """Turn a non-2xx status into the matching fastload error (or a Transient to retry)."""
+    if 200 <= status < 300:
+        return
+    text = f"HTTP {status} {reason or ''}".strip()
+    if status in (404, 410):
+        raise SourceNotFoundError(f"not found ({text}): {url}", url=url)
+    if status in (401, 403):
+        raise SourcePermissionError(f"access denied ({text}): {url}", url=url)
+    if status == 412:
+        raise SourceChangedError(f"object changed during the load ({text})", url=url, byte_range=byte_range)
+    if status == 416:
+        raise SourceChangedError(f"range no longer satisfiable ({text}); object shrank?", url=url, byte_range=byte_range)
+    if status in _RETRY_STATUSES:
+        raise Transient(text, retry_after=_retry_after(headers or {}))
+    raise TransferError(text, url=url, byte_range=byte_range)
+
+
+class _Cursor:
+    """Writes a byte stream that starts at ``pos`` into sorted segments, discarding gap bytes."""
+
+    def __init__(self, segments: list[Segment]):
+        self.segments = segments
+        self.pos = segments[0].offset
+        self.end = segments[-1].end
+        self._i = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data)
+        while mv:
+            seg = self.segments[self._i]
+            if self.pos >= seg.end:
+                self._i += 1
+                continue
+            if self.pos < seg.offset:  # gap: skip the bytes nobody wants
+                skip = min(seg.offset - self.pos, len(mv))
+                mv, self.pos = mv[skip:], self.pos + skip
+                continue
+            at = self.pos - seg.offset
+            n = min(len(seg.view) - at, len(mv))
+            seg.view[at:at + n] = mv[:n]
+            mv, self.pos = mv[n:], self.pos + n
+
+
+def _validator_headers(info: ObjectInfo) -> dict[str, str]:
+    if info.etag and not info.etag.startswith("W/"):
+        return {"If-Match": info.etag}
+    return {}
+
+
+class HttpTransport:
+    def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace):
+        self.config = config
+        self.policy = policy
+        self.trace = trace
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            cfg = self.config
+            connector = aiohttp.TCPConnector(
+                limit=max(2 * cfg.max_concurrency, 8),  # deliberately above our own concurrency cap
+                limit_per_host=0,
+                ttl_dns_cache=300,
+            )
+            timeout = aiohttp.ClientTimeout(  # no total: long streams are fine while bytes keep flowing
+                total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s,
+                sock_read=cfg.stall_timeout_s,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
+                headers={"Accept-Encoding": "identity", "User-Agent": "fastload", **cfg.http_headers},
+            )
+        return self._session
+
+    async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
+        try:
+            return await self.session().request(method, url, headers=headers, allow_redirects=True)
+        except aiohttp.InvalidURL as exc:
+            raise SourceNotFoundError(f"invalid URL: {display}", url=display) from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    async def stat(self, url: str) -> ObjectInfo:
+        return await self.policy.run(lambda: self._stat_once(url, url), url=url, byte_range=None)
+
+    async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
+        return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display, byte_range=None)
+
+    async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
+        # A one-byte ranged GET: gives the size, the validators, and proves Range works.
+        async with await self._request("GET", fetch_url, display, {"Range": "bytes=0-0"}) as resp:
+            check_status(resp.status, resp.reason, url=display, headers=resp.headers)
+            if resp.status == 206:
+                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+                if not match or match.group(3) == "*":
+                    raise TransferError("206 reply without a usable Content-Range", url=display)
+                size = int(match.group(3))
+            else:
+                length = resp.headers.get("Content-Length")
+                if length is None:
+                    raise TransferError("server sent neither Content-Range nor Content-Length", url=display)
+                size = int(length)
+            etag = resp.headers.get("ETag")
+            modified = resp.headers.get("Last-Modified")
+        return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
+                          fetch_url=None if fetch_url == display else fetch_url)
+
+    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
+        cursor = _Cursor(segments)
+        start, end = span_of(segments)
+        await self.policy.run(lambda: self._read_once(info, cursor), url=info.url, byte_range=(start, end),
+                              progress=lambda: cursor.pos)
+        return end - start
+
+    async def _read_once(self, info: ObjectInfo, cursor: _Cursor) -> None:
+        start, end = cursor.pos, cursor.end
+        byte_range = (start, end)
+        headers = {"Range": http_range(start, end), **_validator_headers(info)}
+        resp = await self._request("GET", info.fetch_url or info.url, info.url, headers, byte_range)
+        async with resp:
+            check_status(resp.status, resp.reason, url=info.url, byte_range=byte_range, headers=resp.headers)
+            self._check_reply(resp, info, start, end)
+            try:
+                async for data in resp.content.iter_any():
+                    if cursor.pos + len(data) > end:
+                        raise IntegrityError("server sent more bytes than asked for", url=info.url,
+                                             byte_range=byte_range)
+                    cursor.write(data)
+                    self.trace.count("bytes_fetched", len(data))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: "
+                                f"{type(exc).__name__}") from exc
+        if cursor.pos != end:
+            raise Transient(f"short body: {cursor.pos - start} of {end - start} bytes")
+
+    @staticmethod
+    def _check_reply(resp: aiohttp.ClientResponse, info: ObjectInfo, start: int, end: int) -> None:
+        byte_range = (start, end)
+        if resp.status != 206:
+            raise TransferError(f"server ignored the Range request (HTTP {resp.status} instead of 206); "
+                                "it cannot serve parallel ranged reads", url=info.url, byte_range=byte_range)
+        etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        if (info.etag and etag and etag != info.etag) or (not info.etag and info.last_modified and modified
+                                                           and modified != info.last_modified):
+            raise SourceChangedError(f"object changed during the load (ETag {info.etag} -> {etag})",
+                                     url=info.url, byte_range=byte_range)
+        match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+        if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
+            raise IntegrityError(f"server answered with Content-Range {resp.headers.get('Content-Range')!r}",
+                                 url=info.url, byte_range=byte_range)
+        if match.group(3) != "*" and int(match.group(3)) != info.size:
+            raise SourceChangedError(f"object size changed from {info.size} to {match.group(3)}",
+                                     url=info.url, byte_range=byte_range)
+        length = resp.headers.get("Content-Length")
+        if length is not None and int(length) != end - start:
+            raise IntegrityError(f"Content-Length {length} does not match the range", url=info.url,
+                                 byte_range=byte_range)
+
+    async def list(self, url: str) -> list[str] | None:
+        return None  # plain HTTP has no listing
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

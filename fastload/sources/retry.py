@@ -1,0 +1,82 @@
+"""The one retry policy every transport uses.
+
+Exponential backoff with full jitter; a per-chunk attempt budget that resets
+when bytes arrive (a long read that keeps making progress is not failing); a
+per-chunk deadline; and a cap on retries in flight across the whole load, so a
+struggling server is not hammered by every chunk at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Awaitable, Callable, TypeVar
+
+from ..config import RetryConfig
+from ..errors import TransferError
+from ..trace import Trace
+
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """Raised inside a transport for a failure worth retrying (never escapes fastload)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RetryPolicy:
+    """Per load: holds the retry semaphore; ``run`` retries one operation."""
+
+    def __init__(self, config: RetryConfig, trace: Trace, rng: random.Random | None = None):
+        self.config = config
+        self.trace = trace
+        self._slots = asyncio.Semaphore(config.max_concurrent_retries)
+        self._rng = rng or random.Random()
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**attempt))."""
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * (2 ** min(attempt, 30)))
+        return self._rng.uniform(0, cap)
+
+    async def run(
+        self,
+        op: Callable[[], Awaitable[T]],
+        *,
+        url: str,
+        byte_range: tuple[int, int] | None,
+        progress: Callable[[], int] = lambda: 0,
+    ) -> T:
+        """Run ``op`` until it succeeds, raises a non-transient error, or the budget is spent."""
+        cfg = self.config
+        started = time.monotonic()
+        attempts = 0  # attempts since the last progress
+        total = 0
+        last_progress = progress()
+        while True:
+            attempts += 1
+            total += 1
+            try:
+                if total == 1:
+                    return await op()
+                async with self._slots:  # retries are capped across the load
+                    return await op()
+            except Transient as exc:
+                now_progress = progress()
+                if now_progress > last_progress:
+                    attempts, last_progress = 1, now_progress
+                elapsed = time.monotonic() - started
+                out_of_time = cfg.deadline_s is not None and elapsed >= cfg.deadline_s
+                if attempts >= cfg.max_attempts or out_of_time:
+                    why = "deadline reached" if out_of_time else "retries exhausted"
+                    raise TransferError(f"{why}: {exc}", url=url, byte_range=byte_range, attempts=total) from exc
+                self.trace.count("retries")
+                delay = self.backoff(attempts)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, cfg.backoff_max_s))
+                if cfg.deadline_s is not None:
+                    delay = min(delay, max(cfg.deadline_s - elapsed, 0.0))
+                await asyncio.sleep(delay)

@@ -1,0 +1,135 @@
+"""S3 and S3-compatible stores.
+
+Metadata (HEAD, LIST) goes through botocore, which brings the standard AWS
+credential chain and environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``,
+profiles, instance roles). Tensor bytes go through the HTTP transport on
+presigned GET URLs: one aiohttp session, our own retry and integrity checks,
+and no per-request signing or response buffering (measured faster than
+s3fs/aiobotocore's ``get_object``, which gathers each body into one bytes
+object before we could copy it; see benchmarks/README.md). Presigned URLs never
+appear in messages: errors name ``s3://bucket/key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlparse
+
+from ..config import LoadConfig
+from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
+from .base import ObjectInfo, Segment
+from .http import HttpTransport
+from .retry import RetryPolicy, Transient
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "401"}
+_TRANSIENT = {"500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+              "Throttling", "ThrottlingException", "RequestLimitExceeded", "429"}
+
+
+def split_url(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ConfigError(f"not an s3://bucket/key URL: {url!r}")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def make_client(options):
+    """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it."""
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    session = botocore.session.Session(profile=options.profile)
+    cfg = Config(
+        signature_version=UNSIGNED if options.anonymous else None,
+        s3={"addressing_style": options.addressing_style},
+        retries={"total_max_attempts": 1},  # fastload's RetryPolicy is the one retry loop
+        connect_timeout=10, read_timeout=60,
+    )
+    return session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=cfg)
+
+
+def _translate(exc: Exception, url: str) -> Exception:
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _NOT_FOUND or status == "404":
+            return SourceNotFoundError(f"no such object: {url}", url=url)
+        if code in _DENIED or status == "403":
+            return SourcePermissionError(f"access denied ({code}): {url}", url=url)
+        if code in _TRANSIENT or status in _TRANSIENT:
+            return Transient(f"S3 {code or status}")
+        return TransferError(f"S3 error {code or status}", url=url)
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return SourcePermissionError(
+            f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, "
+            "or pass LoadConfig(s3=S3Options(anonymous=True)) for a public bucket", url=url)
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
+                        bx.ConnectTimeoutError)):
+        return Transient(f"{type(exc).__name__}")
+    return TransferError(f"S3 request failed: {type(exc).__name__}", url=url)
+
+
+class S3Transport:
+    def __init__(self, config: LoadConfig, policy: RetryPolicy, http: HttpTransport):
+        self.config = config
+        self.policy = policy
+        self.http = http
+        self._client = None
+        self._client_lock = asyncio.Lock()
+
+    async def client(self):
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(make_client, self.config.s3)
+        return self._client
+
+    async def _call(self, url: str, method: str, **params):
+        client = await self.client()
+
+        async def once():
+            try:
+                return await asyncio.to_thread(getattr(client, method), **params)
+            except Exception as exc:  # botocore raises many types; all are translated
+                raise _translate(exc, url) from exc
+
+        return await self.policy.run(once, url=url, byte_range=None)
+
+    async def stat(self, url: str) -> ObjectInfo:
+        bucket, key = split_url(url)
+        if not key:
+            raise SourceNotFoundError(f"{url} names a bucket, not an object", url=url)
+        head = await self._call(url, "head_object", Bucket=bucket, Key=key)
+        client = await self.client()
+        fetch_url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.s3.presign_expiry_s)
+        modified = head.get("LastModified")
+        return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
+                          last_modified=modified.isoformat() if modified else None, fetch_url=fetch_url)
+
+    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
+        return await self.http.read(info, segments)
+
+    async def list(self, url: str) -> list[str] | None:
+        bucket, prefix = split_url(url)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        out: list[str] = []
+        token = None
+        while True:
+            params = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                params["ContinuationToken"] = token
+            page = await self._call(url, "list_objects_v2", **params)
+            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
