@@ -1,0 +1,132 @@
+"""Shared fixtures: real HTTP, proxy and S3 servers, and ready-made checkpoints.
+
+Test modules import helpers as ``from servers import ...`` and
+``from checkpoints import ...`` (pytest puts ``tests/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoints import all_dtypes_tensors, llama_like_tensors, write_sharded, write_single
+from servers import FaultProxy, Faults, RangeHTTPServer, S3Server
+
+# Host settings that must not leak into tests talking to the local S3 server.
+_AWS_VARS_TO_CLEAR = (
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE",
+    "AWS_USE_FIPS_ENDPOINT", "AWS_USE_DUALSTACK_ENDPOINT", "AWS_S3_ADDRESSING_STYLE",
+)
+
+
+# -- collection ------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is not available."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CUDA not available")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory ``http_server`` serves (shared by the whole session)."""
+    return tmp_path_factory.mktemp("http_root")
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root: Path) -> Iterator[RangeHTTPServer]:
+    """A ranged file server over ``http_root``; log and faults are reset before each test."""
+    with RangeHTTPServer(http_root) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _reset_http_server(request: pytest.FixtureRequest) -> None:
+    # Only touch the server if this test uses it (directly or through a fixture).
+    if "http_server" in request.fixturenames:
+        request.getfixturevalue("http_server").reset()
+
+
+@pytest.fixture
+def http_dir(http_root: Path) -> Path:
+    """A fresh, empty directory under ``http_root``; ``http_server.url_for(path)`` gives URLs."""
+    directory = http_root / f"t-{uuid.uuid4().hex[:12]}"
+    directory.mkdir()
+    return directory
+
+
+# -- S3 --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto S3 on 127.0.0.1 for the session, with the AWS environment pointed at it.
+
+    Buckets persist across tests; use ``s3_bucket`` for a fresh one or call
+    ``s3_server.reset()``.
+    """
+    no_file = tmp_path_factory.mktemp("aws") / "absent"
+    with pytest.MonkeyPatch.context() as env, S3Server() as server:
+        for name in _AWS_VARS_TO_CLEAR:
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", server.endpoint_url)
+        env.setenv("AWS_CONFIG_FILE", str(no_file))
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(no_file))
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """The name of a new, empty bucket."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.ensure_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    """A ``FaultProxy`` in front of ``s3_server`` with its own, empty ``Faults``.
+
+    Point a client at it with ``s3_server.client(endpoint_url=s3_proxy.url)``.
+    """
+    with FaultProxy(s3_server.endpoint_url, Faults()) as proxy:
+        yield proxy
+
+
+# -- checkpoints -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def all_dtypes_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-file checkpoint of ``all_dtypes_tensors(seed=0)`` with metadata."""
+    path = tmp_path_factory.mktemp("ckpt") / "all_dtypes.safetensors"
+    return write_single(path, all_dtypes_tensors(seed=0), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def llama_sharded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with ``llama_like_tensors(seed=0)`` in 3 shards plus the index."""
+    return write_sharded(tmp_path_factory.mktemp("llama"), llama_like_tensors(seed=0), 3,
+                         metadata={"format": "pt"})
