@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import ConfigError, FormatError, SourceNotFoundError
-from .format import (HEADER_PROBE_BYTES, INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
+from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
                      parse_header, parse_index)
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.local import to_path
@@ -103,10 +103,9 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
 
 
 async def read_header(transports: Transports, info: ObjectInfo, file: int) -> FileHeader:
-    """Two small reads at most: a probe that usually holds the whole header, then the rest."""
+    """Two small reads: the 8-byte length, then exactly the JSON header (never tensor bytes)."""
     transport = transports.for_url(info.url)
-    probe = await read_bytes(transport, info, 0, min(info.size, HEADER_PROBE_BYTES))
-    data_start = header_length(probe, url=info.url, file_size=info.size)
-    if data_start > len(probe):
-        probe += await read_bytes(transport, info, len(probe), data_start)
-    return parse_header(probe[8:data_start], url=info.url, file_size=info.size, file=file)
+    prefix = await read_bytes(transport, info, 0, min(info.size, 8))
+    data_start = header_length(prefix, url=info.url, file_size=info.size)
+    raw = await read_bytes(transport, info, 8, data_start)
+    return parse_header(raw, url=info.url, file_size=info.size, file=file)

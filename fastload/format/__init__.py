@@ -3,7 +3,6 @@
 from .index import INDEX_NAME, SINGLE_NAME, ShardIndex, parse_index
 from .safetensors import (
     DTYPES,
-    HEADER_PROBE_BYTES,
     MAX_HEADER_BYTES,
     DType,
     FileHeader,
@@ -14,6 +13,6 @@ from .safetensors import (
 )
 
 __all__ = [
-    "DTYPES", "HEADER_PROBE_BYTES", "MAX_HEADER_BYTES", "DType", "FileHeader", "TensorSpec",
+    "DTYPES", "MAX_HEADER_BYTES", "DType", "FileHeader", "TensorSpec",
     "header_length", "parse_header", "torch_dtype", "INDEX_NAME", "SINGLE_NAME", "ShardIndex", "parse_index",
 ]

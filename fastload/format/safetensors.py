@@ -24,8 +24,6 @@ from ..errors import FormatError
 
 #: Same cap as the reference implementation: a header over 100 MB is hostile.
 MAX_HEADER_BYTES = 100_000_000
-#: Bytes read speculatively for the header: most headers fit in the first read.
-HEADER_PROBE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
