@@ -86,6 +86,7 @@ class FaultInjectingHandler(BaseHTTPRequestHandler):
     """Base handler: plan faults, let ``produce`` answer, send the distorted reply."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms delayed-ACK stalls
     server: _ThreadingServer
 
     def produce(self, path: str, headers: Headers, body: bytes) -> Reply:
