@@ -24,7 +24,7 @@ class BufferPool:
             raise ValueError("a buffer pool needs at least one non-empty buffer")
         self.buffer_bytes = buffer_bytes
         self.count = count
-        self.pin = pin
+        self.pin = pin and torch.cuda.is_available()  # without CUDA: ordinary memory, same behaviour
         self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         self._allocated = 0
         self._loop: asyncio.AbstractEventLoop | None = None

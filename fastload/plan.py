@@ -35,25 +35,36 @@ class Shard:
     rules: Sequence[tuple[str, int]] | Mapping[str, int] = ()
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.world_size, int) and self.world_size >= 1):
-            raise ConfigError(f"Shard.world_size must be >= 1, got {self.world_size!r}")
-        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
-            raise ConfigError(f"Shard.rank must be in [0, {self.world_size}), got {self.rank!r}")
+        if not (_is_int(self.world_size) and self.world_size >= 1):
+            raise ConfigError(f"Shard.world_size must be an int >= 1, got {self.world_size!r}")
+        if not (_is_int(self.rank) and 0 <= self.rank < self.world_size):
+            raise ConfigError(f"Shard.rank must be an int in [0, {self.world_size}), got {self.rank!r}")
+        if isinstance(self.rules, (str, bytes)):
+            raise ConfigError("Shard.rules must map patterns to dims, e.g. {r'q_proj': 0}, not a string")
         rules = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
-        for pattern, dim in rules:
+        for rule in rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+                raise ConfigError(f"Shard rule {rule!r} is not a (pattern, dim) pair")
+            pattern, dim = rule
+            if not isinstance(pattern, str):
+                raise ConfigError(f"Shard rule pattern must be a str, got {pattern!r}")
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"Shard rule {pattern!r} is not a valid regular expression: {exc}") from None
-            if not isinstance(dim, int):
+            if not _is_int(dim):
                 raise ConfigError(f"Shard rule {pattern!r}: split dim must be an int, got {dim!r}")
-        object.__setattr__(self, "rules", rules)
+        object.__setattr__(self, "rules", tuple((pattern, dim) for pattern, dim in rules))
 
     def dim_for(self, name: str) -> int | None:
         for pattern, dim in self.rules:
             if re.search(pattern, name):
                 return dim
         return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def split_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
