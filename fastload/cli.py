@@ -51,9 +51,49 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- load ------------------------------------------------------------------------------------------
+
+def _load_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="path, file://, http(s)://, s3:// or hf:// source")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--dtype", help="convert floating-point tensors, e.g. bfloat16")
+    parser.add_argument("--names", nargs="+", metavar="NAME", help="load only these tensors")
+    parser.add_argument("--trace", metavar="OUT.json", help="write a Chrome trace (Perfetto, chrome://tracing)")
+    parser.add_argument("--json", action="store_true", help="print the trace summary as JSON")
+    add_config_arguments(parser)
+
+
+def _load(args: argparse.Namespace) -> int:
+    import json
+    from collections import Counter
+
+    from .api import load
+    from .trace import Trace, check_path
+
+    if args.trace:
+        check_path(args.trace)
+    trace = Trace(args.trace)
+    tensors = load(args.source, device=args.device, dtype=args.dtype, names=args.names,
+                   config=config_from_args(args), trace=trace)
+    summary = trace.summary()
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+        kinds = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
+        print(f"loaded {len(tensors)} tensor(s), {nbytes / 1e6:.1f} MB ({kinds or 'none'}) onto {args.device} "
+              f"from {args.source}")
+        print(summary.table())
+    if args.trace:
+        print(f"trace written to {args.trace}", file=sys.stderr)
+    return 0
+
+
 def commands() -> list[Command]:
     return [
         Command("inspect", "print what a load would fetch (headers only)", _inspect_args, _inspect),
+        Command("load", "load a checkpoint and show where the time went", _load_args, _load),
     ]
 
 

@@ -16,7 +16,7 @@ from .buffers import BufferPool, as_bytes_view
 from .plan import ChunkRead, LoadPlan
 from .sinks import Sink, staged_segments
 from .sources import Transports
-from .trace import Trace
+from .trace import ReadRecord, Trace
 
 
 async def run_plan(
@@ -33,40 +33,50 @@ async def run_plan(
     chunks: Iterator[ChunkRead] = iter(plan.chunks)
     queued = trace.now()
 
-    async def one(chunk: ChunkRead) -> None:
+    async def one(chunk: ChunkRead, worker: int) -> None:
         info = plan.files[chunk.file].info
         transport = transports.for_url(info.url)
+        taken = trace.now()
+        record = ReadRecord() if trace.enabled else None  # the transport notes first byte and attempts
         buf = None
         if sink.staged(chunk):
-            t0 = trace.now()
             buf = await pool.acquire()
-            trace.interval("wait", t0, trace.now())
+            trace.interval("wait", taken, trace.now())
             segments = staged_segments(chunk, buf, as_bytes_view(buf))
         else:
             segments = sink.targets(chunk)
         requested = trace.now()
+
+        def note(**when) -> None:
+            trace.chunk(id=chunk.id, file=chunk.file, url=info.url, start=chunk.start, end=chunk.end,
+                        nbytes=chunk.nbytes, worker=worker, staged=buf is not None, queued=queued, taken=taken,
+                        requested=requested, started=record.started, first_byte=record.first_byte,
+                        attempts=record.attempts, **when)
+
         try:
-            await transport.read(info, segments)
-        except BaseException:
+            await (transport.read(info, segments) if record is None
+                   else transport.read(info, segments, record=record))
+        except BaseException as exc:
             if buf is not None:
                 pool.release(buf)
+            if record is not None:
+                note(failed=trace.now(), error=type(exc).__name__)
             raise
         filled = trace.now()
         trace.interval("fetch", requested, filled)
         done = await sink.consume(chunk, buf, (lambda: pool.release(buf)) if buf is not None else (lambda: None))
-        consumed = trace.now()
-        trace.chunk(id=chunk.id, file=chunk.file, start=chunk.start, end=chunk.end, queued=queued,
-                    requested=requested, filled=filled, consumed=consumed, staged=buf is not None)
+        if record is not None:
+            note(filled=filled, consumed=trace.now())
         if progress is not None:
             progress(chunk.nbytes)
         if done:
             emit(done)
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         for chunk in chunks:  # a shared iterator: each chunk goes to exactly one worker
-            await one(chunk)
+            await one(chunk, index)
 
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, min(workers, len(plan.chunks))))]
+    tasks = [asyncio.ensure_future(worker(i)) for i in range(max(1, min(workers, len(plan.chunks))))]
     try:
         await asyncio.gather(*tasks)
     finally:

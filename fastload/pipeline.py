@@ -20,7 +20,7 @@ from .plan import LoadPlan, Shard, build_plan
 from .resolve import read_header, resolve
 from .sinks import HostSink, Sink
 from .sources import Transports
-from .trace import NULL_TRACE, Trace
+from .trace import Trace, as_trace
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
         raise ConfigError("config must be a fastload.LoadConfig")
     if progress is not None and not callable(progress):
         raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
-    return LoadRequest(source, device, dtype, names, shard, config, trace or NULL_TRACE, progress)
+    return LoadRequest(source, device, dtype, names, shard, config, as_trace(trace), progress)
 
 
 async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
@@ -85,11 +85,17 @@ def make_sink(plan: LoadPlan, request: LoadRequest) -> Sink:
 
 
 async def plan_only(request: LoadRequest) -> LoadPlan:
+    request.trace.begin()
     transports = Transports(request.config, request.trace)
+    error = None
     try:
         return await make_plan(request, transports)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
         await transports.aclose()
+        request.trace.finish(error)
 
 
 async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None],
@@ -98,12 +104,13 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
     trace, config = request.trace, request.config
     trace.begin()
     transports = Transports(config, trace)
-    sink = None
+    sink = error = None
     try:
         plan = await make_plan(request, transports)
         if on_plan is not None:
             on_plan(plan)
-        sink = make_sink(plan, request)
+        with trace.span("alloc"):
+            sink = make_sink(plan, request)
         pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes),
                           pin=request.device.type == "cuda")
 
@@ -123,8 +130,13 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
         await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=emit,
                        progress=progress if request.progress else None,
                        workers=config.max_concurrency)
+    except BaseException as exc:
+        error = exc
+        raise
     finally:
+        closing = trace.now()
         if sink is not None:
             sink.close()
         await transports.aclose()
-        trace.end()
+        trace.interval("close", closing, trace.now())
+        trace.finish(error)  # stops the clock; writes trace="x.json"; emits OpenTelemetry spans

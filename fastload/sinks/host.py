@@ -52,7 +52,7 @@ class HostSink:
         return [Segment(p.src, self._view(p.tensor)[p.dst:p.dst + p.length]) for p in chunk.pieces]
 
     def _convert(self, chunk: ChunkRead, buf: torch.Tensor) -> None:
-        offset = 0
+        offset = converted = 0
         for p in chunk.pieces:
             src = buf[offset:offset + p.length]
             offset += p.length
@@ -61,8 +61,11 @@ class HostSink:
             if self.converts[p.tensor]:
                 size = self.plan.tensors[p.tensor].spec.dtype.itemsize
                 out[p.dst // size:(p.dst + p.length) // size].copy_(src.view(stored))
+                converted += p.length
             else:
                 out.view(torch.uint8)[p.dst:p.dst + p.length].copy_(src)
+        self.trace.count("bytes_copied", offset)  # staging -> output, converted or not
+        self.trace.count("bytes_converted", converted)
 
     async def consume(self, chunk: ChunkRead, buf: torch.Tensor | None, release: Callable[[], None]) -> list[int]:
         if buf is not None:

@@ -50,8 +50,12 @@ class Transport(Protocol):
 
     async def stat(self, url: str) -> ObjectInfo: ...
 
-    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
-        """Fill every segment; return the bytes taken from the source (gaps included)."""
+    async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
+        """Fill every segment; return the bytes taken from the source (gaps included).
+
+        ``record`` (a ``trace.ReadRecord``, or None when tracing is off) is where the transport
+        notes when it started, when the first byte arrived and how many attempts it made.
+        """
         ...
 
     async def list(self, url: str) -> list[str] | None:

@@ -17,7 +17,7 @@ import aiohttp
 
 from ..config import LoadConfig
 from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
-from ..trace import Trace
+from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment, http_range, span_of
 from .retry import RetryPolicy, Transient
 
@@ -141,14 +141,17 @@ class HttpTransport:
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
                           fetch_url=None if fetch_url == display else fetch_url)
 
-    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
+    async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         cursor = _Cursor(segments)
         start, end = span_of(segments)
-        await self.policy.run(lambda: self._read_once(info, cursor), url=info.url, byte_range=(start, end),
+        await self.policy.run(lambda: self._read_once(info, cursor, record), url=info.url, byte_range=(start, end),
                               progress=lambda: cursor.pos)
         return end - start
 
-    async def _read_once(self, info: ObjectInfo, cursor: _Cursor) -> None:
+    async def _read_once(self, info: ObjectInfo, cursor: _Cursor, record: ReadRecord | None = None) -> None:
+        if record is not None:  # tracing: count attempts, note when the first request went out
+            record.attempts += 1
+            record.started = record.started if record.started is not None else self.trace.now()
         start, end = cursor.pos, cursor.end
         byte_range = (start, end)
         headers = {"Range": http_range(start, end), **_validator_headers(info)}
@@ -161,8 +164,10 @@ class HttpTransport:
                     if cursor.pos + len(data) > end:
                         raise IntegrityError("server sent more bytes than asked for", url=info.url,
                                              byte_range=byte_range)
+                    if record is not None and record.first_byte is None:
+                        record.first_byte = self.trace.now()
                     cursor.write(data)
-                    self.trace.count("bytes_fetched", len(data))
+                    self.trace.count("bytes_fetched", len(data), key=info.url)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: "
                                 f"{type(exc).__name__}") from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
-from ..trace import Trace
+from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv call
@@ -82,7 +82,9 @@ class LocalTransport:
                 self._fds[info.url] = fd
             return fd
 
-    def _read_blocking(self, info: ObjectInfo, segments: list[Segment]) -> int:
+    def _read_blocking(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
+        if record is not None:
+            record.started, record.attempts = self.trace.now(), 1
         fd = self._fd(info)
         total = 0
         for run in _runs(segments):
@@ -98,14 +100,17 @@ class LocalTransport:
                 if n == 0:
                     raise IntegrityError(f"file ended early after {got} of {want} bytes (truncated?)",
                                          url=info.url, byte_range=(offset, offset + want))
+                if record is not None and record.first_byte is None:
+                    record.first_byte = self.trace.now()
                 got += n
                 views = _advance(views, n)
             total += want
-        self.trace.count("bytes_fetched", total)
+        self.trace.count("bytes_fetched", total, key=info.url)
         return total
 
-    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read_blocking, info, segments)
+    async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._read_blocking, info, segments,
+                                                                record)
 
     async def list(self, url: str) -> list[str] | None:
         path = to_path(url)

@@ -110,8 +110,8 @@ class S3Transport:
         return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
                           last_modified=modified.isoformat() if modified else None, fetch_url=fetch_url)
 
-    async def read(self, info: ObjectInfo, segments: list[Segment]) -> int:
-        return await self.http.read(info, segments)
+    async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
+        return await self.http.read(info, segments, record)
 
     async def list(self, url: str) -> list[str] | None:
         bucket, prefix = split_url(url)
