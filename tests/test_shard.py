@@ -267,6 +267,12 @@ def test_rank_slices_smaller_than_world_size_are_empty(tmp_path):
         assert got["u"].shape == torch.ones(2, 2).tensor_split(5, 1)[rank].shape
 
 
+def test_file_of_only_empty_tensors(tmp_path):
+    path = write_single(tmp_path / "m.safetensors", {"e": torch.zeros(3, 0), "f": torch.zeros(0, 5)})
+    got = fastload.load(path, shard=fastload.Shard(1, 2, {"e": 0, "f": 1}))
+    assert got["e"].shape == (1, 0) and got["f"].shape == (0, 2)
+
+
 def test_write_sharded_rules_use_index(tmp_path):
     tensors = {f"layer{i}.w": torch.randn(6, 10) for i in range(4)}
     directory = write_sharded(tmp_path / "ckpt", tensors, 2)
@@ -278,3 +284,55 @@ def test_write_sharded_rules_use_index(tmp_path):
 def test_rules_accept_mappings_and_pairs_alike():
     assert fastload.Shard(0, 2, {"a": 0, "b": -1}) == fastload.Shard(0, 2, [["a", 0], ("b", -1)])
     assert fastload.Shard(0, 2, [["a", 0]]).rules == (("a", 0),)
+
+
+# -- the plan itself, as a property: random shapes, dims, world sizes and chunk sizes -------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fastload.format import header_length, parse_header  # noqa: E402
+from fastload.plan import build_plan  # noqa: E402
+from fastload.sources import ObjectInfo  # noqa: E402
+
+
+@st.composite
+def shard_cases(draw):
+    count = draw(st.integers(1, 4))
+    shapes = [tuple(draw(st.lists(st.integers(0, 40), min_size=1, max_size=3))) for _ in range(count)]
+    dtypes = [draw(st.sampled_from([torch.float64, torch.bfloat16, torch.int8])) for _ in range(count)]
+    dims = [draw(st.one_of(st.none(), st.integers(-len(s), len(s) - 1))) for s in shapes]
+    world = draw(st.integers(1, 9))
+    return shapes, dtypes, dims, world, draw(st.integers(0, world - 1)), draw(st.sampled_from([1, 2, 3])) * 65536
+
+
+@settings(max_examples=120, deadline=None)
+@given(shard_cases())
+def test_plan_pieces_rebuild_every_rank_slice(case):
+    shapes, dtypes, dims, world, rank, chunk_bytes = case
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": random_tensor(shape, dtype, gen) for i, (shape, dtype) in enumerate(zip(shapes, dtypes))}
+    data = safetensors.torch.save(tensors)
+    n = header_length(data[:8], url="mem", file_size=len(data))
+    header = parse_header(data[8:n], url="mem", file_size=len(data))
+    shard = fastload.Shard(rank, world, [(f"^t{i}$", d) for i, d in enumerate(dims) if d is not None])
+    config = fastload.LoadConfig(chunk_bytes=chunk_bytes, host_buffer_bytes=2 * chunk_bytes)
+    plan = build_plan([header], [ObjectInfo("mem", len(data))], config=config, shard=shard)
+    outputs = [bytearray(t.nbytes) for t in plan.tensors]
+    written = [0] * len(plan.tensors)
+    for chunk in plan.chunks:
+        assert chunk.nbytes <= chunk_bytes and chunk.pieces[0].src == chunk.start
+        assert chunk.pieces[-1].src + chunk.pieces[-1].length == chunk.end
+        for prev, piece in zip(chunk.pieces, chunk.pieces[1:]):
+            gap = piece.src - (prev.src + prev.length)
+            assert gap >= 0 and (gap == 0 or prev.tensor == piece.tensor)  # gaps only inside one tensor
+        for p in chunk.pieces:
+            spec = plan.tensors[p.tensor].spec
+            assert spec.start <= p.src and p.src + p.length <= spec.end
+            outputs[p.tensor][p.dst:p.dst + p.length] = data[p.src:p.src + p.length]
+            written[p.tensor] += p.length
+    for t, out, count in zip(plan.tensors, outputs, written):
+        dim = shard.dim_for(t.name)
+        want = expected(tensors[t.name], shard, dim).contiguous()
+        assert t.shape == tuple(want.shape) and count == want.nbytes  # every byte written exactly once
+        assert bytes(out) == want.reshape(-1).view(torch.uint8).numpy().tobytes(), (t.name, dim)
