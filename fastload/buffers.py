@@ -11,6 +11,8 @@ import asyncio
 
 import torch
 
+from .errors import DeviceError
+
 
 def as_bytes_view(t: torch.Tensor) -> memoryview:
     """A writable flat byte view of a contiguous tensor's memory (CPU only)."""
@@ -37,7 +39,13 @@ class BufferPool:
         self._loop = asyncio.get_running_loop()
         if self._free.empty() and self._allocated < self.count:
             self._allocated += 1
-            return torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            try:
+                return torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            except RuntimeError as exc:
+                self._allocated -= 1
+                if self.pin:  # cudaHostAlloc failed: a device-side resource, reported like one
+                    raise DeviceError(f"could not pin a {self.buffer_bytes}-byte staging buffer: {exc}") from exc
+                raise
         return await self._free.get()
 
     def release(self, buf: torch.Tensor) -> None:

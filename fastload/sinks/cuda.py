@@ -139,6 +139,7 @@ class CudaSink:
         self.wanted = [output_dtype(s, t.spec.dtype.is_float, dtype) for t, s in zip(plan.tensors, self.stored)]
         self.outputs: list[torch.Tensor | None] = [None] * len(plan.tensors)  # device tensors (stored dtype)
         self.events: list[list[Any]] = [[] for _ in plan.tensors]  # events of the chunks that wrote each one
+        self._flat: dict[int, torch.Tensor] = {}  # tensor -> flat byte view, while it is being filled
         self._pending: dict[Any, list[Copy]] = {}  # issued, not yet seen complete -> what they touch
         self._lane = 0
 
@@ -176,6 +177,7 @@ class CudaSink:
                 self.events[piece.tensor].append(event)
         done = self.completion.account(chunk)
         for index in done:
+            self._flat.pop(index, None)
             if self.wanted[index] != self.stored[index]:
                 await self._convert(index, lane)
         return done
@@ -197,6 +199,7 @@ class CudaSink:
             except Exception:  # noqa: BLE001 - a broken device must not mask the load's own error
                 pass
         self._pending.clear()
+        self._flat.clear()
         self.outputs = [None] * len(self.outputs)
         self.events = [[] for _ in self.events]
 
@@ -213,6 +216,13 @@ class CudaSink:
             out = self.outputs[index] = self.ops.empty(self.plan.tensors[index].shape, self.stored[index])
         return out
 
+    def _bytes(self, index: int) -> torch.Tensor:
+        """The flat byte view of a tensor's device memory (cached: a big tensor takes many chunks)."""
+        view = self._flat.get(index)
+        if view is None:
+            view = self._flat[index] = flat_bytes(self._storage(index))
+        return view
+
     def _copies(self, chunk: ChunkRead, buf: torch.Tensor) -> list[Copy]:
         """One copy per run of pieces that are adjacent in the buffer and in the same output tensor."""
         runs: list[list[int]] = []  # [tensor, dst, length, buffer offset]
@@ -224,7 +234,7 @@ class CudaSink:
             else:
                 runs.append([p.tensor, p.dst, p.length, offset])
             offset += p.length
-        return [(flat_bytes(self._storage(t))[dst:dst + n], buf[at:at + n]) for t, dst, n, at in runs]
+        return [(self._bytes(t)[dst:dst + n], buf[at:at + n]) for t, dst, n, at in runs]
 
     async def _until_done(self, event: Any) -> None:
         delay = 0.0
