@@ -143,7 +143,7 @@ def pinned_h2d(nbytes: int = 1 << 30, runs: int = 5) -> dict:
 
 
 def overlap(trace: fastload.Trace) -> dict:
-    chunks = [c for c in trace.chunks if "filled" in c and "consumed" in c]
+    chunks = [c for c in trace.chunks if c.get("filled") is not None and c.get("consumed") is not None]
     fetch = [(c["requested"], c["filled"]) for c in chunks]
     copy = [(c["filled"], c["consumed"]) for c in chunks]
     f, c, both = union_seconds(fetch), union_seconds(copy), union_seconds(fetch + copy)

@@ -154,12 +154,13 @@ def test_no_buffer_is_refilled_while_its_copy_is_pending(tmp_path):
 
 def test_read_on_another_stream_right_after_it_is_yielded(big):
     want = on_gpu(big)
-    sums = {}
+    sums, keep = {}, []
     other = torch.cuda.Stream()
     with ContendedLink(), fastload.stream(big, device="cuda", config=TINY.replace(host_buffer_bytes=1 << 20)) as s:
         for name, t in s:
             with torch.cuda.stream(other):  # no wait on the current stream: the copy must be complete already
                 sums[name] = t.view(torch.int16).to(torch.int64).sum()
+            keep.append(t)  # not freed (and reused by the loader) while `other` may still read it
     other.synchronize()
     for name, t in want.items():
         assert sums[name].item() == t.view(torch.int16).to(torch.int64).sum().item(), name
@@ -174,19 +175,34 @@ def test_load_under_a_caller_stream(big):
     assert all(checks.values())
 
 
+def converts_on_gpu(src: torch.dtype, dst: torch.dtype) -> bool:
+    try:
+        torch.ones(2, device="cuda").to(src).to(dst)
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_dtype_conversion_on_device(all_dtypes_checkpoint, dtype):
     want = on_gpu(all_dtypes_checkpoint)
-    got = fastload.load(all_dtypes_checkpoint, device="cuda", dtype=dtype)
+    unsupported = {n for n, t in want.items() if t.dtype.is_floating_point and not converts_on_gpu(t.dtype, dtype)}
+    names = [n for n in want if n not in unsupported]
+    got = fastload.load(all_dtypes_checkpoint, device="cuda", dtype=dtype, names=names)
     for name, t in want.items():
-        expect = t.to(dtype) if t.dtype.is_floating_point else t
-        assert same_bytes(got[name], expect), name
+        if name not in unsupported:
+            expect = t.to(dtype) if t.dtype.is_floating_point else t  # the same conversion, on the same device
+            assert same_bytes(got[name], expect), name
+    for name in sorted(unsupported)[:1]:  # a conversion CUDA lacks is a DeviceError, not a crash
+        vector = name.split(".")[0] + ".vector_1023"
+        with pytest.raises(fastload.DeviceError):
+            fastload.load(all_dtypes_checkpoint, device="cuda", dtype=dtype, names=[vector])
 
 
 def test_trace_shows_fetch_and_copy_overlapping(big):
     trace = fastload.Trace()
     fastload.load(big, device="cuda", trace=trace, config=fastload.LoadConfig(chunk_bytes=4 << 20))
-    chunks = [c for c in trace.chunks if "filled" in c and "consumed" in c]
+    chunks = [c for c in trace.chunks if c.get("filled") is not None and c.get("consumed") is not None]
     fetches = [(c["requested"], c["filled"]) for c in chunks]
     overlapped = sum(1 for c in chunks if any(s < c["consumed"] and c["filled"] < e for s, e in fetches))
     assert overlapped > len(chunks) // 4
