@@ -37,7 +37,7 @@ async def run_plan(
         info = plan.files[chunk.file].info
         transport = transports.for_url(info.url)
         taken = trace.now()
-        record = ReadRecord() if trace.enabled else None  # the transport notes first byte and attempts
+        record = ReadRecord(chunk, info.url, worker, queued, taken) if trace.enabled else None
         buf = None
         if sink.staged(chunk):
             buf = await pool.acquire()
@@ -46,27 +46,24 @@ async def run_plan(
         else:
             segments = sink.targets(chunk)
         requested = trace.now()
-
-        def note(**when) -> None:
-            trace.chunk(id=chunk.id, file=chunk.file, url=info.url, start=chunk.start, end=chunk.end,
-                        nbytes=chunk.nbytes, worker=worker, staged=buf is not None, queued=queued, taken=taken,
-                        requested=requested, started=record.started, first_byte=record.first_byte,
-                        attempts=record.attempts, **when)
-
-        try:
+        try:  # with a record, the transport notes when it started, the first byte and its attempts
             await (transport.read(info, segments) if record is None
                    else transport.read(info, segments, record=record))
         except BaseException as exc:
             if buf is not None:
                 pool.release(buf)
             if record is not None:
-                note(failed=trace.now(), error=type(exc).__name__)
+                record.requested, record.staged, record.failed = requested, buf is not None, trace.now()
+                record.error = type(exc).__name__
+                trace.add_read(record)
             raise
         filled = trace.now()
         trace.interval("fetch", requested, filled)
         done = await sink.consume(chunk, buf, (lambda: pool.release(buf)) if buf is not None else (lambda: None))
         if record is not None:
-            note(filled=filled, consumed=trace.now())
+            record.requested, record.filled, record.consumed = requested, filled, trace.now()
+            record.staged = buf is not None
+            trace.add_read(record)
         if progress is not None:
             progress(chunk.nbytes)
         if done:

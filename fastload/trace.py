@@ -204,14 +204,28 @@ class TraceSummary:
 
 
 class ReadRecord:
-    """Filled in by a transport during one chunk read (only when tracing is on)."""
+    """One chunk read's life, filled in place by the fetcher and the transport (only when tracing is on).
 
-    __slots__ = ("started", "first_byte", "attempts")
+    Transports set ``started`` (the thread picked it up / the first request went out), ``first_byte``
+    and ``attempts``; the fetcher sets the rest and hands it to :meth:`Trace.add_read`.
+    """
 
-    def __init__(self) -> None:
-        self.started: float | None = None  # the transport began (thread picked it up / request sent)
-        self.first_byte: float | None = None
+    __slots__ = ("id", "file", "url", "start", "end", "nbytes", "worker", "staged", "attempts", "queued", "taken",
+                 "requested", "started", "first_byte", "filled", "consumed", "failed", "error")
+
+    def __init__(self, chunk=None, url: str | None = None, worker: int | None = None, queued: float | None = None,
+                 taken: float | None = None) -> None:
+        self.id, self.file, self.start, self.end = ((chunk.id, chunk.file, chunk.start, chunk.end) if chunk is not None
+                                                    else (None, None, None, None))
+        self.nbytes = chunk.end - chunk.start if chunk is not None else None
+        self.url, self.worker, self.queued, self.taken = url, worker, queued, taken
+        self.staged = False
         self.attempts = 0
+        self.requested = self.started = self.first_byte = self.filled = self.consumed = self.failed = None
+        self.error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__slots__}
 
 
 class Trace:
@@ -277,10 +291,14 @@ class Trace:
                 self._keyed[name][key] += n
 
     def chunk(self, **event) -> None:
-        """One chunk's life: ids, byte range, timestamps (queued, taken, requested, started, first_byte,
-        filled, consumed), attempts, the worker that ran it."""
+        """One chunk's life as keywords: the fields of :class:`ReadRecord`."""
         with self._lock:
             self._chunks.append(event)
+
+    def add_read(self, record: ReadRecord) -> None:
+        """One chunk's life (the fetcher's fast path: no dict is built until someone reads it)."""
+        with self._lock:
+            self._chunks.append(record)
 
     def finish(self, error: BaseException | None = None) -> None:
         """End of a load: stop the clock, write ``path`` if set, emit OpenTelemetry spans.
@@ -304,17 +322,26 @@ class Trace:
             if hasattr(error, "add_note"):  # the load's own error matters more; keep ours as a note
                 error.add_note(f"fastload: trace not written: {exc}")
 
+    def advance_sent(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(spans, chunks) already sent to OpenTelemetry before and after this call; marks all as sent."""
+        with self._lock:
+            before, self._emitted = self._emitted, (len(self._spans), len(self._chunks))
+            return before, self._emitted
+
     @property
     def chunks(self) -> list[dict]:
         with self._lock:
-            return list(self._chunks)
+            chunks = list(self._chunks)
+        return [c if isinstance(c, dict) else c.as_dict() for c in chunks]
 
     def snapshot(self) -> dict:
         """A consistent copy of everything recorded (for exporters)."""
         with self._lock:
-            return {"begin": self._begin, "end": self._end if self._end is not None else self.now(),
+            snap = {"begin": self._begin, "end": self._end if self._end is not None else self.now(),
                     "spans": list(self._spans), "chunks": list(self._chunks), "counters": dict(self._counters),
                     "keyed": {k: dict(v) for k, v in self._keyed.items()}, "errors": list(self._errors)}
+        snap["chunks"] = [c if isinstance(c, dict) else c.as_dict() for c in snap["chunks"]]
+        return snap
 
     def summary(self) -> TraceSummary:
         snap = self.snapshot()
@@ -401,6 +428,7 @@ class _NullTrace(Trace):
     def interval(self, stage: str, start: float, end: float) -> None: ...
     def count(self, name: str, n: int = 1, key: str | None = None) -> None: ...
     def chunk(self, **event) -> None: ...
+    def add_read(self, record: ReadRecord) -> None: ...
     def finish(self, error: BaseException | None = None) -> None: ...
 
     @contextmanager

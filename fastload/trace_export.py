@@ -32,8 +32,10 @@ counters for bytes fetched and chunks in flight; the summary is embedded under
 the top-level key ``fastload`` (viewers ignore it).
 
 ``emit_otel(trace)`` -- one ``fastload.load`` span per finished load with the
-summary as attributes, children for the stages and chunks, through the global
-tracer provider. ``opentelemetry-api`` is imported lazily and never required.
+summary as attributes, children for the stages (fetch and buffer wait folded
+into one span each) and for chunks that failed or were retried, through the
+global tracer provider when one is configured. ``opentelemetry-api`` is
+imported lazily and never required.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def _lanes(items: list[tuple[float, float, object]]) -> list[tuple[int, float, f
 def to_chrome(trace: Trace) -> dict:
     snap = trace.snapshot()
     begin = snap["begin"] if snap["begin"] is not None else snap["end"]
-    us = lambda t: (t - begin) * 1e6  # noqa: E731
+    us = lambda t: round((t - begin) * 1e6, 3)  # noqa: E731  (ns resolution; short numbers dump fast)
     events: list[dict] = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "fastload"}}]
     tids: dict[str, int] = {}
 
@@ -117,7 +119,7 @@ def to_chrome(trace: Trace) -> dict:
 
     def complete(track: str, name: str, start: float, end: float, cat: str, args: dict | None = None) -> None:
         ev = {"ph": "X", "pid": 1, "tid": tid(track), "name": name, "cat": cat, "ts": us(start),
-              "dur": max(end - start, 0.0) * 1e6}
+              "dur": round(max(end - start, 0.0) * 1e6, 3)}
         if args:
             ev["args"] = args
         events.append(ev)
@@ -192,39 +194,54 @@ def write(trace: Trace, path: str) -> None:
 
 
 def emit_otel(trace: Trace, *, required: bool = False) -> bool:
-    """Send the spans recorded since the last call to OpenTelemetry; False if the API is absent."""
+    """Send what was recorded since the last call to OpenTelemetry; False if nothing could receive it.
+
+    Spans go out only when a tracer provider is configured (the API alone has nobody to send to).
+    One ``fastload.load`` span with the summary as attributes; a child per stage interval, except
+    that the many fetch and buffer-wait intervals become one child each (with their count and busy
+    time); a ``fastload.chunk`` child only for chunks that failed or needed more than one attempt.
+    """
     try:
         from opentelemetry import trace as otel
     except ImportError as exc:
         if required:
             raise ConfigError("Trace(otel=True) needs the opentelemetry-api package") from exc
         return False
-    snap = trace.snapshot()
-    span_from, chunk_from = trace._emitted
-    spans, chunks = snap["spans"][span_from:], snap["chunks"][chunk_from:]
-    trace._emitted = (span_from + len(spans), chunk_from + len(chunks))
-    if not spans and not chunks:
+    (span_from, chunk_from), (span_to, chunk_to) = trace.advance_sent()
+    if isinstance(otel.get_tracer_provider(), (otel.ProxyTracerProvider, otel.NoOpTracerProvider)):
+        return False  # no SDK configured: nobody to send to, and nothing saved up for later
+    if span_from == span_to and chunk_from == chunk_to:
         return True
+    snap = trace.snapshot()
+    spans, chunks = snap["spans"][span_from:span_to], snap["chunks"][chunk_from:chunk_to]
     perf0, epoch0 = trace.anchor
     ns = lambda t: epoch0 + int((t - perf0) * 1e9)  # noqa: E731
     starts = [s for _, s, _ in spans] + [c["requested"] for c in chunks if c.get("requested") is not None]
-    start = min(starts) if starts else snap["end"]
     summary = trace.summary()
     attrs = {"fastload.wall_s": summary.wall_s, "fastload.bytes_fetched": summary.bytes_fetched,
-             "fastload.chunks": summary.chunks, "fastload.bottleneck": summary.bottleneck or ""}
+             "fastload.chunks": summary.chunks, "fastload.bottleneck": summary.bottleneck or "",
+             "fastload.retries": summary.counters.get("retries", 0)}
     attrs.update({f"fastload.{k}_s": v for k, v in summary.breakdown.items()})
     tracer = otel.get_tracer("fastload", _version())
-    root = tracer.start_span("fastload.load", start_time=ns(start), attributes=attrs)
+    root = tracer.start_span("fastload.load", start_time=ns(min(starts) if starts else snap["end"]), attributes=attrs)
     ctx = otel.set_span_in_context(root)
+    grouped: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for name, s, e in spans:
-        if name not in CHUNK_STAGES:
+        if name in CHUNK_STAGES:
+            grouped[name].append((s, e))
+        else:
             tracer.start_span(f"fastload.{name}", context=ctx, start_time=ns(s)).end(end_time=ns(e))
+    for name, intervals in grouped.items():
+        busy = sum(e - s for s, e in intervals)
+        tracer.start_span(f"fastload.{name}", context=ctx, start_time=ns(min(s for s, _ in intervals)),
+                          attributes={"fastload.intervals": len(intervals), "fastload.summed_s": busy}
+                          ).end(end_time=ns(max(e for _, e in intervals)))
     for c in chunks:
         done = c.get("filled") if c.get("filled") is not None else c.get("failed")
-        if c.get("requested") is None or done is None:
+        if c.get("requested") is None or done is None or (c.get("attempts", 1) <= 1 and not c.get("error")):
             continue
         span = tracer.start_span("fastload.chunk", context=ctx, start_time=ns(c["requested"]), attributes={
-            k: c[k] for k in ("id", "url", "start", "end", "nbytes", "attempts") if c.get(k) is not None})
+            f"fastload.{k}": c[k] for k in ("id", "url", "start", "end", "nbytes", "attempts") if c.get(k) is not None})
         if c.get("error"):
             span.set_status(otel.Status(otel.StatusCode.ERROR, c["error"]))
         span.end(end_time=ns(done))

@@ -353,6 +353,18 @@ def test_bad_trace_argument_fails_before_any_io(tmp_path, monkeypatch, bad):
 # -- OpenTelemetry ----------------------------------------------------------------------------------
 
 
+def test_opentelemetry_without_a_provider_sends_nothing(ckpt):
+    pytest.importorskip("opentelemetry")
+    from opentelemetry import trace as otel
+
+    if not isinstance(otel.get_tracer_provider(), (otel.ProxyTracerProvider, otel.NoOpTracerProvider)):
+        pytest.skip("a tracer provider is already configured in this process")
+    trace = Trace()
+    fastload.load(ckpt, config=SMALL, trace=trace)
+    assert emit_otel(trace) is False
+    assert trace.advance_sent()[0] == (len(trace.snapshot()["spans"]), len(trace.chunks))  # nothing saved up
+
+
 @pytest.fixture(scope="module")
 def otel_spans():
     pytest.importorskip("opentelemetry.sdk")
@@ -369,7 +381,7 @@ def otel_spans():
     exporter.shutdown()
 
 
-def test_opentelemetry_spans_per_load(ckpt, otel_spans):
+def test_opentelemetry_spans_per_load(ckpt, otel_spans, http_server, http_dir):
     otel_spans.clear()
     trace = Trace()
     fastload.load(ckpt, config=SMALL, trace=trace)
@@ -379,13 +391,26 @@ def test_opentelemetry_spans_per_load(ckpt, otel_spans):
     root = roots[0]
     children = [s for s in spans if s is not root]
     assert all(s.parent.span_id == root.context.span_id for s in children)
-    assert {"fastload.resolve", "fastload.header", "fastload.plan"} <= {s.name for s in children}
-    assert sum(s.name == "fastload.chunk" for s in children) == len(trace.chunks)
+    names = [s.name for s in children]
+    assert {"fastload.resolve", "fastload.header", "fastload.plan", "fastload.alloc", "fastload.close"} <= set(names)
+    assert names.count("fastload.fetch") == 1 and "fastload.chunk" not in names  # clean chunks fold into one span
+    fetch = next(s for s in children if s.name == "fastload.fetch")
+    assert fetch.attributes["fastload.intervals"] == len(trace.chunks)
     assert root.attributes["fastload.bytes_fetched"] == trace.summary().bytes_fetched
     assert root.start_time <= min(s.start_time for s in children) and root.end_time >= max(s.end_time for s in children)
-    otel_spans.clear()
-    fastload.load(ckpt, config=SMALL, trace=trace)  # a second load on the same trace sends only its own spans
-    assert sum(s.name == "fastload.chunk" for s in otel_spans.get_finished_spans()) == len(trace.chunks) // 2
+
+    otel_spans.clear()  # a second load on the same trace sends only its own spans; retried chunks get their own
+    shutil.copy(ckpt, http_dir / "m.safetensors")
+    http_server.faults.cut_after(48 * 1024)
+    config = fastload.LoadConfig(chunk_bytes=CHUNK, max_concurrency=4,
+                                 retry=fastload.RetryConfig(backoff_base_s=0.001, backoff_max_s=0.002))
+    fastload.load(http_server.url_for(http_dir / "m.safetensors"), config=config, trace=trace)
+    spans = otel_spans.get_finished_spans()
+    retried = [c for c in trace.chunks if c["attempts"] > 1]
+    assert retried and [s.name for s in spans].count("fastload.load") == 1
+    chunk_spans = [s for s in spans if s.name == "fastload.chunk"]
+    assert sorted(s.attributes["fastload.id"] for s in chunk_spans) == sorted(c["id"] for c in retried)
+    assert all(s.attributes["fastload.attempts"] == 2 for s in chunk_spans)
 
 
 def test_opentelemetry_is_optional(ckpt, monkeypatch):
