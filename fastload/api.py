@@ -9,6 +9,7 @@ import torch
 from . import runner
 from .pipeline import make_request, plan_only, produce
 from .plan import LoadPlan
+from .pull import PullResult, apull, pull  # noqa: F401 -- public, re-exported by the package
 
 
 def load(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
@@ -81,3 +82,11 @@ def stream(source, *, device="cpu", dtype=None, names=None, shard=None, config=N
     """Like :func:`load`, but hands out ``(name, tensor)`` pairs as each tensor completes."""
     return LoadStream(make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config,
                                    trace=trace, progress=progress))
+
+
+def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, config=None, trace=None, **hf_kwargs):
+    """A ``transformers`` model whose weights fastload streamed; see :mod:`fastload.integrations.transformers`."""
+    from .integrations.transformers import from_pretrained as build
+
+    return build(source, model_class=model_class, device=device, dtype=dtype, config=config, trace=trace,
+                 **hf_kwargs)

@@ -40,14 +40,62 @@ def config_from_args(args: argparse.Namespace):
 def _inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="path, file://, http(s)://, s3:// or hf:// source")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--top", type=int, default=10, help="how many of the largest tensors to list (default 10)")
+    parser.add_argument("--all", action="store_true", help="also list every tensor")
     add_config_arguments(parser)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .api import plan
+    from .describe import describe
 
     p = plan(args.source, config=config_from_args(args))
-    print(p.to_json(indent=2) if args.json else p)
+    print(p.to_json(indent=2) if args.json else describe(p, top=args.top, every_tensor=args.all))
+    return 0
+
+
+# -- pull ------------------------------------------------------------------------------------------
+
+def _pull_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="hf://org/name[@rev], s3:// prefix, http(s):// base URL, path, or one file")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--to", metavar="DIR", help="a plain directory (default for non-hf sources: ./<name>)")
+    where.add_argument("--cache-dir", metavar="DIR", help="hf:// only: the hub cache (default HF_HUB_CACHE)")
+    parser.add_argument("--revision", help="hf:// only: branch, tag or commit (default main)")
+    parser.add_argument("--verify", action="store_true", help="check the sha256 the source publishes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_config_arguments(parser)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import runner
+    from .describe import human_bytes
+    from .pull import apull
+
+    bar = None
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                       desc="pull", dynamic_ncols=True)
+        else:
+            bar.update(done - bar.n)
+
+    try:
+        result = runner.run(lambda: apull(args.source, to=args.to, cache_dir=args.cache_dir, revision=args.revision,
+                                          config=config_from_args(args), progress=progress if show else None,
+                                          verify=args.verify))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(f"{len(result.fetched)} file(s) fetched ({human_bytes(result.bytes_fetched)}), "
+              f"{len(result.present)} already complete", file=sys.stderr)
+    print(result.path)
     return 0
 
 
@@ -94,6 +142,8 @@ def commands() -> list[Command]:
     return [
         Command("inspect", "print what a load would fetch (headers only)", _inspect_args, _inspect),
         Command("load", "load a checkpoint and show where the time went", _load_args, _load),
+        Command("pull", "pre-stage a model directory on local disk (hf:// into the hub cache)", _pull_args,
+                _pull),
     ]
 
 
@@ -115,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastload: interrupted", file=sys.stderr)
         return 130
-    except FastloadError as exc:
+    except (FastloadError, OSError) as exc:  # OSError: e.g. a destination that cannot be written
         if args.debug:
             raise
         print(f"fastload: error: {exc}", file=sys.stderr)

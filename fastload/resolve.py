@@ -92,8 +92,8 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
     url = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(url, str) or not url:
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
-    if scheme_of(url) == "hf":
-        raise ConfigError("hf:// sources need fastload's hub support (not available in this build)")
+    if scheme_of(url) == "hf":  # the local hub cache when it holds the checkpoint, else pinned to one commit
+        url = await transports.for_url(url).locate(url)
     if _is_dir_url(url):
         return await _resolve_dir(transports, url)
     info = await transports.for_url(url).stat(url)

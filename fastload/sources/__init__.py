@@ -7,6 +7,7 @@ from ..errors import ConfigError
 from ..trace import Trace
 from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
 from .http import HttpTransport
+from .hub import HubTransport
 from .local import LocalTransport
 from .retry import RetryPolicy
 from .s3 import S3Transport
@@ -43,6 +44,8 @@ class Transports:
                 self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
             elif scheme == "s3":
                 self._made[scheme] = S3Transport(self.config, self.policy, self.for_url("http://"))
+            elif scheme == "hf":
+                self._made[scheme] = HubTransport(self.config, self.policy, self.trace)
             else:
                 raise ConfigError(f"no transport for {url}")
         return self._made[scheme]

@@ -1,0 +1,435 @@
+"""``fastload pull``: pre-stage a model directory on local disk with the loader's own fetcher.
+
+What is pulled:
+
+* ``hf://org/name[@revision][/folder]`` -- the files of that commit, as the Hub
+  lists them, into the Hugging Face cache layout (``models--org--name/blobs/<id>``,
+  ``snapshots/<commit>/<path>`` as relative symlinks into ``blobs``,
+  ``refs/<revision>``), so that ``transformers`` and ``huggingface_hub`` find them
+  offline; or, with ``to``, into a plain directory.
+* an ``s3://`` prefix or a local directory -- every file under it, recursively.
+* an ``http(s)://`` base URL (HTTP cannot list) -- the shard index and its shards
+  (or ``model.safetensors``) and those of the standard model files that exist.
+* a single file URL -- that file.
+
+Hidden files are skipped, and so are weights in other formats (``*.bin``,
+``*.h5``, ``*.onnx`` ...) when the source has safetensors weights.
+
+Every file is cut into ``chunk_bytes`` ranges and fetched by ``fetch.run_plan``
+-- the transports, retries, bounded concurrency and buffer pool of a load --
+into a :class:`~fastload.sinks.file.FileSink`. Files appear under their final
+names only when whole (temporary name, fsync, rename). A file already present
+and complete (same size, and the same ETag or content id the source publishes)
+is not fetched again; an interrupted pull resumes the chunks that are missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .buffers import BufferPool
+from .config import LoadConfig
+from .errors import ConfigError, FormatError, SourceNotFoundError
+from .fetch import run_plan
+from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
+from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece
+from .sinks.file import FileSink, FileTarget, resume_ranges
+from .sources import ObjectInfo, Transports, read_bytes, scheme_of
+from .sources.hub import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir
+from .sources.local import to_path
+from .trace import Trace, as_trace
+
+#: Model files besides the weights that a plain HTTP base URL is probed for.
+STANDARD_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+#: Weights in other formats: skipped when the source has safetensors weights.
+OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onnx", ".onnx_data", ".tflite",
+                 ".pb", ".mlmodel", ".gguf", ".npz", ".keras")
+#: A URL whose last segment ends like this names a file; anything else names a directory.
+FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".py", ".yaml", ".yml", ".tiktoken",
+                 ".gguf") + OTHER_WEIGHTS
+META_DIR = ".fastload"
+INCOMPLETE = ".fastload-incomplete"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file to pull: where it lands (``rel``), where it comes from, and what the listing said about it."""
+
+    rel: str
+    url: str
+    size: int | None = None
+    etag: str | None = None  # a content id published by the listing (Hub blob id / sha256)
+    sha256: str | None = None
+    info: ObjectInfo | None = None
+
+
+@dataclass(frozen=True)
+class PullResult:
+    path: Path  # the pulled directory (or file)
+    fetched: tuple[str, ...]  # files written by this pull
+    present: tuple[str, ...]  # files that were already there, complete
+    bytes_fetched: int
+    total_bytes: int
+
+
+def _names_file(url: str) -> bool:
+    return not url.endswith("/") and url.rsplit("/", 1)[-1].endswith(FILE_SUFFIXES)
+
+
+def _skip_other_formats(entries: list[Entry]) -> list[Entry]:
+    visible = [e for e in entries if not any(p.startswith(".") for p in e.rel.split("/"))]
+    if any(e.rel.endswith(".safetensors") for e in visible):
+        visible = [e for e in visible if not e.rel.endswith(OTHER_WEIGHTS)]
+    return visible
+
+
+# -- listing ---------------------------------------------------------------------------------------
+
+
+async def _list_local(url: str) -> list[Entry]:
+    root = to_path(url)
+    if root.is_file():
+        return [Entry(root.name, str(root))]
+    if not root.is_dir():
+        raise SourceNotFoundError(f"no such file or directory: {url}", url=url)
+
+    def walk() -> list[Entry]:
+        out = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                path = Path(folder) / name
+                out.append(Entry(path.relative_to(root).as_posix(), str(path)))
+        return out
+
+    return await asyncio.to_thread(walk)
+
+
+async def _list_s3(url: str, transports: Transports) -> list[Entry]:
+    from .sources.s3 import split_url
+
+    bucket, key = split_url(url)
+    if key and _names_file(url):
+        return [Entry(key.rsplit("/", 1)[-1], url)]
+    prefix = key if not key or key.endswith("/") else key + "/"
+    s3 = transports.for_url(url)
+    out, token = [], None
+    while True:  # recursive: no delimiter (the transport's own ``list`` is one level deep)
+        params = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = await s3._call(url, "list_objects_v2", **params)
+        out += [Entry(o["Key"][len(prefix):], f"s3://{bucket}/{o['Key']}", o.get("Size"))
+                for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            break
+    if not out:
+        raise SourceNotFoundError(f"nothing under {url}", url=url)
+    return out
+
+
+async def _stat_or_none(transports: Transports, url: str) -> ObjectInfo | None:
+    try:
+        return await transports.for_url(url).stat(url)
+    except SourceNotFoundError:
+        return None
+
+
+async def _list_http(url: str, transports: Transports) -> list[Entry]:
+    if _names_file(url):
+        info = await transports.for_url(url).stat(url)
+        return [Entry(url.rsplit("/", 1)[-1], url, info.size, info=info)]
+    base = url if url.endswith("/") else url + "/"
+    names = [INDEX_NAME, SINGLE_NAME, *STANDARD_FILES]
+    infos = dict(zip(names, await asyncio.gather(*(_stat_or_none(transports, base + n) for n in names))))
+    index = infos[INDEX_NAME]
+    if index is not None:  # the index names the weights; a stray model.safetensors beside it is not one
+        raw = await read_bytes(transports.for_url(index.url), index, 0, index.size)
+        shards = parse_index(raw, url=index.url).files
+        infos.pop(SINGLE_NAME)
+        infos.update(zip(shards, await asyncio.gather(*(transports.for_url(base + s).stat(base + s) for s in shards))))
+    entries = [Entry(name, base + name, info.size, info=info) for name, info in infos.items() if info is not None]
+    if not any(e.rel.endswith(".safetensors") for e in entries):
+        raise SourceNotFoundError(f"no {INDEX_NAME} or {SINGLE_NAME} under {base} (HTTP sources cannot be listed)",
+                                  url=url)
+    return entries
+
+
+async def _list_hub(url: str, transports: Transports) -> tuple[str, list[Entry]]:
+    ref = parse_hub_url(url)
+    info = await transports.for_url(url).repo_info(ref)
+    if not ref.is_dir:
+        found = [f for f in info.files if f.path == ref.path]
+        if not found:
+            raise SourceNotFoundError(f"no file {ref.path!r} in {ref.url(revision=info.commit)}", url=url)
+        prefix = ref.path.rsplit("/", 1)[0] + "/" if "/" in ref.path else ""
+    else:
+        prefix = ref.path
+        found = [f for f in info.files if f.path.startswith(prefix)]
+    if any(f.blob is None or f.size is None for f in found):
+        raise FormatError(f"{ref.url(revision=info.commit)}: the Hub's listing lacks file sizes or blob ids")
+    return info.commit, [Entry(f.path[len(prefix):], ref.url(f.path, info.commit), f.size, f.blob, f.sha256)
+                         for f in found]
+
+
+# -- layouts: where files go -----------------------------------------------------------------------
+
+
+class PlainLayout:
+    """A plain directory; ``.fastload/`` inside it keeps unfinished files and what each finished one was."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def temp(self, e: Entry) -> Path:
+        return self.root / META_DIR / "incomplete" / e.rel
+
+    def _meta(self, e: Entry) -> Path:
+        return self.root / META_DIR / "meta" / (e.rel + ".json")
+
+    def _record(self, e: Entry, info: ObjectInfo | None) -> dict:
+        return {"url": e.url, "size": info.size if info else e.size, "etag": e.etag or (info.etag if info else None)}
+
+    def needs_stat(self, e: Entry) -> bool:
+        return e.etag is None or e.size is None
+
+    def present(self, e: Entry, info: ObjectInfo | None) -> bool:
+        record = self._record(e, info)
+        if record["etag"] is None:
+            return False  # nothing says the file did not change: fetch it again
+        try:
+            saved = json.loads(self._meta(e).read_text())
+            st = (self.root / e.rel).stat()
+        except (OSError, ValueError):
+            return False
+        return (saved.get("source") == record and st.st_size == record["size"]
+                and saved.get("mtime_ns") == st.st_mtime_ns)
+
+    def complete(self, e: Entry, info: ObjectInfo) -> None:
+        final, temp = self.root / e.rel, self.temp(e)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"source": self._record(e, info), "mtime_ns": temp.stat().st_mtime_ns}  # rename keeps the mtime
+        _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
+        os.replace(temp, final)
+
+    def finish(self, entries: Sequence[Entry], single: bool) -> Path:
+        return self.root / entries[0].rel if single else self.root
+
+
+class HubLayout:
+    """The Hugging Face cache: blobs named by content id, a snapshot of symlinks per commit, refs."""
+
+    def __init__(self, cache_dir: Path, repo_id: str, commit: str, revision: str | None, subpath: str):
+        self.repo = repo_cache_dir(cache_dir, repo_id)
+        self.commit, self.revision, self.subpath = commit, revision, subpath
+
+    def blob(self, e: Entry) -> Path:
+        return self.repo / "blobs" / e.etag
+
+    def temp(self, e: Entry) -> Path:
+        return self.repo / "blobs" / (e.etag + INCOMPLETE)
+
+    def needs_stat(self, e: Entry) -> bool:
+        return False
+
+    def present(self, e: Entry, info: ObjectInfo | None) -> bool:
+        try:
+            return self.blob(e).stat().st_size == e.size
+        except OSError:
+            return False
+
+    def complete(self, e: Entry, info: ObjectInfo) -> None:
+        os.replace(self.temp(e), self.blob(e))
+
+    def finish(self, entries: Sequence[Entry], single: bool) -> Path:
+        snapshot = self.repo / "snapshots" / self.commit
+        for e in entries:
+            link = snapshot / self.subpath / e.rel
+            link.parent.mkdir(parents=True, exist_ok=True)
+            target = os.path.relpath(self.blob(e), link.parent)
+            if not (link.is_symlink() and os.readlink(link) == target):
+                tmp = link.with_name(link.name + INCOMPLETE)
+                tmp.unlink(missing_ok=True)
+                os.symlink(target, tmp)
+                os.replace(tmp, link)
+        if self.revision and self.revision != self.commit:
+            _write_atomic(self.repo / "refs" / self.revision, self.commit)
+        return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + INCOMPLETE)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -- the pull --------------------------------------------------------------------------------------
+
+
+def _plan(entries: Sequence[Entry], targets: Sequence[FileTarget], chunk_bytes: int) -> LoadPlan:
+    """One U8 "tensor" per file, chunks over the bytes still missing: the loader's plan shape."""
+    files, tensors, chunks = [], [], []
+    for i, (e, t) in enumerate(zip(entries, targets)):
+        size = t.info.size
+        files.append(PlannedFile(t.info, 0, None))
+        spec = TensorSpec(e.rel, DTYPES["U8"], (size,), i, 0, size)
+        tensors.append(PlannedTensor(spec, (size,)))
+        for start, end in t.missing:
+            for at in range(start, end, chunk_bytes):
+                stop = min(at + chunk_bytes, end)
+                chunks.append(ChunkRead(len(chunks), i, at, stop, (Piece(i, at, stop - at, at),)))
+    return LoadPlan(tuple(files), tuple(tensors), tuple(chunks), chunk_bytes)
+
+
+def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None]:
+    """The source URL (with ``revision`` applied) and the plain destination (None: the hub cache)."""
+    if scheme_of(source) == "hf":
+        ref = parse_hub_url(source)
+        if revision is not None:
+            if ref.revision is not None and ref.revision != revision:
+                raise ConfigError(f"{source} names revision {ref.revision!r} but revision={revision!r} was given")
+            source = ref.url(revision=revision)
+        if to is not None and cache_dir is not None:
+            raise ConfigError("give either a destination directory (to) or a cache directory, not both")
+        return source, None if to is None else Path(to)
+    if revision is not None:
+        raise ConfigError("a revision applies to hf:// sources only")
+    if cache_dir is not None:
+        raise ConfigError("a cache directory applies to hf:// sources only (use a destination directory)")
+    if to is not None:
+        return source, Path(to)
+    name = (str(to_path(source)) if scheme_of(source) == "local" else source).rstrip("/\\").replace("\\", "/")
+    name = name.rsplit("/", 1)[-1]
+    single = _names_file(source) or (scheme_of(source) == "local" and to_path(source).is_file())
+    return source, Path.cwd() if single else Path.cwd() / name
+
+
+async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig | None = None,
+                trace: Trace | None = None, progress: Callable[[int, int], None] | None = None,
+                verify: bool = False) -> PullResult:
+    """``pull`` for async code; returns what it did as a :class:`PullResult`."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"source must be a path or URL, got {source!r}")
+    config = config or LoadConfig()
+    if not isinstance(config, LoadConfig):
+        raise ConfigError("config must be a fastload.LoadConfig")
+    trace = as_trace(trace)
+    source, plain = _destination(source, to, cache_dir, revision)
+    scheme = scheme_of(source)
+    trace.begin()
+    transports = Transports(config, trace)
+    error = None
+    try:
+        with trace.span("resolve"):
+            if scheme == "hf":
+                settings = HubSettings.from_env()
+                ref = parse_hub_url(source)
+                cache = Path(cache_dir).expanduser() if cache_dir is not None else settings.cache_dir
+                if settings.offline:
+                    found = cached_snapshot(cache, ref) if plain is None else None
+                    if found is None:
+                        raise SourceNotFoundError(f"HF_HUB_OFFLINE is set and {source} is not in the cache at {cache}",
+                                                  url=source)
+                    return PullResult(found, (), (), 0, 0)
+                commit, entries = await _list_hub(source, transports)
+                layout = PlainLayout(plain) if plain is not None else HubLayout(
+                    cache, ref.repo_id, commit, ref.revision or "main",
+                    ref.path if ref.is_dir else ref.path.rpartition("/")[0])
+            else:
+                listed = {"local": _list_local, "s3": _list_s3, "http": _list_http}[scheme]
+                entries = await (listed(source) if scheme == "local" else listed(source, transports))
+                layout = PlainLayout(plain)
+            single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (
+                len(entries) == 1 and (_names_file(source) or (scheme == "local" and to_path(source).is_file())))
+            entries = entries if single else _skip_other_formats(entries)
+            if not entries:
+                raise SourceNotFoundError(f"no files to pull under {source}", url=source)
+            entries = await _stat_all(entries, layout, transports, config.max_concurrency)
+        return await _fetch(entries, layout, single, transports, config, trace, progress, verify)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        await transports.aclose()
+        trace.finish(error)
+
+
+async def _stat_all(entries: list[Entry], layout, transports: Transports, limit: int) -> list[Entry]:
+    """Fill ``info`` where the layout needs it to judge presence, or the file must be fetched."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(e: Entry) -> Entry:
+        if e.info is not None:
+            return e
+        if not layout.needs_stat(e) and layout.present(e, None):
+            return e
+        async with gate:
+            info = await transports.for_url(e.url).stat(e.url)
+        return Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
+
+    return list(await asyncio.gather(*(one(e) for e in entries)))
+
+
+async def _fetch(entries: list[Entry], layout, single: bool, transports: Transports, config: LoadConfig,
+                 trace: Trace, progress, verify: bool) -> PullResult:
+    here = [layout.present(e, e.info) for e in entries]
+    present = [e for e, p in zip(entries, here) if p]
+    todo = [e for e, p in zip(entries, here) if not p]
+    targets = [FileTarget(layout.temp(e), e.info, e.sha256) for e in todo]
+    for t in targets:
+        t.done = resume_ranges(t.temp, t.info)
+    total = sum((e.info.size if e.info else e.size or 0) for e in entries)
+    done = total - sum(t.info.size - sum(b - a for a, b in t.done) for t in targets)
+    if progress is not None:
+        progress(done, total)
+
+    def advanced(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    sink = FileSink(targets, on_complete=lambda i: layout.complete(todo[i], targets[i].info), verify=verify,
+                    trace=trace)
+    with trace.span("plan"):
+        plan = _plan(todo, targets, config.chunk_bytes)
+    try:
+        for i in range(len(targets)):
+            if sink.remaining[i]:
+                sink.open(i)
+        for i in sink.initially_complete():
+            await asyncio.to_thread(sink.finish, i)
+        if plan.chunks:
+            pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes))
+            await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=lambda _: None,
+                           progress=advanced if progress is not None else None, workers=config.max_concurrency)
+    finally:
+        sink.close()
+    path = await asyncio.to_thread(layout.finish, entries, single)
+    return PullResult(path, tuple(e.rel for e in todo), tuple(e.rel for e in present), plan.total_bytes, total)
+
+
+def pull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig | None = None,
+         trace: Trace | None = None, progress: Callable[[int, int], None] | None = None,
+         verify: bool = False) -> Path:
+    """Pre-stage a model directory (weights, config, tokenizer and other files) on local disk.
+
+    ``hf://`` sources go to the Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE`` / ``HF_HOME/hub``)
+    unless ``to`` names a plain directory; other sources go to ``to`` (default: ``./<last path segment>``).
+    ``progress(done_bytes, total_bytes)`` is called as chunks land; ``verify`` checks each file against the
+    sha256 the source publishes (the Hub does for LFS files). Returns where the files are.
+    """
+    from . import runner
+
+    return runner.run(lambda: apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config,
+                                    trace=trace, progress=progress, verify=verify)).path

@@ -1,0 +1,195 @@
+"""File sink: chunks land in files on disk (``fastload pull``).
+
+Each file is written with ``os.pwrite`` into a temporary file that already has
+its final size; a journal beside it records every chunk once its bytes are
+written, so an interrupted pull resumes with exactly what is missing (chunks
+arrive out of order, so "the temporary file's length" cannot say that). A
+finished file is fsynced, optionally checked against its published sha256, and
+handed to ``on_complete``, which renames it into place: a file under its final
+name is always whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..buffers import as_bytes_view
+from ..errors import IntegrityError, TransferError
+from ..plan import ChunkRead
+from ..sources import ObjectInfo, Segment
+from ..trace import Trace
+
+Range = tuple[int, int]
+HASH_BLOCK = 8 << 20
+
+
+@dataclass
+class FileTarget:
+    """One file to write: where its bytes go, what it is, and which byte ranges are already there."""
+
+    temp: Path
+    info: ObjectInfo
+    sha256: str | None = None  # verified before ``on_complete`` when the sink is asked to verify
+    done: list[Range] = field(default_factory=list)
+
+    @property
+    def journal(self) -> Path:
+        return journal_path(self.temp)
+
+    @property
+    def missing(self) -> list[Range]:
+        return missing_ranges(self.info.size, self.done)
+
+
+def journal_path(temp: Path) -> Path:
+    return temp.with_name(temp.name + ".journal")
+
+
+def missing_ranges(size: int, done: list[Range]) -> list[Range]:
+    """The complement of ``done`` in ``[0, size)``, sorted."""
+    out, pos = [], 0
+    for start, end in sorted(done):
+        if start > pos:
+            out.append((pos, start))
+        pos = max(pos, end)
+    if pos < size:
+        out.append((pos, size))
+    return out
+
+
+def _header(info: ObjectInfo) -> str:
+    return json.dumps({"url": info.url, "size": info.size, "etag": info.etag}, sort_keys=True)
+
+
+def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
+    """Ranges a previous, interrupted write of the same object left in ``temp`` (none if anything differs)."""
+    if not info.etag:
+        return []  # without a validator we cannot tell the object did not change in between
+    try:
+        lines = journal_path(temp).read_text().splitlines()
+        if temp.stat().st_size != info.size or not lines or lines[0] != _header(info):
+            return []
+    except OSError:
+        return []
+    done = []
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            start, end = int(parts[0]), int(parts[1])
+            if 0 <= start < end <= info.size:
+                done.append((start, end))
+    return done
+
+
+class FileSink:
+    """Writes staged chunks into their files; ``on_complete(i)`` runs (in a worker thread) once file ``i`` is whole."""
+
+    def __init__(self, files: list[FileTarget], *, on_complete: Callable[[int], None], verify: bool,
+                 trace: Trace):
+        self.files = files
+        self.on_complete = on_complete
+        self.verify = verify
+        self.trace = trace
+        self.remaining = [sum(e - s for s, e in t.missing) for t in files]
+        self._fds: dict[int, tuple[int, int]] = {}  # file -> (data fd, journal fd)
+
+    def open(self, index: int) -> None:
+        """Create (or reopen, to resume) the temporary file and its journal."""
+        target = self.files[index]
+        target.temp.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not target.done
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(target.temp, flags | (os.O_TRUNC if fresh else 0), 0o644)
+            if fresh:
+                os.ftruncate(fd, target.info.size)
+            jfd = os.open(target.journal, flags | os.O_APPEND | (os.O_TRUNC if fresh else 0), 0o644)
+        except OSError as exc:
+            raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}", url=target.info.url) from exc
+        if fresh:
+            os.write(jfd, (_header(target.info) + "\n").encode())
+        self._fds[index] = (fd, jfd)
+
+    def initially_complete(self) -> list[int]:
+        return [i for i, n in enumerate(self.remaining) if n == 0]
+
+    def staged(self, chunk: ChunkRead) -> bool:
+        return True
+
+    def targets(self, chunk: ChunkRead) -> list[Segment]:  # pragma: no cover - every chunk is staged
+        raise NotImplementedError("the file sink stages every chunk")
+
+    def _write(self, chunk: ChunkRead, buf: torch.Tensor) -> None:
+        fd, jfd = self._fds[chunk.file]
+        view, offset = as_bytes_view(buf), 0
+        try:
+            for piece in chunk.pieces:
+                data, at = view[offset:offset + piece.length], piece.dst
+                offset += piece.length
+                while data:
+                    n = os.pwrite(fd, data, at)
+                    data, at = data[n:], at + n
+            os.write(jfd, f"{chunk.start} {chunk.end}\n".encode())  # only after the bytes are in the file
+        except OSError as exc:
+            raise TransferError(f"write to {self.files[chunk.file].temp} failed: {exc.strerror or exc}",
+                                url=self.files[chunk.file].info.url, byte_range=(chunk.start, chunk.end)) from exc
+
+    async def consume(self, chunk: ChunkRead, buf: torch.Tensor | None, release: Callable[[], None]) -> list[int]:
+        loop = asyncio.get_running_loop()
+        start = self.trace.now()
+        try:
+            await loop.run_in_executor(None, self._write, chunk, buf)
+        finally:
+            release()
+        self.trace.interval("copy", start, self.trace.now())
+        self.trace.count("bytes_copied", chunk.nbytes)
+        self.remaining[chunk.file] -= chunk.nbytes
+        if self.remaining[chunk.file] == 0:
+            await loop.run_in_executor(None, self.finish, chunk.file)
+            return [chunk.file]
+        return []
+
+    def finish(self, index: int) -> None:
+        """Flush file ``index`` to disk, check it, hand it to ``on_complete``, drop its journal."""
+        target = self.files[index]
+        fd, jfd = self._fds.pop(index, (None, None))
+        if fd is None:  # nothing was missing: it was never opened
+            fd = os.open(target.temp, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            os.ftruncate(fd, target.info.size)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            if jfd is not None:
+                os.close(jfd)
+        if self.verify and target.sha256:
+            got = sha256_file(target.temp)
+            if got != target.sha256:
+                target.temp.unlink(missing_ok=True)
+                target.journal.unlink(missing_ok=True)
+                raise IntegrityError(f"sha256 mismatch: expected {target.sha256}, got {got}", url=target.info.url)
+        self.on_complete(index)
+        target.journal.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close what is open; temporary files and journals stay for the next pull to resume."""
+        for fd, jfd in self._fds.values():
+            os.close(fd)
+            os.close(jfd)
+        self._fds.clear()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

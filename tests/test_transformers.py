@@ -1,0 +1,230 @@
+"""fastload.from_pretrained equals transformers' own from_pretrained of the same directory.
+
+Real weights (all-MiniLM-L6-v2) served over HTTP and S3, and tiny random Llama
+and Mixtral (MoE) models built here and saved sharded with an index.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastload
+from hub_server import HubServer, hub, hub_session, minilm_dir, repo_name  # noqa: F401 -- fixtures
+from servers import RangeHTTPServer
+
+transformers = pytest.importorskip("transformers")
+
+
+def assert_equal_models(ours, theirs, *, inputs: dict | None = None) -> None:
+    assert type(ours) is type(theirs)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].device == b[name].device, name
+        assert torch.equal(a[name], b[name]), name
+    buffers_a, buffers_b = dict(ours.named_buffers()), dict(theirs.named_buffers())  # non-persistent ones too
+    assert list(buffers_a) == list(buffers_b)
+    assert all(torch.equal(buffers_a[k], buffers_b[k]) for k in buffers_a)
+    config_a, config_b = ours.config.to_dict(), theirs.config.to_dict()
+    config_a.pop("_name_or_path"), config_b.pop("_name_or_path")
+    assert config_a == config_b
+    assert ours.can_generate() == theirs.can_generate()
+    if theirs.can_generate():
+        assert ours.generation_config.to_dict() == theirs.generation_config.to_dict()
+    assert ours.training is theirs.training is False
+    if inputs is not None:
+        with torch.no_grad():
+            out_a, out_b = ours(**inputs), theirs(**inputs)
+        first = "logits" if "logits" in out_a else "last_hidden_state"
+        assert torch.equal(out_a[first], out_b[first])
+
+
+def tied(model) -> bool:
+    return model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.fixture(scope="module")
+def minilm_inputs(minilm_dir: Path) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    return dict(tokenizer(["fastload streams weights", "a second, longer sentence here"], padding=True,
+                          return_tensors="pt"))
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(minilm_dir: Path):
+    return transformers.BertModel.from_pretrained(minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with tied embeddings and its own generation config, in bf16, sharded + index."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = transformers.GenerationConfig(do_sample=True, temperature=0.7, top_k=5,
+                                                            bos_token_id=1, eos_token_id=2, max_new_tokens=9)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(directory, max_shard_size="20KB")
+    assert len(list(directory.glob("*.safetensors"))) > 2 and (directory / "model.safetensors.index.json").exists()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral-style MoE; its checkpoint stores experts one by one, transformers fuses them on load."""
+    torch.manual_seed(1)
+    config = transformers.MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    directory = tmp_path_factory.mktemp("tiny-mixtral")
+    transformers.MixtralForCausalLM(config).save_pretrained(directory, max_shard_size="30KB")
+    names = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in names
+    assert any(".experts.3." in n for n in names)  # per-expert keys: the fusion happens at load
+    return directory
+
+
+TOKENS = {"input_ids": torch.tensor([[1, 5, 9, 33, 2, 70, 11]])}
+
+
+# -- real weights over HTTP and S3 -----------------------------------------------------------------
+
+
+def test_real_model_over_http(http_server: RangeHTTPServer, http_dir: Path, minilm_dir: Path, minilm_reference,
+                              minilm_inputs: dict) -> None:
+    shutil.copytree(minilm_dir, http_dir / "minilm")
+    url = http_server.url_for(http_dir / "minilm")
+    model = fastload.from_pretrained(url)
+    assert_equal_models(model, minilm_reference, inputs=minilm_inputs)
+    assert model.config.name_or_path == url
+    fetched = {r.path.rsplit("/", 1)[-1] for r in http_server.log}
+    assert {"config.json", "model.safetensors"} <= fetched  # config came through the source layer too
+
+
+def test_real_model_over_s3(s3_server, s3_bucket: str, minilm_dir: Path, minilm_reference,
+                            minilm_inputs: dict) -> None:
+    s3_server.upload_dir(s3_bucket, "minilm", minilm_dir)
+    model, info = fastload.from_pretrained(f"s3://{s3_bucket}/minilm", model_class=transformers.AutoModel,
+                                           output_loading_info=True)
+    assert_equal_models(model, minilm_reference, inputs=minilm_inputs)
+    _, want = transformers.BertModel.from_pretrained(minilm_dir, output_loading_info=True)
+    assert info == want
+
+
+class _Copies(TorchDispatchMode):
+    """Bytes produced by copying ops (copies, casts, concatenations) on real tensors."""
+
+    COPYING = ("aten.copy_", "aten._to_copy", "aten.clone", "aten.cat", "aten.stack", "aten._copy_from")
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if isinstance(out, torch.Tensor) and out.device.type != "meta" and name.startswith(self.COPYING):
+            self.bytes[name] += out.numel() * out.element_size()
+        return out
+
+
+def test_weights_are_not_copied(minilm_dir: Path) -> None:
+    with _Copies() as copies:
+        model = fastload.from_pretrained(minilm_dir)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights > 80e6
+    assert sum(copies.bytes.values()) < 64 << 10, copies.bytes  # a few small buffers at most, no weight
+
+
+# -- tiny models: dtypes, ties, generation config, fusions, loading info -------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, "auto", torch.float32, "float16"])
+def test_llama_dtypes_ties_and_generation_config(llama_dir: Path, dtype) -> None:
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    ours, info = fastload.from_pretrained(llama_dir, output_loading_info=True, **kwargs)
+    theirs, want = transformers.LlamaForCausalLM.from_pretrained(llama_dir, output_loading_info=True, **kwargs)
+    assert_equal_models(ours, theirs, inputs=TOKENS)
+    assert info == want
+    assert ours.dtype == {None: torch.bfloat16, "auto": torch.bfloat16}.get(dtype, theirs.dtype)
+    assert tied(ours) and tied(theirs)
+    assert ours.generation_config.temperature == 0.7 and ours.generation_config.top_k == 5
+
+
+def test_mixtral_experts_are_fused(http_server: RangeHTTPServer, http_dir: Path, mixtral_dir: Path) -> None:
+    shutil.copytree(mixtral_dir, http_dir / "mixtral")
+    ours = fastload.from_pretrained(http_server.url_for(http_dir / "mixtral") + "/",
+                                    model_class=transformers.AutoModelForCausalLM)
+    theirs = transformers.MixtralForCausalLM.from_pretrained(mixtral_dir)
+    assert_equal_models(ours, theirs, inputs=TOKENS)
+    assert any("experts.gate_up_proj" in name for name in ours.state_dict())
+
+
+def test_other_class_than_architectures(llama_dir: Path) -> None:
+    ours = fastload.from_pretrained(llama_dir, model_class=transformers.LlamaModel)  # drops lm_head, strips prefix
+    theirs = transformers.LlamaModel.from_pretrained(llama_dir)
+    assert_equal_models(ours, theirs, inputs=TOKENS)
+
+
+def test_missing_and_unexpected_keys_are_reported(llama_dir: Path, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.up_proj.weight"
+    shard = broken / index["weight_map"].pop(victim)
+    tensors = load_file(shard)
+    del tensors[victim]
+    tensors["model.layers.1.mlp.surprise.weight"] = torch.ones(3, dtype=torch.bfloat16)
+    index["weight_map"]["model.layers.1.mlp.surprise.weight"] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    ours, info = fastload.from_pretrained(broken, output_loading_info=True)
+    theirs, want = transformers.LlamaForCausalLM.from_pretrained(broken, output_loading_info=True)
+    assert info == want
+    assert victim in info["missing_keys"] and "model.layers.1.mlp.surprise.weight" in info["unexpected_keys"]
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != victim)  # the missing one is randomly initialised
+
+
+# -- hf:// -----------------------------------------------------------------------------------------
+
+
+def test_hub_streams_then_uses_the_cache(hub: HubServer, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = repo_name("llama")
+    hub.add_repo(repo, llama_dir)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
+    assert_equal_models(fastload.from_pretrained(f"hf://{repo}"), theirs, inputs=TOKENS)
+    assert any(r.path.endswith("/generation_config.json") for r in hub.log)
+    fastload.pull(f"hf://{repo}", config=fastload.LoadConfig(chunk_bytes=1 << 20))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset()
+    assert_equal_models(fastload.from_pretrained(f"hf://{repo}"), theirs, inputs=TOKENS)
+    assert hub.log == []
+
+
+def test_errors(tmp_path: Path, llama_dir: Path, minilm_dir: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(fastload.SourceNotFoundError, match="config.json"):
+        fastload.from_pretrained(tmp_path / "empty")
+    with pytest.raises(fastload.SourceNotFoundError):
+        fastload.from_pretrained(llama_dir / "model.safetensors.index.json")
+    with pytest.raises(fastload.ConfigError, match="model_class"):
+        fastload.from_pretrained(llama_dir, model_class=dict)
+    with pytest.raises(fastload.ConfigError, match="has no model"):
+        fastload.from_pretrained(minilm_dir, model_class=transformers.AutoModelForImageClassification)
+    with pytest.raises(fastload.ConfigError, match="state_dict"):
+        fastload.from_pretrained(llama_dir, state_dict={})
+    with pytest.raises(fastload.ConfigError, match="dtype"):
+        fastload.from_pretrained(llama_dir, dtype="int8")
