@@ -17,7 +17,9 @@ chunk takes in the 1 MiB-chunk load.
 Memory is kept comparable across runs: the script re-executes itself with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` so freed tensor memory stays
 in the process (on these VMs memory handed back to the host is slow to touch
-again). Writes ``benchmarks/results/trace_overhead.json``.
+again); minor page faults per run are reported to show it worked. Process CPU
+time (all threads) is reported beside wall time: on a shared machine it is
+the steadier of the two. Writes ``benchmarks/results/trace_overhead.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -53,21 +56,23 @@ def build_checkpoint(directory: Path, size_mb: int) -> Path:
     return path
 
 
-def timed_load(path: Path, trace, **kwargs) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds, all threads) of one load."""
+def timed_load(path: Path, trace, **kwargs) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds over all threads, minor page faults) of one load."""
     import fastload
 
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.process_time()
     out = fastload.load(path, trace=trace, **kwargs)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     del out
-    return elapsed, cpu
+    return elapsed, cpu, faults
 
 
 def measure_case(path: Path, pairs: int, make_trace, **kwargs) -> dict:
     timed_load(path, None, **kwargs)  # warm-up: page cache, allocator, thread pools
     timed_load(path, make_trace(), **kwargs)
-    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    runs: dict[bool, list[tuple[float, float, int]]] = {False: [], True: []}
     chunks = 0
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
@@ -76,8 +81,8 @@ def measure_case(path: Path, pairs: int, make_trace, **kwargs) -> dict:
             runs[traced].append(timed_load(path, trace, **kwargs))
             if traced:
                 chunks = trace.summary().chunks
-    off, on = [w for w, _ in runs[False]], [w for w, _ in runs[True]]
-    cpu_off, cpu_on = [c for _, c in runs[False]], [c for _, c in runs[True]]
+    off, on = [r[0] for r in runs[False]], [r[0] for r in runs[True]]
+    cpu_off, cpu_on = [r[1] for r in runs[False]], [r[1] for r in runs[True]]
     ratios = [b / a - 1 for a, b in zip(off, on)]
     return {
         "chunks": chunks,
@@ -89,6 +94,9 @@ def measure_case(path: Path, pairs: int, make_trace, **kwargs) -> dict:
         "cpu_off_s_median": statistics.median(cpu_off),
         "cpu_on_s_median": statistics.median(cpu_on),
         "cpu_overhead_pct_of_medians": 100 * (statistics.median(cpu_on) / statistics.median(cpu_off) - 1),
+        "minor_faults_per_run": {"off_median": statistics.median(r[2] for r in runs[False]),
+                                 "on_median": statistics.median(r[2] for r in runs[True]),
+                                 "max": max(r[2] for r in runs[False] + runs[True])},
     }
 
 

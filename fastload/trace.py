@@ -215,9 +215,10 @@ class ReadRecord:
 
     def __init__(self, chunk=None, url: str | None = None, worker: int | None = None, queued: float | None = None,
                  taken: float | None = None) -> None:
-        self.id, self.file, self.start, self.end = ((chunk.id, chunk.file, chunk.start, chunk.end) if chunk is not None
-                                                    else (None, None, None, None))
-        self.nbytes = chunk.end - chunk.start if chunk is not None else None
+        self.id = self.file = self.start = self.end = self.nbytes = None
+        if chunk is not None:  # a plan.ChunkRead
+            self.id, self.file, self.start, self.end = chunk.id, chunk.file, chunk.start, chunk.end
+            self.nbytes = chunk.end - chunk.start
         self.url, self.worker, self.queued, self.taken = url, worker, queued, taken
         self.staged = False
         self.attempts = 0
@@ -234,7 +235,8 @@ class Trace:
     ``Trace("out.json")`` (or ``trace="out.json"`` on a load) writes a Chrome
     trace with the summary embedded when the load finishes. OpenTelemetry spans
     are emitted at the end of each load when ``opentelemetry-api`` is importable
-    (``otel=False`` turns that off, ``otel=True`` requires it).
+    and a tracer provider is configured (``otel=False`` turns that off,
+    ``otel=True`` requires the package).
     """
 
     enabled = True
@@ -251,7 +253,7 @@ class Trace:
         self._spans: list[tuple[str, float, float]] = []
         self._counters: dict[str, int] = defaultdict(int)
         self._keyed: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._chunks: list[dict] = []
+        self._chunks: list[dict | ReadRecord] = []
         self._errors: list[str] = []
         self._begin: float | None = None
         self._end: float | None = None
