@@ -8,6 +8,8 @@ Third-party exceptions (aiohttp, botocore, OS errors) are chained with
 
 from __future__ import annotations
 
+from .redact import redact_text, redact_url
+
 
 def format_range(byte_range: tuple[int, int] | None) -> str:
     """Render a half-open byte range for messages: ``bytes [0, 8)``."""
@@ -32,8 +34,8 @@ class SourceNotFoundError(FastloadError, FileNotFoundError):
     """A file, URL or object that does not exist (404, NoSuchKey, ENOENT)."""
 
     def __init__(self, message: str, *, url: str | None = None):
-        super().__init__(message)
-        self.url = url
+        super().__init__(redact_text(message))
+        self.url = redact_url(url) if url else url
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
@@ -43,8 +45,8 @@ class SourcePermissionError(FastloadError, PermissionError):
     """Access denied (403, AccessDenied, EACCES)."""
 
     def __init__(self, message: str, *, url: str | None = None):
-        super().__init__(message)
-        self.url = url
+        super().__init__(redact_text(message))
+        self.url = redact_url(url) if url else url
 
     def __str__(self) -> str:
         return self.args[0] if self.args else ""
@@ -61,7 +63,8 @@ class _TransportError(FastloadError, OSError):
         byte_range: tuple[int, int] | None = None,
         attempts: int | None = None,
     ):
-        parts = [message]
+        url = redact_url(url) if url else url  # never a presigned query string or a password
+        parts = [redact_text(message)]
         if url:
             parts.append(f"url={url}")
         if byte_range is not None:

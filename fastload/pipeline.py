@@ -107,6 +107,7 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
     sink = error = None
     try:
         plan = await make_plan(request, transports)
+        transports.expect(plan)  # checksum verification: which files this load reads whole
         if on_plan is not None:
             on_plan(plan)
         with trace.span("alloc"):

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import FormatError
-from .safetensors import _load_json
+from .safetensors import _load_json, short
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+#: More distinct shard files than any real checkpoint has (the largest have a few hundred):
+#: an index naming more would make a load open that many files or requests.
+MAX_SHARDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class ShardIndex:
 
 def _check_shard_name(name: object, url: str) -> str:
     if not isinstance(name, str) or not name:
-        raise FormatError(f"{url}: weight_map values must be non-empty file names, got {name!r}")
+        raise FormatError(f"{url}: weight_map values must be non-empty file names, got {short(name)}")
     bad = (
         "://" in name
         or name.startswith(("/", "\\"))
@@ -34,12 +37,13 @@ def _check_shard_name(name: object, url: str) -> str:
         or (len(name) > 1 and name[1] == ":")
         or any(part in ("..", ".") for part in name.split("/"))
         or posixpath.normpath(name) != name
-        or "\x00" in name
+        or any(ord(c) < 0x20 or c == "\x7f" for c in name)  # NUL, newlines, escapes
         or "?" in name
         or "#" in name
+        or "%" in name  # percent-escapes decode to "../" on the server
     )
     if bad:
-        raise FormatError(f"{url}: weight_map entry {name!r} escapes the checkpoint directory")
+        raise FormatError(f"{url}: weight_map entry {short(name)} escapes the checkpoint directory")
     return name
 
 
@@ -48,8 +52,12 @@ def parse_index(raw: bytes, *, url: str) -> ShardIndex:
     weight_map = doc.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{url}: index must hold a non-empty 'weight_map' object")
-    metadata = doc.get("metadata") or {}
+    metadata = doc.get("metadata")
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise FormatError(f"{url}: index 'metadata' must be an object")
     checked = {name: _check_shard_name(file, url) for name, file in weight_map.items()}
+    shards = len(set(checked.values()))
+    if shards > MAX_SHARDS:
+        raise FormatError(f"{url}: index names {shards} shard files, more than the {MAX_SHARDS} allowed")
     return ShardIndex(checked, metadata)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -24,6 +25,8 @@ from ..errors import FormatError
 
 #: Same cap as the reference implementation: a header over 100 MB is hostile.
 MAX_HEADER_BYTES = 100_000_000
+#: Largest byte extent a shape may span, zero dims counted as one (torch's strides are int64).
+MAX_EXTENT = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -113,12 +116,17 @@ def header_length(prefix: bytes, *, url: str, file_size: int) -> int:
     return 8 + n
 
 
+def short(value: Any) -> str:
+    """A bounded repr of a hostile value for messages (a header may hold a 100 MB string)."""
+    return reprlib.repr(value)
+
+
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise FormatError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)  # built in C: a header may hold a million entries
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise FormatError(f"duplicate key {short(key)}")
     return out
 
 
@@ -151,7 +159,7 @@ def _metadata(value: Any, url: str) -> dict[str, str]:
 
 
 def _tensor(name: str, entry: Any, *, url: str, file: int, data_start: int, data_len: int) -> TensorSpec:
-    where = f"{url}: tensor {name!r}"
+    where = f"{url}: tensor {short(name)}"
     if not isinstance(entry, dict):
         raise FormatError(f"{where}: entry must be an object")
     unknown = set(entry) - {"dtype", "shape", "data_offsets"}
@@ -159,24 +167,29 @@ def _tensor(name: str, entry: Any, *, url: str, file: int, data_start: int, data
         raise FormatError(f"{where}: unknown fields {sorted(unknown)}")
     dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise FormatError(f"{where}: unknown dtype {entry.get('dtype')!r}")
+        raise FormatError(f"{where}: unknown dtype {short(entry.get('dtype'))}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {short(shape)}")
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise FormatError(f"{where}: data_offsets must be two integers, got {offsets!r}")
+        raise FormatError(f"{where}: data_offsets must be two integers, got {short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise FormatError(f"{where}: data_offsets [{begin}, {end}) outside the {data_len}-byte data section")
-    numel = 1
+    numel = 0 if 0 in shape else 1  # an empty tensor needs no bytes, whatever its other dims
     for dim in shape:  # stop as soon as the product is impossible: no overflow games
         numel *= dim
         if numel * dtype.itemsize > data_len:
-            raise FormatError(f"{where}: shape {shape} needs more bytes than the file holds")
+            raise FormatError(f"{where}: shape {short(shape)} needs more bytes than the file holds")
+    extent = dtype.itemsize
+    for dim in shape:  # an empty tensor's other dims still make strides: they must fit in int64
+        extent *= max(dim, 1)
+        if extent > MAX_EXTENT:
+            raise FormatError(f"{where}: shape {short(shape)} overflows 64-bit sizes")
     if numel * dtype.itemsize != end - begin:
         raise FormatError(
-            f"{where}: {dtype.name}{shape} needs {numel * dtype.itemsize} bytes, data_offsets span {end - begin}"
+            f"{where}: {dtype.name}{short(shape)} needs {numel * dtype.itemsize} bytes, data_offsets span {end - begin}"
         )
     return TensorSpec(name, dtype, tuple(shape), file, data_start + begin, data_start + end)
 
@@ -195,7 +208,7 @@ def parse_header(raw: bytes, *, url: str, file_size: int, file: int = 0) -> File
     for spec in tensors:
         if spec.start != cursor:
             problem = "overlaps the previous tensor" if spec.start < cursor else "leaves a hole before it"
-            raise FormatError(f"{url}: tensor {spec.name!r} at byte {spec.start} {problem} (expected {cursor})")
+            raise FormatError(f"{url}: tensor {short(spec.name)} at byte {spec.start} {problem} (expected {cursor})")
         cursor = spec.end
     if cursor != file_size:
         raise FormatError(

@@ -34,6 +34,11 @@ class Transports:
         self.trace = trace
         self.policy = RetryPolicy(config.retry, trace)
         self._made: dict[str, Transport] = {}
+        self.verification = None  # checksums of whole objects, checked as they stream (integrity.py)
+        if config.verify_checksums:
+            from ..integrity import Verification
+
+            self.verification = Verification(trace)
 
     def for_url(self, url: str) -> Transport:
         scheme = scheme_of(url)
@@ -43,12 +48,19 @@ class Transports:
             elif scheme == "http":
                 self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
             elif scheme == "s3":
-                self._made[scheme] = S3Transport(self.config, self.policy, self.for_url("http://"))
+                self.for_url("http://")
+                self._made[scheme] = S3Transport(self.config, self.policy, self._made["http"])
             elif scheme == "hf":
                 self._made[scheme] = HubTransport(self.config, self.policy, self.trace)
             else:
                 raise ConfigError(f"no transport for {url}")
-        return self._made[scheme]
+        made = self._made[scheme]
+        return made if self.verification is None else self.verification.wrap(made)
+
+    def expect(self, plan) -> None:
+        """Tell checksum verification which files the plan reads whole (no-op when it is off)."""
+        if self.verification is not None:
+            self.verification.expect(plan)
 
     async def aclose(self) -> None:
         for transport in reversed(list(self._made.values())):

@@ -6,6 +6,16 @@ Last-Modified) pinned from the first reply. A server that ignores ``Range``,
 lies about the range or replaces the object mid-load can therefore never put
 wrong bytes into a tensor. A read that breaks mid-body resumes from the last
 byte received.
+
+What is retried (as ``Transient``): connection errors, stalls (no byte for
+``stall_timeout_s``, also before the first byte), 408/429/5xx, a body cut
+short, and replies that lie about the range (wrong ``Content-Range`` or
+``Content-Length``, too many bytes) or ignore ``Range`` on a server whose first
+reply honoured it. What fails at once: 404/410, 401/403, other 4xx, 412/416 and
+a changed ETag/size (``SourceChangedError``), and a server that never honours
+``Range`` (``TransferError``: parallel ranged reads are impossible there).
+Messages and chained causes never hold a presigned query string, a password or
+a header value (see ``redact.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ import re
 import aiohttp
 
 from ..config import LoadConfig
-from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..integrity import checksum_from_repr_digest
+from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment, http_range, span_of
 from .retry import RetryPolicy, Transient
@@ -31,6 +43,17 @@ def _retry_after(headers) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _int_header(headers, name: str) -> int | None:
+    """An integer header, or None when absent; garbage is a lie worth a retry."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise Transient(f"unparsable {name} header {value[:40]!r}") from None
 
 
 def check_status(status: int, reason: str, *, url: str, byte_range=None, headers=None) -> None:
@@ -89,6 +112,7 @@ class HttpTransport:
         self.policy = policy
         self.trace = trace
         self._session: aiohttp.ClientSession | None = None
+        self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -112,34 +136,43 @@ class HttpTransport:
         try:
             return await self.session().request(method, url, headers=headers, allow_redirects=True)
         except aiohttp.InvalidURL as exc:
-            raise SourceNotFoundError(f"invalid URL: {display}", url=display) from exc
+            raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+            raise Transient(describe(scrub(exc))) from exc
 
     async def stat(self, url: str) -> ObjectInfo:
-        return await self.policy.run(lambda: self._stat_once(url, url), url=url, byte_range=None)
+        display = redact_url(url)  # a presigned or user:password URL is fetched, never shown
+        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=None)
 
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
+        display = redact_url(display)
         return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display, byte_range=None)
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A one-byte ranged GET: gives the size, the validators, and proves Range works.
         async with await self._request("GET", fetch_url, display, {"Range": "bytes=0-0"}) as resp:
+            if resp.status == 416 and resp.headers.get("Content-Range", "").strip() == "bytes */0":
+                return ObjectInfo(url=display, size=0, etag=resp.headers.get("ETag"),  # an empty object
+                                  last_modified=resp.headers.get("Last-Modified"),
+                                  fetch_url=None if fetch_url == display else fetch_url)
             check_status(resp.status, resp.reason, url=display, headers=resp.headers)
+            if resp.status != 206:
+                self._no_ranges.add(display)
             if resp.status == 206:
                 match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
                 if not match or match.group(3) == "*":
                     raise TransferError("206 reply without a usable Content-Range", url=display)
                 size = int(match.group(3))
             else:
-                length = resp.headers.get("Content-Length")
+                length = _int_header(resp.headers, "Content-Length")
                 if length is None:
                     raise TransferError("server sent neither Content-Range nor Content-Length", url=display)
-                size = int(length)
+                size = length
             etag = resp.headers.get("ETag")
             modified = resp.headers.get("Last-Modified")
+            checksum = checksum_from_repr_digest(resp.headers.get("Repr-Digest"))
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
-                          fetch_url=None if fetch_url == display else fetch_url)
+                          fetch_url=None if fetch_url == display else fetch_url, checksum=checksum)
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         cursor = _Cursor(segments)
@@ -162,40 +195,39 @@ class HttpTransport:
             try:
                 async for data in resp.content.iter_any():
                     if cursor.pos + len(data) > end:
-                        raise IntegrityError("server sent more bytes than asked for", url=info.url,
-                                             byte_range=byte_range)
+                        raise Transient(f"server sent more than the {end - start} bytes asked for")
                     if record is not None and record.first_byte is None:
                         record.first_byte = self.trace.now()
                     cursor.write(data)
                     self.trace.count("bytes_fetched", len(data), key=info.url)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: "
-                                f"{type(exc).__name__}") from exc
+                                f"{describe(scrub(exc))}") from exc
         if cursor.pos != end:
             raise Transient(f"short body: {cursor.pos - start} of {end - start} bytes")
 
-    @staticmethod
-    def _check_reply(resp: aiohttp.ClientResponse, info: ObjectInfo, start: int, end: int) -> None:
+    def _check_reply(self, resp: aiohttp.ClientResponse, info: ObjectInfo, start: int, end: int) -> None:
         byte_range = (start, end)
-        if resp.status != 206:
-            raise TransferError(f"server ignored the Range request (HTTP {resp.status} instead of 206); "
-                                "it cannot serve parallel ranged reads", url=info.url, byte_range=byte_range)
         etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         if (info.etag and etag and etag != info.etag) or (not info.etag and info.last_modified and modified
                                                            and modified != info.last_modified):
             raise SourceChangedError(f"object changed during the load (ETag {info.etag} -> {etag})",
                                      url=info.url, byte_range=byte_range)
+        if resp.status != 206:
+            why = f"server ignored the Range request (HTTP {resp.status} instead of 206)"
+            if info.url in self._no_ranges:  # its first reply ignored Range too: it never will
+                raise TransferError(f"{why}; it cannot serve parallel ranged reads", url=info.url,
+                                    byte_range=byte_range)
+            raise Transient(why)  # a server that honoured Range before: a glitch worth a retry
         match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
         if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
-            raise IntegrityError(f"server answered with Content-Range {resp.headers.get('Content-Range')!r}",
-                                 url=info.url, byte_range=byte_range)
+            raise Transient(f"server answered with Content-Range {resp.headers.get('Content-Range', '')[:80]!r}")
         if match.group(3) != "*" and int(match.group(3)) != info.size:
             raise SourceChangedError(f"object size changed from {info.size} to {match.group(3)}",
                                      url=info.url, byte_range=byte_range)
-        length = resp.headers.get("Content-Length")
-        if length is not None and int(length) != end - start:
-            raise IntegrityError(f"Content-Length {length} does not match the range", url=info.url,
-                                 byte_range=byte_range)
+        length = _int_header(resp.headers, "Content-Length")
+        if length is not None and length != end - start:
+            raise Transient(f"Content-Length {length} does not match the {end - start}-byte range")
 
     async def list(self, url: str) -> list[str] | None:
         return None  # plain HTTP has no listing

@@ -98,6 +98,7 @@ class LocalTransport:
                 except OSError as exc:
                     raise _os_error(exc, info.url, (offset, offset + want)) from exc
                 if n == 0:
+                    _check_unchanged(fd, info, (offset, offset + want))
                     raise IntegrityError(f"file ended early after {got} of {want} bytes (truncated?)",
                                          url=info.url, byte_range=(offset, offset + want))
                 if record is not None and record.first_byte is None:
@@ -105,6 +106,8 @@ class LocalTransport:
                 got += n
                 views = _advance(views, n)
             total += want
+        # A file rewritten in place mid-load must not mix versions (a replaced file keeps our inode).
+        _check_unchanged(fd, info, (segments[0].offset, segments[-1].end))
         self.trace.count("bytes_fetched", total, key=info.url)
         return total
 
@@ -124,6 +127,13 @@ class LocalTransport:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
             os.close(fd)
+
+
+def _check_unchanged(fd: int, info: ObjectInfo, byte_range: tuple[int, int]) -> None:
+    st = os.fstat(fd)
+    if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+        raise SourceChangedError("file changed during the load (size or modification time)", url=info.url,
+                                 byte_range=byte_range)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

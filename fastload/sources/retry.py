@@ -50,9 +50,16 @@ class RetryPolicy:
         byte_range: tuple[int, int] | None,
         progress: Callable[[], int] = lambda: 0,
     ) -> T:
-        """Run ``op`` until it succeeds, raises a non-transient error, or the budget is spent."""
+        """Run ``op`` until it succeeds, raises a non-transient error, or the budget is spent.
+
+        The budget is ``max_attempts`` attempts without progress (it resets when
+        bytes arrive) and ``deadline_s`` of wall time for all attempts together,
+        the one in flight included. Exhausting it raises :class:`TransferError`
+        naming the URL, byte range and attempts, chained to the last cause.
+        """
         cfg = self.config
         started = time.monotonic()
+        deadline = None if cfg.deadline_s is None else started + cfg.deadline_s
         attempts = 0  # attempts since the last progress
         total = 0
         last_progress = progress()
@@ -61,22 +68,37 @@ class RetryPolicy:
             total += 1
             try:
                 if total == 1:
-                    return await op()
+                    return await self._attempt(op, deadline)
                 async with self._slots:  # retries are capped across the load
-                    return await op()
+                    return await self._attempt(op, deadline)
             except Transient as exc:
                 now_progress = progress()
                 if now_progress > last_progress:
                     attempts, last_progress = 1, now_progress
-                elapsed = time.monotonic() - started
-                out_of_time = cfg.deadline_s is not None and elapsed >= cfg.deadline_s
+                now = time.monotonic()
+                out_of_time = deadline is not None and now >= deadline
                 if attempts >= cfg.max_attempts or out_of_time:
-                    why = "deadline reached" if out_of_time else "retries exhausted"
-                    raise TransferError(f"{why}: {exc}", url=url, byte_range=byte_range, attempts=total) from exc
+                    why = f"deadline of {cfg.deadline_s:g} s reached" if out_of_time else "retries exhausted"
+                    raise TransferError(f"{why}: {exc}", url=url, byte_range=byte_range,
+                                        attempts=total) from (exc.__cause__ or exc)
                 self.trace.count("retries")
                 delay = self.backoff(attempts)
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, cfg.backoff_max_s))
-                if cfg.deadline_s is not None:
-                    delay = min(delay, max(cfg.deadline_s - elapsed, 0.0))
+                if deadline is not None:
+                    delay = min(delay, max(deadline - now, 0.0))
                 await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _attempt(op: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+        if deadline is None:
+            return await op()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise Transient("no time left for another attempt")
+        try:
+            return await asyncio.wait_for(op(), remaining)
+        except asyncio.TimeoutError:
+            if time.monotonic() < deadline:
+                raise  # the operation's own timeout, not the deadline
+            raise Transient("attempt cut off at the deadline") from None

@@ -13,10 +13,13 @@ appear in messages: errors name ``s3://bucket/key``.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from urllib.parse import urlparse
 
 from ..config import LoadConfig
 from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..integrity import checksum_from_base64
+from ..redact import scrub
 from .base import ObjectInfo, Segment
 from .http import HttpTransport
 from .retry import RetryPolicy, Transient
@@ -34,8 +37,12 @@ def split_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def make_client(options):
-    """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it."""
+def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 60):
+    """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it.
+
+    The load's timeouts apply to metadata calls too: a HEAD that hangs is a stall,
+    retried by fastload's policy like any other (botocore's own retries are off).
+    """
     import botocore.session
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -45,7 +52,7 @@ def make_client(options):
         signature_version=UNSIGNED if options.anonymous else None,
         s3={"addressing_style": options.addressing_style},
         retries={"total_max_attempts": 1},  # fastload's RetryPolicy is the one retry loop
-        connect_timeout=10, read_timeout=60,
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
     )
     return session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=cfg)
 
@@ -73,6 +80,21 @@ def _translate(exc: Exception, url: str) -> Exception:
     return TransferError(f"S3 request failed: {type(exc).__name__}", url=url)
 
 
+def _whole_object_sha256(head: dict) -> str | None:
+    """``ChecksumSHA256`` as ``"sha256:<hex>"`` when it covers the whole object.
+
+    A multipart upload's SHA-256 is a checksum of the parts' checksums
+    (``COMPOSITE``, value ``...-N``, ETag ``...-N``): not comparable to a hash of
+    the bytes, so it is not used.
+    """
+    value = head.get("ChecksumSHA256")
+    if not value or "-" in value or head.get("ChecksumType", "FULL_OBJECT") != "FULL_OBJECT":
+        return None
+    if str(head.get("ETag", "")).strip('"').rpartition("-")[1]:
+        return None
+    return checksum_from_base64(value)
+
+
 class S3Transport:
     def __init__(self, config: LoadConfig, policy: RetryPolicy, http: HttpTransport):
         self.config = config
@@ -84,7 +106,9 @@ class S3Transport:
     async def client(self):
         async with self._client_lock:
             if self._client is None:
-                self._client = await asyncio.to_thread(make_client, self.config.s3)
+                self._client = await asyncio.to_thread(
+                    partial(make_client, self.config.s3, connect_timeout=self.config.connect_timeout_s,
+                            read_timeout=self.config.stall_timeout_s))
         return self._client
 
     async def _call(self, url: str, method: str, **params):
@@ -94,7 +118,7 @@ class S3Transport:
             try:
                 return await asyncio.to_thread(getattr(client, method), **params)
             except Exception as exc:  # botocore raises many types; all are translated
-                raise _translate(exc, url) from exc
+                raise _translate(exc, url) from scrub(exc)
 
         return await self.policy.run(once, url=url, byte_range=None)
 
@@ -102,13 +126,16 @@ class S3Transport:
         bucket, key = split_url(url)
         if not key:
             raise SourceNotFoundError(f"{url} names a bucket, not an object", url=url)
-        head = await self._call(url, "head_object", Bucket=bucket, Key=key)
+        # Checksum mode only when asked: it needs kms:Decrypt on KMS-encrypted objects.
+        extra = {"ChecksumMode": "ENABLED"} if self.config.verify_checksums else {}
+        head = await self._call(url, "head_object", Bucket=bucket, Key=key, **extra)
         client = await self.client()
         fetch_url = client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.s3.presign_expiry_s)
         modified = head.get("LastModified")
         return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
-                          last_modified=modified.isoformat() if modified else None, fetch_url=fetch_url)
+                          last_modified=modified.isoformat() if modified else None, fetch_url=fetch_url,
+                          checksum=_whole_object_sha256(head))
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
         return await self.http.read(info, segments, record)

@@ -173,6 +173,7 @@ class FaultInjectingHandler(BaseHTTPRequestHandler):
 class _ThreadingServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # the default backlog of 5 drops SYNs of parallel clients: 1 s retransmits
 
     def __init__(self, owner: BackgroundHTTPServer, handler: type[FaultInjectingHandler]):
         self.owner = owner

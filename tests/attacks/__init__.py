@@ -1,0 +1,1 @@
+"""A corpus of malformed and adversarial safetensors files and shard indexes (generated, see ``make.py``)."""

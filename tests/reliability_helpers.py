@@ -1,0 +1,126 @@
+"""Helpers for the reliability tests: leak checks, a small checkpoint, quick-failing configs.
+
+``Leaks`` snapshots what a load could leave behind -- threads, client sockets
+to the test servers, open files, temporary files -- and ``check()`` asserts
+that nothing new is left. The test servers live in this process, so their own
+handler threads and server-side sockets are not counted: a client socket is
+one whose *remote* port is a test server's.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import fastload
+from checkpoints import write_single
+
+CHUNK = 64 * 1024
+
+#: Fail fast: tiny backoff, a short stall timeout, few attempts, a short deadline.
+QUICK_RETRY = fastload.RetryConfig(max_attempts=4, backoff_base_s=0.01, backoff_max_s=0.05, deadline_s=10.0)
+QUICK = fastload.LoadConfig(chunk_bytes=CHUNK, host_buffer_bytes=8 * CHUNK, max_concurrency=4,
+                            stall_timeout_s=0.5, connect_timeout_s=2.0, retry=QUICK_RETRY)
+
+
+def make_tensors(seed: int = 0, count: int = 6) -> dict[str, torch.Tensor]:
+    """~1.2 MB of float tensors of odd sizes (several chunks each) plus a small int one."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"w{i}": torch.randn(30_000 + 7_919 * i, generator=g) for i in range(count)}
+    tensors["ids"] = torch.arange(1_001, dtype=torch.int64)
+    return tensors
+
+
+def write_checkpoint(path: Path, seed: int = 0, count: int = 6) -> tuple[Path, dict[str, torch.Tensor]]:
+    tensors = make_tensors(seed, count)
+    return write_single(path, tensors), tensors
+
+
+def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want) or set(got) == set(want)
+    for name, tensor in want.items():
+        a, b = got[name], tensor
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+def _thread_is_ours(thread: threading.Thread) -> bool:
+    # The in-process test servers' per-connection handlers are not the loader's threads.
+    return thread.is_alive() and "process_request" not in thread.name
+
+
+def client_sockets(ports: set[int]) -> list:
+    """This process's sockets connected *to* one of ``ports`` (the client side of a test server)."""
+    return [c for c in psutil.Process().net_connections(kind="inet")
+            if c.raddr and c.raddr.port in ports and c.status != psutil.CONN_TIME_WAIT]
+
+
+class Leaks:
+    """``with Leaks(ports, watch=[dirs]) as leaks: ...; leaks.check()``."""
+
+    def __init__(self, ports: set[int] | tuple[int, ...] = (), watch: list[Path] = ()):
+        self.ports = set(ports)
+        self.watch = [Path(w) for w in watch]
+
+    def _files(self) -> set[str]:
+        """Entries of the watched directories and of this test's private temp directory (``private_tmp``)."""
+        out = set()
+        for directory in self.watch + [Path(tempfile.gettempdir())]:
+            if directory.is_dir():
+                out.update(str(directory / name) for name in os.listdir(directory))
+        return out
+
+    def __enter__(self) -> "Leaks":
+        self.threads = {t for t in threading.enumerate()}
+        self.open_files = {f.path for f in psutil.Process().open_files()}
+        self.files = self._files()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def new_threads(self) -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in self.threads and _thread_is_ours(t)]
+
+    def check(self, grace_s: float = 0.0) -> None:
+        """Nothing new may be left: threads, client sockets, open files, temporary files."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            threads = self.new_threads()
+            sockets = client_sockets(self.ports)
+            opened = {f.path for f in psutil.Process().open_files()} - self.open_files
+            created = self._files() - self.files
+            if not (threads or sockets or opened or created) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        assert not threads, f"threads left running: {[t.name for t in threads]}"
+        assert not sockets, f"sockets left open: {sockets}"
+        assert not opened, f"files left open: {sorted(opened)}"
+        assert not created, f"files left behind: {sorted(created)}"
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path_factory, monkeypatch) -> Path:
+    """Each test gets its own temp directory, so a file a load leaves there is seen (and no one else's)."""
+    directory = tmp_path_factory.mktemp("private-tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+class Timer:
+    """``with Timer() as t: ...``; ``t.s`` is the elapsed wall time."""
+
+    def __enter__(self) -> "Timer":
+        self.start = time.monotonic()
+        self.s = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s = time.monotonic() - self.start
