@@ -1,0 +1,1 @@
+"""Benchmark harness for fastload (see README.md)."""
