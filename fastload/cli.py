@@ -116,6 +116,7 @@ def _load(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from .api import load
+    from .redact import redact_url
     from .trace import Trace, check_path
 
     if args.trace:
@@ -131,7 +132,7 @@ def _load(args: argparse.Namespace) -> int:
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         kinds = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
         print(f"loaded {len(tensors)} tensor(s), {nbytes / 1e6:.1f} MB ({kinds or 'none'}) onto {args.device} "
-              f"from {args.source}")
+              f"from {redact_url(args.source)}")
         print(summary.table())
     if args.trace:
         print(f"trace written to {args.trace}", file=sys.stderr)

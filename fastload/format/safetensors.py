@@ -199,7 +199,8 @@ def parse_header(raw: bytes, *, url: str, file_size: int, file: int = 0) -> File
     data_start = 8 + len(raw)
     data_len = file_size - data_start
     doc = _load_json(raw, f"{url}: header")
-    metadata = _metadata(doc.pop("__metadata__"), url) if "__metadata__" in doc else None
+    raw_metadata = doc.pop("__metadata__", None)  # null is "no metadata", as the reference reads it
+    metadata = _metadata(raw_metadata, url) if raw_metadata is not None else None
     tensors = sorted(
         (_tensor(name, entry, url=url, file=file, data_start=data_start, data_len=data_len) for name, entry in doc.items()),
         key=lambda t: (t.start, t.end),

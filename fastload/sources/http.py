@@ -26,7 +26,7 @@ import re
 import aiohttp
 
 from ..config import LoadConfig
-from ..errors import SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
@@ -137,6 +137,8 @@ class HttpTransport:
             return await self.session().request(method, url, headers=headers, allow_redirects=True)
         except aiohttp.InvalidURL as exc:
             raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
+        except ValueError as exc:  # e.g. an Authorization header and user:password in the URL
+            raise ConfigError(f"cannot request {display}: {describe(scrub(exc))}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise Transient(describe(scrub(exc))) from exc
 
