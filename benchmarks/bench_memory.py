@@ -109,8 +109,8 @@ def run_case(name: str, spec: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["case                      outputs   buffers   peak-baseline   beyond outputs   within bound   wall (consumer)",
-             "-" * 112]
+    lines = ["case                      outputs   buffers   peak-baseline   beyond outputs   within bound   "
+             "wall (consumer)", "-" * 112]
     for r in rows:
         lines.append(f"{r['name']:<24} {r['output_bytes'] / MiB:7.0f} MiB {r['buffer_bytes'] / MiB:5.0f} MiB "
                      f"{r['growth'] / MiB:11.0f} MiB {r['beyond_outputs'] / MiB:12.0f} MiB   "

@@ -23,7 +23,7 @@ class RetryConfig:
     max_attempts: int = 8  # attempts per chunk, counting the first
     backoff_base_s: float = 0.1
     backoff_max_s: float = 10.0
-    deadline_s: float | None = 600.0  # give up on a chunk after this long, all attempts together
+    deadline_s: float | None = 600.0  # give up on a chunk after this long, all attempts (and the one in flight)
     max_concurrent_retries: int = 4  # retries in flight at once, across the load
 
     def __post_init__(self) -> None:
@@ -62,8 +62,8 @@ class LoadConfig:
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
     local_threads: int = 4  # threads issuing preadv for local files
     connect_timeout_s: float = 10.0
-    stall_timeout_s: float = 30.0  # no byte for this long -> the read is retried (no total timeout)
-    verify_checksums: bool = False  # verify published checksums (costs one hash pass over the bytes)
+    stall_timeout_s: float = 30.0  # no byte for this long (first byte included) -> retried; also S3 HEAD/LIST
+    verify_checksums: bool = False  # check published sha256 of files read whole (integrity.py: one in-order hash pass)
     retry: RetryConfig = field(default_factory=RetryConfig)
     s3: S3Options = field(default_factory=S3Options)
     http_headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Authorization; never logged

@@ -23,7 +23,9 @@ Only files read whole can be verified. A load with ``names=`` or ``shard=``
 that skips bytes of a file leaves that file unverified (counted as
 ``checksums_skipped`` in the trace); verified files count as
 ``checksums_verified``. ``pull`` writes whole files and can also check a file
-afterwards with :func:`verify_file`. A mismatch raises ``IntegrityError``.
+afterwards with :func:`verify_file`. A mismatch raises ``IntegrityError``: from
+``load`` before anything is returned; from a ``stream()`` at the end, after
+earlier tensors were handed out (treat them as unverified until it finishes).
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ HIDDEN = "***"
 _URL_IN_TEXT = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>]+""")
 # Credentials that can appear outside a URL (a header echoed in a message).
 _SECRET_IN_TEXT = re.compile(
-    r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:[a-z0-9-]+\s+)?|bearer\s+|x-amz-signature=|x-amz-credential=|x-amz-security-token=|"
-    r"signature=|awsaccesskeyid=|credential=)([^\s&,;'\"]+)")
+    r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:[a-z0-9-]+\s+)?|bearer\s+|"
+    r"x-amz-signature=|x-amz-credential=|x-amz-security-token=|signature=|awsaccesskeyid=|credential=)"
+    r"([^\s&,;'\"]+)")
 
 
 def redact_url(url: str) -> str:
