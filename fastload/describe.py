@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .plan import LoadPlan
+from .redact import redact_url
 
 
 def human_bytes(n: float) -> str:
@@ -30,7 +31,8 @@ def describe(plan: LoadPlan, *, top: int = 10, every_tensor: bool = False) -> st
         counts[t.spec.file] += 1
     lines += ["", "files:"]
     for f, n in zip(plan.files, counts):
-        lines.append(f"  {f.info.url}  {human_bytes(f.info.size)}  {n} tensor(s)  header {f.data_start} bytes")
+        lines.append(f"  {redact_url(f.info.url)}  {human_bytes(f.info.size)}  {n} tensor(s)  "
+                     f"header {f.data_start} bytes")
 
     by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for t in plan.tensors:

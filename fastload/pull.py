@@ -40,7 +40,7 @@ from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece
 from .sinks.file import FileSink, FileTarget, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
-from .sources.hub import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir
+from .sources.hub import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
 from .sources.local import to_path
 from .trace import Trace, as_trace
 
@@ -83,6 +83,16 @@ class PullResult:
 
 def _names_file(url: str) -> bool:
     return not url.endswith("/") and url.rsplit("/", 1)[-1].endswith(FILE_SUFFIXES)
+
+
+def _check_paths(entries: list[Entry], source: str) -> list[Entry]:
+    """A listing names files inside the destination, never around it (a hostile listing could try)."""
+    for e in entries:
+        parts = e.rel.split("/")
+        if (not e.rel or "\\" in e.rel or "\x00" in e.rel or any(p in ("", ".", "..") for p in parts)
+                or (len(e.rel) > 1 and e.rel[1] == ":")):
+            raise FormatError(f"{source}: refusing to write {e.rel!r}: not a plain relative path")
+    return entries
 
 
 def _skip_other_formats(entries: list[Entry]) -> list[Entry]:
@@ -293,11 +303,7 @@ def _plan(entries: Sequence[Entry], targets: Sequence[FileTarget], chunk_bytes: 
 def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None]:
     """The source URL (with ``revision`` applied) and the plain destination (None: the hub cache)."""
     if scheme_of(source) == "hf":
-        ref = parse_hub_url(source)
-        if revision is not None:
-            if ref.revision is not None and ref.revision != revision:
-                raise ConfigError(f"{source} names revision {ref.revision!r} but revision={revision!r} was given")
-            source = ref.url(revision=revision)
+        source = with_revision(source, revision)
         if to is not None and cache_dir is not None:
             raise ConfigError("give either a destination directory (to) or a cache directory, not both")
         return source, None if to is None else Path(to)
@@ -321,6 +327,8 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"source must be a path or URL, got {source!r}")
+    if progress is not None and not callable(progress):
+        raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
     config = config or LoadConfig()
     if not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
@@ -352,6 +360,7 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 layout = PlainLayout(plain)
             single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (
                 len(entries) == 1 and (_names_file(source) or (scheme == "local" and to_path(source).is_file())))
+            entries = _check_paths(entries, source)
             entries = entries if single else _skip_other_formats(entries)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)

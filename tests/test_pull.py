@@ -53,6 +53,27 @@ def test_local_directory(minilm_dir: Path, tmp_path: Path) -> None:
     assert state(out) == before  # nothing rewritten
 
 
+def test_default_destination_and_progress(minilm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    path = fastload.pull(str(minilm_dir) + "/", progress=lambda done, total: calls.append((done, total)))
+    assert path == tmp_path / "model" and (path / "model.safetensors").is_file()  # ./<last path segment>
+    total = sum(len(b) for b in files_under(minilm_dir).values())
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_hub_source_into_plain_directory(hub: HubServer, minilm_dir: Path, tmp_path: Path) -> None:
+    repo = repo_name("plain")
+    hub.add_repo(repo, minilm_dir)
+    out = tmp_path / "plain"
+    assert fastload.pull(f"hf://{repo}", to=out, config=SMALL) == out
+    assert files_under(out) == files_under(minilm_dir)
+    hub.reset()
+    assert pull_result(f"hf://{repo}", to=out).fetched == ()
+    assert [r.path for r in hub.log] == [f"/api/models/{repo}/revision/main"]  # the listing's ids suffice
+
+
 def test_http_base_url_and_single_file(http_server: RangeHTTPServer, http_dir: Path, minilm_dir: Path,
                                        llama_sharded_checkpoint: Path, tmp_path: Path) -> None:
     shutil.copytree(llama_sharded_checkpoint, http_dir / "llama")
@@ -247,3 +268,16 @@ def test_cli_inspect(llama_sharded_checkpoint: Path, capsys: pytest.CaptureFixtu
     assert "metadata:\n  format: pt\n  index.total_size: " in out
     assert main(["inspect", str(llama_sharded_checkpoint), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"]
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "a/../../escape.txt", "/abs.txt", "a//b.txt"])
+def test_hostile_listing_cannot_escape(hub: HubServer, minilm_dir: Path, tmp_path: Path, name: str) -> None:
+    repo = repo_name("evil")
+    commit = hub.add_repo(repo, minilm_dir)
+    hub.files[commit][name] = dict(hub.files[commit]["config.json"])
+    with pytest.raises(fastload.FormatError, match="not a plain relative path"):
+        pull_result(f"hf://{repo}", to=tmp_path / "a" / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "escape.txt").exists()
+    hub.files[commit][name]["blob"] = "../../x"
+    with pytest.raises(fastload.FormatError, match="blob id"):
+        pull_result(f"hf://{repo}")

@@ -161,6 +161,19 @@ def test_llama_dtypes_ties_and_generation_config(llama_dir: Path, dtype) -> None
     assert ours.generation_config.temperature == 0.7 and ours.generation_config.top_k == 5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weights_kept_in_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)  # float32; T5 keeps "wo" in fp32
+    ours = fastload.from_pretrained(tmp_path, dtype=dtype)
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)
+    inputs = {"input_ids": TOKENS["input_ids"], "decoder_input_ids": TOKENS["input_ids"][:, :3]}
+    assert_equal_models(ours, theirs, inputs=inputs)
+    wo = ours.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype
+    assert wo == (torch.float32 if dtype == torch.float16 else dtype)
+
+
 def test_mixtral_experts_are_fused(http_server: RangeHTTPServer, http_dir: Path, mixtral_dir: Path) -> None:
     shutil.copytree(mixtral_dir, http_dir / "mixtral")
     ours = fastload.from_pretrained(http_server.url_for(http_dir / "mixtral") + "/",
@@ -203,10 +216,11 @@ def test_missing_and_unexpected_keys_are_reported(llama_dir: Path, tmp_path: Pat
 
 def test_hub_streams_then_uses_the_cache(hub: HubServer, llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = repo_name("llama")
-    hub.add_repo(repo, llama_dir)
+    hub.add_repo(repo, llama_dir, revision="v1")
     theirs = transformers.LlamaForCausalLM.from_pretrained(llama_dir)
-    assert_equal_models(fastload.from_pretrained(f"hf://{repo}"), theirs, inputs=TOKENS)
+    assert_equal_models(fastload.from_pretrained(f"hf://{repo}", revision="v1"), theirs, inputs=TOKENS)
     assert any(r.path.endswith("/generation_config.json") for r in hub.log)
+    hub.add_repo(repo, llama_dir)  # main, same commit
     fastload.pull(f"hf://{repo}", config=fastload.LoadConfig(chunk_bytes=1 << 20))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.reset()
@@ -228,3 +242,5 @@ def test_errors(tmp_path: Path, llama_dir: Path, minilm_dir: Path) -> None:
         fastload.from_pretrained(llama_dir, state_dict={})
     with pytest.raises(fastload.ConfigError, match="dtype"):
         fastload.from_pretrained(llama_dir, dtype="int8")
+    with pytest.raises(fastload.ConfigError, match="hf://"):
+        fastload.from_pretrained(llama_dir, revision="v1")

@@ -13,14 +13,16 @@ for a local checkpoint.
 No double copies: the tensors are created in the dtype ``transformers`` will
 keep (the ``dtype`` asked for; for ``"auto"``, the default, the config's) and
 on ``device``, so the ``.to(device, dtype)`` ``transformers`` applies is a
-no-op and the model's parameters are fastload's tensors. Fusions (stacking MoE
-experts) copy, as they do in ``transformers``; so does a module the model
-keeps in float32 while the rest is converted.
+no-op and the model's parameters are fastload's tensors. Weights the model
+keeps in float32 while the rest is converted (``_keep_in_fp32_modules``) are
+created in float32. Fusions (stacking MoE experts) copy, as they do in
+``transformers``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from ..errors import ConfigError, SourceNotFoundError
 from ..pipeline import make_request
 from ..resolve import join
 from ..sources import Transports, read_bytes, scheme_of
+from ..sources.hub import with_revision
 from ..sources.local import to_path
 from ..trace import NULL_TRACE
 
@@ -128,6 +131,38 @@ def _dtypes(dtype, hf_config):
     return want, dtype
 
 
+def _kept_in_float32(cls, dtype) -> re.Pattern | None:
+    """Which weights ``cls`` keeps in float32 when the rest is in ``dtype`` (its ``dtype_plan``), as a regex
+    searched the way ``transformers`` searches it (``*`` is ``.*``)."""
+    import torch
+
+    def listed(value) -> list[str]:
+        return [p for p in value if isinstance(p, str)] if isinstance(value, (list, tuple, set)) else []
+
+    patterns = listed(getattr(cls, "_keep_in_fp32_modules", None)) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns += listed(getattr(cls, "_keep_in_fp32_modules_strict", None))
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
+
+
+def _load_weights(base: str, request, create, kept: re.Pattern | None) -> dict:
+    """The state dict, each tensor created in the dtype the model keeps it in."""
+    from ..api import load, plan
+
+    load_as = dict(device=request.device, config=request.config)
+    if create is None or kept is None:
+        return load(base, dtype=create, trace=request.trace, **load_as)
+    names = [t.name for t in plan(base, config=request.config).tensors]
+    rest = [n for n in names if not kept.search(n)]
+    state_dict = load(base, names=rest, dtype=create, trace=request.trace, **load_as) if rest else {}
+    fp32 = [n for n in names if kept.search(n)]
+    if fp32:
+        import torch
+
+        state_dict.update(load(base, names=fp32, dtype=torch.float32, **load_as))
+    return state_dict
+
+
 def _generation_config(transformers, folder: Path):
     """What ``transformers`` loads for a local directory: the file, else one made from ``config.json``."""
     try:
@@ -158,15 +193,17 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"from_pretrained needs one model directory (path or URL), got {source!r}")
-    from ..api import load
-
+    if "revision" in hf_kwargs:  # a Hub revision: part of an hf:// source
+        if scheme_of(source) != "hf":
+            raise ConfigError("revision applies to hf:// sources only")
+        source = with_revision(source, hf_kwargs.pop("revision"))
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
         base = runner.run(lambda: _stage(source, folder, request.config))
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         cls = _model_class(transformers, hf_config, model_class)
         create, dtype = _dtypes(dtype, hf_config)
-        state_dict = load(base, device=request.device, dtype=create, config=request.config, trace=request.trace)
+        state_dict = _load_weights(base, request, create, _kept_in_float32(cls, create))
         kwargs = dict(hf_kwargs, dtype=dtype)
         if request.device.type != "cpu":
             kwargs.setdefault("device_map", {"": request.device})

@@ -38,6 +38,7 @@ from yarl import URL
 from ..config import LoadConfig
 from ..errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..format import INDEX_NAME, SINGLE_NAME, parse_index
+from ..redact import describe, scrub
 from ..trace import Trace
 from .base import ObjectInfo, Segment
 from .http import HttpTransport, check_status
@@ -125,6 +126,16 @@ def parse_hub_url(url: str) -> HubRef:
     return HubRef(f"{org}/{name}", unquote(revision) or None, path)
 
 
+def with_revision(url: str, revision: str | None) -> str:
+    """``url`` at ``revision`` (a ConfigError if the URL already names another one)."""
+    if revision is None:
+        return url
+    ref = parse_hub_url(url)
+    if ref.revision is not None and ref.revision != revision:
+        raise ConfigError(f"{url} names revision {ref.revision!r} but revision={revision!r} was given")
+    return ref.url(revision=revision)
+
+
 # -- the local cache (huggingface_hub's layout) -----------------------------------------------------
 
 
@@ -195,8 +206,11 @@ def parse_repo_info(doc: object, repo_id: str, url: str) -> RepoInfo:
         lfs = sibling.get("lfs") if isinstance(sibling.get("lfs"), dict) else None
         sha256 = lfs.get("sha256") if lfs else None
         size = lfs.get("size") if lfs else sibling.get("size")
-        files.append(RepoFile(sibling["rfilename"], size if isinstance(size, int) else None,
-                              sha256 or sibling.get("blobId"), sha256))
+        blob = sha256 or sibling.get("blobId")
+        if (sha256 is not None and not _SHA256.fullmatch(str(sha256))) or not (
+                blob is None or COMMIT.fullmatch(str(blob)) or _SHA256.fullmatch(str(blob))):
+            raise FormatError(f"{url}: file entry {sibling['rfilename']!r} has a malformed blob id")
+        files.append(RepoFile(sibling["rfilename"], size if isinstance(size, int) else None, blob, sha256))
     return RepoInfo(repo_id, doc["sha"], tuple(files))
 
 
@@ -244,7 +258,7 @@ class HubTransport:
             try:
                 resp = await self._http(fetch).session().head(fetch, allow_redirects=False)
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                raise Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+                raise Transient(describe(scrub(exc))) from exc
             async with resp:
                 linked = resp.headers.get("X-Linked-Etag") or linked
                 location = resp.headers.get("Location")
@@ -297,7 +311,7 @@ class HubTransport:
         try:
             resp = await self.api.session().get(url, allow_redirects=True)
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            raise Transient(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+            raise Transient(describe(scrub(exc))) from exc
         async with resp:
             try:
                 self._check(resp, shown)
@@ -307,7 +321,7 @@ class HubTransport:
             try:
                 body = await resp.content.read(MAX_LISTING_BYTES + 1)
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-                raise Transient(f"listing broke off: {type(exc).__name__}") from exc
+                raise Transient(f"listing broke off: {describe(scrub(exc))}") from exc
         if len(body) > MAX_LISTING_BYTES:
             raise FormatError(f"{shown}: repository listing larger than {MAX_LISTING_BYTES} bytes")
         return body
