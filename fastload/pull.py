@@ -34,11 +34,11 @@ from typing import Callable, Sequence
 
 from .buffers import BufferPool
 from .config import LoadConfig
-from .errors import ConfigError, FormatError, SourceNotFoundError
+from .errors import ConfigError, FormatError, IntegrityError, SourceNotFoundError
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece
-from .sinks.file import FileSink, FileTarget, resume_ranges
+from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.hub import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
 from .sources.local import to_path
@@ -332,6 +332,8 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
     config = config or LoadConfig()
     if not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
+    verify = verify or config.verify_checksums
+    config = config.replace(verify_checksums=verify)
     trace = as_trace(trace)
     source, plain = _destination(source, to, cache_dir, revision)
     scheme = scheme_of(source)
@@ -395,7 +397,8 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
     here = [layout.present(e, e.info) for e in entries]
     present = [e for e, p in zip(entries, here) if p]
     todo = [e for e, p in zip(entries, here) if not p]
-    targets = [FileTarget(layout.temp(e), e.info, e.sha256) for e in todo]
+    targets = [FileTarget(layout.temp(e), e.info, e.info.checksum or (f"sha256:{e.sha256}" if e.sha256 else None))
+               for e in todo]
     for t in targets:
         t.done = resume_ranges(t.temp, t.info)
     total = sum((e.info.size if e.info else e.size or 0) for e in entries)
@@ -408,10 +411,13 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
         done += n
         progress(done, total)
 
-    sink = FileSink(targets, on_complete=lambda i: layout.complete(todo[i], targets[i].info), verify=verify,
-                    trace=trace)
     with trace.span("plan"):
         plan = _plan(todo, targets, config.chunk_bytes)
+    verification = transports.verification  # set when verifying: files read whole are checked as they stream
+    if verification is not None:
+        transports.expect(plan)
+    sink = FileSink(targets, on_complete=lambda i: layout.complete(todo[i], targets[i].info), verify=verify,
+                    trace=trace, verified=lambda info: verification is not None and info.url in verification.verified())
     try:
         for i in range(len(targets)):
             if sink.remaining[i]:
@@ -422,6 +428,11 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
             pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes))
             await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=lambda _: None,
                            progress=advanced if progress is not None else None, workers=config.max_concurrency)
+    except IntegrityError as exc:  # a file that failed its checksum as it streamed: drop it, do not resume it
+        for t in targets:
+            if t.info.url == exc.url:
+                discard(t)
+        raise
     finally:
         sink.close()
     path = await asyncio.to_thread(layout.finish, entries, single)
@@ -435,8 +446,10 @@ def pull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig |
 
     ``hf://`` sources go to the Hugging Face cache (``cache_dir``, default ``HF_HUB_CACHE`` / ``HF_HOME/hub``)
     unless ``to`` names a plain directory; other sources go to ``to`` (default: ``./<last path segment>``).
-    ``progress(done_bytes, total_bytes)`` is called as chunks land; ``verify`` checks each file against the
-    sha256 the source publishes (the Hub does for LFS files). Returns where the files are.
+    ``progress(done_bytes, total_bytes)`` is called as chunks land; ``verify`` (or ``config.verify_checksums``)
+    checks each file against the checksum its source publishes (the Hub's sha256 of LFS files, S3's
+    ``ChecksumSHA256``, HTTP ``Repr-Digest``): as it streams when read whole, else once written. Returns where the
+    files are.
     """
     from . import runner
 

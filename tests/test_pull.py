@@ -67,8 +67,10 @@ def test_hub_source_into_plain_directory(hub: HubServer, minilm_dir: Path, tmp_p
     repo = repo_name("plain")
     hub.add_repo(repo, minilm_dir)
     out = tmp_path / "plain"
-    assert fastload.pull(f"hf://{repo}", to=out, config=SMALL) == out
+    trace = fastload.Trace()
+    assert fastload.pull(f"hf://{repo}", to=out, config=SMALL, verify=True, trace=trace) == out
     assert files_under(out) == files_under(minilm_dir)
+    assert trace.snapshot()["counters"]["checksums_verified"] == 1  # the LFS file, as it streamed
     hub.reset()
     assert pull_result(f"hf://{repo}", to=out).fetched == ()
     assert [r.path for r in hub.log] == [f"/api/models/{repo}/revision/main"]  # the listing's ids suffice
@@ -219,6 +221,25 @@ def test_verify_rejects_wrong_sha256(hub: HubServer, llama_sharded_checkpoint: P
     blobs = tmp_path / "hf-cache" / ("models--" + repo.replace("/", "--")) / "blobs"
     assert not (blobs / ("0" * 64)).exists()
     assert not list(blobs.glob("0000*"))
+
+
+def test_verify_resumed_file_after_writing(hub: HubServer, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(os.urandom(2 << 20))
+    repo = repo_name("resume")
+    hub.add_repo(repo, src)
+    one = SMALL.replace(max_concurrency=1)
+    with pytest.raises(Interrupt):
+        run(lambda: apull(f"hf://{repo}", config=one, verify=True, progress=interrupt_after(2)))
+    temp = next((tmp_path / "hf-cache").rglob("*.fastload-incomplete"))
+    with open(temp, "r+b") as f:  # damage bytes the journal says are there
+        f.write(b"\0" * 16)
+    with pytest.raises(fastload.IntegrityError, match="sha256 mismatch"):
+        run(lambda: apull(f"hf://{repo}", config=one, verify=True))  # resumed, so checked once written
+    assert not temp.exists()  # dropped, not resumed again
+    path = run(lambda: apull(f"hf://{repo}", config=one, verify=True)).path
+    assert (path / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
 def test_pull_arguments_are_checked(tmp_path: Path) -> None:

@@ -4,15 +4,15 @@ Each file is written with ``os.pwrite`` into a temporary file that already has
 its final size; a journal beside it records every chunk once its bytes are
 written, so an interrupted pull resumes with exactly what is missing (chunks
 arrive out of order, so "the temporary file's length" cannot say that). A
-finished file is fsynced, optionally checked against its published sha256, and
-handed to ``on_complete``, which renames it into place: a file under its final
+finished file is fsynced, optionally checked against its published checksum
+(unless the transports already verified it as it streamed), and handed to
+``on_complete``, which renames it into place: a file under its final
 name is always whole.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,12 +23,12 @@ import torch
 
 from ..buffers import as_bytes_view
 from ..errors import IntegrityError, TransferError
+from ..integrity import verify_file
 from ..plan import ChunkRead
 from ..sources import ObjectInfo, Segment
 from ..trace import Trace
 
 Range = tuple[int, int]
-HASH_BLOCK = 8 << 20
 
 
 @dataclass
@@ -37,7 +37,7 @@ class FileTarget:
 
     temp: Path
     info: ObjectInfo
-    sha256: str | None = None  # verified before ``on_complete`` when the sink is asked to verify
+    checksum: str | None = None  # "sha256:<hex>": checked before ``on_complete`` when the sink verifies
     done: list[Range] = field(default_factory=list)
 
     @property
@@ -93,10 +93,11 @@ class FileSink:
     """Writes staged chunks into their files; ``on_complete(i)`` runs (in a worker thread) once file ``i`` is whole."""
 
     def __init__(self, files: list[FileTarget], *, on_complete: Callable[[int], None], verify: bool,
-                 trace: Trace):
+                 trace: Trace, verified: Callable[[ObjectInfo], bool] = lambda info: False):
         self.files = files
         self.on_complete = on_complete
         self.verify = verify
+        self.verified = verified  # whether the transports already checked an object as it streamed
         self.trace = trace
         self.remaining = [sum(e - s for s, e in t.missing) for t in files]
         self._fds: dict[int, tuple[int, int]] = {}  # file -> (data fd, journal fd)
@@ -170,12 +171,12 @@ class FileSink:
             os.close(fd)
             if jfd is not None:
                 os.close(jfd)
-        if self.verify and target.sha256:
-            got = sha256_file(target.temp)
-            if got != target.sha256:
-                target.temp.unlink(missing_ok=True)
-                target.journal.unlink(missing_ok=True)
-                raise IntegrityError(f"sha256 mismatch: expected {target.sha256}, got {got}", url=target.info.url)
+        if self.verify and target.checksum and not self.verified(target.info):
+            try:
+                verify_file(target.temp, target.checksum, url=target.info.url)
+            except IntegrityError:
+                discard(target)
+                raise
         self.on_complete(index)
         target.journal.unlink(missing_ok=True)
 
@@ -187,9 +188,7 @@ class FileSink:
         self._fds.clear()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+def discard(target: FileTarget) -> None:
+    """Forget a partial or bad file: the next pull starts it afresh."""
+    target.temp.unlink(missing_ok=True)
+    target.journal.unlink(missing_ok=True)
