@@ -56,11 +56,12 @@ def test_loads_in_parallel_threads_are_independent(sources, http_server):
     # The HTTP checkpoint also suffers random errors: its retries must not disturb the others.
     http_server.faults.random_errors(0.2, (503,), seed=3, path="*http.safetensors")
     traces = {name: fastload.Trace() for name in sources}
+    config = QUICK.replace(retry=fastload.RetryConfig(max_attempts=12, backoff_base_s=0.01, backoff_max_s=0.05))
     jobs = {}
     for round_ in range(2):
         for name, (source, _, _) in sources.items():
             jobs[f"{name}-{round_}"] = (lambda s=source, n=name, r=round_:
-                                        fastload.load(s, config=QUICK, trace=traces[n] if r == 0 else None))
+                                        fastload.load(s, config=config, trace=traces[n] if r == 0 else None))
     jobs["missing"] = lambda: fastload.load(sources["http"][0] + ".absent", config=QUICK)
     jobs["streamed"] = lambda: dict(_stream_all(sources["local"][0]))
     with Leaks({http_server.port}) as leaks:

@@ -81,7 +81,7 @@ def test_hostile_local_is_format_error(corpus, name):
     assert isinstance(error, fastload.FormatError), f"{name}: {type(error).__name__}: {error}"
     assert isinstance(error, ValueError)
     assert re.search(case.match, str(error)), f"{name}: {error}"
-    assert seconds < 3.0, f"{name} took {seconds:.2f} s"
+    assert seconds < 5.0, f"{name} took {seconds:.2f} s"
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -93,7 +93,7 @@ def test_hostile_over_http_is_format_error(corpus, served_corpus, http_server, n
     error, seconds, _ = _load_bounded(url, _budget(case))
     assert isinstance(error, fastload.FormatError), f"{name}: {type(error).__name__}: {error}"
     assert re.search(case.match, str(error)), f"{name}: {error}"
-    assert seconds < 3.0, f"{name} took {seconds:.2f} s"
+    assert seconds < 5.0, f"{name} took {seconds:.2f} s"
     log = http_server.log
     body = sum(r.body_bytes for r in log if 200 <= r.status < 300)  # object bytes, not error pages
     if case.kind == "file":
