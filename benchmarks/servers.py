@@ -42,7 +42,7 @@ http {{
     access_log off;
     default_type application/octet-stream;
     types {{ application/json json; }}
-    sendfile on;
+    sendfile {sendfile};
     sendfile_max_chunk 0;
     tcp_nopush on;
     tcp_nodelay on;
@@ -113,7 +113,8 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, workers: int = 2, timeout: float = 15.0) -> Iterator[str]:
+def nginx(root: Path, workers: int = 2, sendfile: bool = True,
+          timeout: float = 15.0) -> Iterator[str]:
     """Serve `root` over HTTP/1.1 (sendfile, keepalive, ranges); yields the base URL."""
     exe = find_nginx()
     if exe is None:
@@ -122,6 +123,7 @@ def nginx(root: Path, workers: int = 2, timeout: float = 15.0) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
         conf = Path(tmp) / "nginx.conf"
         conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port,
+                                          sendfile="on" if sendfile else "off",
                                           root=Path(root).resolve()))
         log = Path(tmp) / "stderr.log"
         with open(log, "wb") as err:
