@@ -34,18 +34,19 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         asyncio.run(main())
         return box.pop("value")
 
-    def target() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
+    # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
+    # thread. Ctrl-C or any other exception while waiting cancels it and joins the thread.
+    async def produce_one(put: Callable[[Any], None]) -> None:
+        await main()
+        put(None)
 
-    thread = threading.Thread(target=target, name="fastload-loop", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box.pop("error")
-    return box.pop("value")
+    stream = ThreadedStream(produce_one).start()
+    try:
+        for _ in stream:
+            return box.pop("value")
+        raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
+    finally:
+        stream.close()
 
 
 class ThreadedStream:

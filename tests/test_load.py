@@ -295,3 +295,28 @@ def test_error_hierarchy_mixes_builtins():
         assert issubclass(cls, OSError) and issubclass(cls, fastload.FastloadError)
     err = fastload.TransferError("boom", url="http://x/y", byte_range=(0, 8), attempts=3)
     assert str(err) == "boom; url=http://x/y; bytes [0, 8); attempts=3"
+
+
+def test_interrupt_inside_running_loop_cancels_the_load(http_server, http_dir):
+    """Sync load called from async code runs in a private thread; an exception while waiting cancels it."""
+    import asyncio
+    import signal
+
+    url = http_server.url_for(write_single(http_dir / "m.safetensors", {"x": torch.ones(100_000)}))
+    http_server.faults.slow_first_byte(0.3)
+    before = set(threading.enumerate())
+
+    async def main():
+        signal.setitimer(signal.ITIMER_REAL, 0.2)  # SIGALRM -> KeyboardInterrupt in the main thread
+        return fastload.load(url, config=SMALL)
+
+    def on_alarm(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert not new_threads(before)
