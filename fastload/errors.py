@@ -30,26 +30,23 @@ class FormatError(FastloadError, ValueError):
     """A malformed or hostile safetensors file or shard index."""
 
 
-class SourceNotFoundError(FastloadError, FileNotFoundError):
+class _UrlError(FastloadError):
+    """An error about one source: the message and ``.url`` are redacted (no query strings, passwords)."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        super().__init__(redact_text(message))
+        self.url = redact_url(url) if url else url
+
+    def __str__(self) -> str:  # OSError subclasses would otherwise print "[Errno ...]"-style tuples
+        return self.args[0] if self.args else ""
+
+
+class SourceNotFoundError(_UrlError, FileNotFoundError):
     """A file, URL or object that does not exist (404, NoSuchKey, ENOENT)."""
 
-    def __init__(self, message: str, *, url: str | None = None):
-        super().__init__(redact_text(message))
-        self.url = redact_url(url) if url else url
 
-    def __str__(self) -> str:
-        return self.args[0] if self.args else ""
-
-
-class SourcePermissionError(FastloadError, PermissionError):
+class SourcePermissionError(_UrlError, PermissionError):
     """Access denied (403, AccessDenied, EACCES)."""
-
-    def __init__(self, message: str, *, url: str | None = None):
-        super().__init__(redact_text(message))
-        self.url = redact_url(url) if url else url
-
-    def __str__(self) -> str:
-        return self.args[0] if self.args else ""
 
 
 class _TransportError(FastloadError, OSError):
