@@ -38,9 +38,10 @@ if str(REPO) not in sys.path:  # run as a script: make `fastload` and `benchmark
 import torch  # noqa: E402
 
 import fastload  # noqa: E402
-from benchmarks.checkpoint import WORK_DIR, ensure_checkpoint  # noqa: E402
+from fastload.bench.checkpoint import ensure_checkpoint  # noqa: E402
 from fastload.trace import union_seconds  # noqa: E402
 
+WORK_DIR = REPO / "benchmarks" / "work"
 BUDGET_S = 450.0
 MiB = 1 << 20
 CONFIGS = {  # name -> LoadConfig overrides

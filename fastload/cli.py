@@ -139,8 +139,24 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench -----------------------------------------------------------------------------------------
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    from .bench.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.command import run
+
+    return run(args)
+
+
 def commands() -> list[Command]:
     return [
+        Command("bench", "benchmark fastload against the other loaders on local disk, HTTP and S3", _bench_args,
+                _bench),
         Command("inspect", "print what a load would fetch (headers only)", _inspect_args, _inspect),
         Command("load", "load a checkpoint and show where the time went", _load_args, _load),
         Command("pull", "pre-stage a model directory on local disk (hf:// into the hub cache)", _pull_args,

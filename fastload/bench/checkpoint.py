@@ -6,8 +6,8 @@ default 2.47 GB that is 25 layers. Data is random but every value is a finite
 bf16 in (-2, 2). Bytes are generated with numpy in 64 MiB pieces and written
 straight to disk, so building needs ~64 MiB of memory, not 2x the checkpoint.
 
-    from benchmarks.checkpoint import ensure_checkpoint
-    ckpt = ensure_checkpoint(2.47)          # cached under benchmarks/work/
+    from fastload.bench.checkpoint import ensure_checkpoint
+    ckpt = ensure_checkpoint(2.47)          # cached under ~/.cache/fastload/bench
     ckpt.dir, ckpt.files, ckpt.total_bytes
 """
 
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-WORK_DIR = Path(__file__).resolve().parent / "work"
 INDEX_NAME = "model.safetensors.index.json"
 PIECE_BYTES = 64 << 20
 BF16_FINITE_MASK = np.uint64(0xBFFF_BFFF_BFFF_BFFF)  # clear exponent MSB: |x| < 2
@@ -174,11 +173,16 @@ def _stamp(shape: LlamaShape, n_shards: int, seed: int) -> dict:
     return {"version": FORMAT_VERSION, "shape": shape.__dict__, "shards": n_shards, "seed": seed}
 
 
-def ensure_checkpoint(size_gb: float = 2.47, work_dir: Path = WORK_DIR,
+def default_work_dir() -> Path:
+    """Where checkpoints and scratch files go unless told otherwise: ~/.cache/fastload/bench."""
+    return Path.home() / ".cache" / "fastload" / "bench"
+
+
+def ensure_checkpoint(size_gb: float = 2.47, work_dir: Path | None = None,
                       n_shards: int = 2, seed: int = 0) -> Checkpoint:
     """Return the cached checkpoint for `size_gb`, building it if missing or stale."""
     shape = shape_for_size(size_gb)
-    dest = Path(work_dir) / f"llama-{shape.nbytes() / 1e9:.2f}GB"
+    dest = Path(work_dir or default_work_dir()) / f"llama-{shape.nbytes() / 1e9:.2f}GB"
     ready = dest / "READY"
     if ready.exists() and json.loads(ready.read_text()) == _stamp(shape, n_shards, seed):
         names = [f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors" for k in range(n_shards)]
@@ -191,7 +195,7 @@ def ensure_checkpoint(size_gb: float = 2.47, work_dir: Path = WORK_DIR,
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, default=2.47)
-    ap.add_argument("--work-dir", type=Path, default=WORK_DIR)
+    ap.add_argument("--work-dir", type=Path, default=None, help="default ~/.cache/fastload/bench")
     args = ap.parse_args(argv)
     ckpt = ensure_checkpoint(args.size_gb, args.work_dir)
     print(f"{ckpt.dir}: {ckpt.shape.layers} layers, {ckpt.total_bytes / 1e9:.3f} GB in {len(ckpt.files)} shards")

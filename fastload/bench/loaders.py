@@ -5,15 +5,21 @@
 A loader returns the tensors it produced (the harness then touches every page)
 or, for raw transfer limits that produce no tensors (curl, cat), the number of
 bytes moved. `info` is a per-run dict a loader may fill with extra facts
-(fastload's trace stages); it ends up in the run record.
+(fastload's trace summary); it ends up in the run record.
 
-`get(name)` returns the loader; `all_loaders()` maps every name to its loader.
-Which loaders apply to which source is decided by the rows in bench_core.py.
+`registry()` describes every loader (`LoaderInfo`: which source kinds it reads,
+which optional packages it needs, what to note about it); `missing(info)` says
+why one cannot run here (None when it can); `get(name)` returns the function.
+The loaders of other projects (transformers, Run:ai Model Streamer,
+fastsafetensors, tensorizer) live in `others.py`. Which loaders a row compares
+is decided in `suite.py`. Nothing is imported until a loader runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import os
 import subprocess
 import threading
@@ -31,9 +37,11 @@ class Source:
     shards: list[str]              # shard file names relative to root
     total_bytes: int               # sum of shard file sizes
     index: str = "model.safetensors.index.json"
-    s3: dict = field(default_factory=dict)            # endpoint/access_key/secret_key/region
+    s3: dict = field(default_factory=dict)  # endpoint/access_key/secret_key/region; {}: AWS defaults
     scratch: str = ""              # dir for download_then_load temp files
     fastload_config: dict = field(default_factory=dict)  # extra LoadConfig kwargs
+    has_config: bool = False       # root holds a transformers config.json
+    tensorizer: str = ""           # tensorizer's own serialised copy (path, URL or s3:// URL)
 
     def url(self, name: str) -> str:
         root = self.root if self.root.endswith("/") else self.root + "/"
@@ -49,6 +57,8 @@ class Source:
     def boto3_client(self):
         import boto3
         from botocore.config import Config
+        if not self.s3:  # a user's s3:// URL: the standard AWS configuration
+            return boto3.client("s3")
         return boto3.client("s3", endpoint_url=self.s3["endpoint"],
                             region_name=self.s3.get("region", "us-east-1"),
                             aws_access_key_id=self.s3["access_key"],
@@ -74,23 +84,39 @@ def _safetensors_load(paths: list[Path]) -> dict:
 
 def load_fastload(source: Source, info: dict) -> dict:
     import fastload
+    trace = fastload.Trace()
+    out = fastload.load(_fastload_root(source), config=fastload_config(source), trace=trace)
+    record_trace(trace, info)
+    return out
+
+
+def fastload_config(source: Source):
+    """The LoadConfig for `source`: its extra kwargs, and the S3 endpoint of a local server."""
+    import fastload
     kwargs = dict(source.fastload_config)
-    if source.kind == "s3":
+    if source.kind == "s3" and source.s3:
         kwargs["s3"] = fastload.S3Options(endpoint_url=source.s3["endpoint"],
                                           region=source.s3.get("region", "us-east-1"))
-    config = fastload.LoadConfig(**kwargs) if kwargs else None
-    root = source.root if source.root.endswith("/") else source.root + "/"
-    trace = fastload.Trace() if hasattr(fastload, "Trace") else None
-    out = fastload.load(root, config=config, trace=trace)
-    if trace is None:
-        return out
+    return fastload.LoadConfig(**kwargs) if kwargs else None
+
+
+def _fastload_root(source: Source) -> str:
+    if len(source.shards) == 1 and not source.index:
+        return source.url(source.shards[0])
+    return source.root if source.root.endswith("/") else source.root + "/"
+
+
+def record_trace(trace, info: dict) -> None:
+    """Put the parts of fastload's TraceSummary the report shows into `info["trace"]`."""
     try:
         s = trace.summary()
         info["trace"] = {"wall_s": s.wall_s, "bytes_fetched": s.bytes_fetched,
-                         "stages": dict(s.stages)}
+                         "stages": dict(s.stages), "breakdown": dict(s.breakdown),
+                         "bottleneck": s.bottleneck, "chunks": s.chunks,
+                         "chunk_latency": dict(s.chunk_latency),
+                         "throughput_gbps": s.throughput_gbps}
     except Exception as e:  # noqa: BLE001 - the trace is a bonus, never fail the run
         info["trace_error"] = repr(e)
-    return out
 
 
 # --- local baselines --------------------------------------------------------
@@ -196,35 +222,96 @@ def load_download_then_load(source: Source, info: dict) -> dict:
         import s3fs
         fs = s3fs.S3FileSystem(key=source.s3["access_key"], secret=source.s3["secret_key"],
                                endpoint_url=source.s3["endpoint"],
-                               client_kwargs={"region_name": source.s3.get("region", "us-east-1")})
+                               client_kwargs={"region_name": source.s3.get("region", "us-east-1")}
+                               ) if source.s3 else s3fs.S3FileSystem()
         fs.get(["/".join(source.s3_key(s)) for s in source.shards], [str(p) for p in paths])
     else:
         asyncio.run(_aiohttp_download([source.url(s) for s in source.shards], paths))
     return _safetensors_load(paths)
 
 
+@dataclass(frozen=True)
+class LoaderInfo:
+    """What the harness needs to know about one loader."""
+
+    name: str
+    target: str                    # "module:function" in fastload.bench
+    kinds: tuple[str, ...]         # source kinds it reads: "local", "http", "s3"
+    requires: tuple[str, ...] = () # modules that must be importable
+    install: str = ""              # how to get them
+    model_dir: bool = False        # needs a transformers model directory (config.json)
+    note: str = ""                 # shown under the table
+    imports: tuple[str, ...] = ()  # imported before the first run (not timed)
+
+    def func(self) -> Callable[[Source, dict], object]:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_ALL = ("local", "http", "s3")
+_HERE = "fastload.bench.loaders:"
+_OTHERS = "fastload.bench.others:"
+
+
+def registry() -> dict[str, LoaderInfo]:
+    infos = [
+        LoaderInfo("fastload", _HERE + "load_fastload", _ALL, imports=("fastload",)),
+        LoaderInfo("fastload_from_pretrained", _OTHERS + "load_fastload_from_pretrained", _ALL,
+                   ("transformers",), "pip install 'fastload[transformers]'", model_dir=True,
+                   note="fastload.from_pretrained: model built by transformers, weights streamed",
+                   imports=("fastload", "transformers")),
+        LoaderInfo("safetensors", _HERE + "load_safetensors", ("local",),
+                   note="safetensors.torch.load_file, every tensor cloned (materialised)",
+                   imports=("safetensors.torch",)),
+        LoaderInfo("transformers", _OTHERS + "load_transformers", ("local",), ("transformers",),
+                   "pip install transformers", model_dir=True,
+                   note="AutoModelForCausalLM.from_pretrained(dir, dtype='auto'), state dict touched",
+                   imports=("transformers",)),
+        LoaderInfo("runai", _OTHERS + "load_runai", ("local", "s3"), ("runai_model_streamer",),
+                   "pip install runai-model-streamer runai-model-streamer-s3",
+                   note="Run:ai Model Streamer SafetensorsStreamer, default settings",
+                   imports=("runai_model_streamer",)),
+        LoaderInfo("fastsafetensors", _OTHERS + "load_fastsafetensors", ("local",),
+                   ("fastsafetensors",), "pip install fastsafetensors",
+                   note="fastsafe_open(device='cpu', nogds=True): no GPU here, so no GDS",
+                   imports=("fastsafetensors",)),
+        LoaderInfo("tensorizer", _OTHERS + "load_tensorizer", _ALL, ("tensorizer",),
+                   "pip install tensorizer",
+                   note="reads its own serialised copy (model.tensors, made once and cached)",
+                   imports=("tensorizer",)),
+        LoaderInfo("download_then_load", _HERE + "load_download_then_load", ("http", "s3"),
+                   note="aiohttp (HTTP) / s3fs.get (S3) to temp files, then safetensors + clone",
+                   imports=("aiohttp", "safetensors.torch", "s3fs", "boto3")),
+        LoaderInfo("raw_readinto", _HERE + "load_raw_readinto", ("local",)),
+        LoaderInfo("cat", _HERE + "load_cat", ("local",)),
+        LoaderInfo("curl", _HERE + "load_curl", ("http", "s3"), imports=("boto3",)),
+    ]
+    return {i.name: i for i in infos}
+
+
+def missing(info: LoaderInfo) -> str | None:
+    """Why `info` cannot run in this environment, or None."""
+    for module in info.requires:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{module} is not installed ({info.install or 'pip install ' + module})"
+    return None
+
+
 def all_loaders() -> dict[str, Callable[[Source, dict], object]]:
-    return {
-        "fastload": load_fastload,
-        "safetensors": load_safetensors,
-        "raw_readinto": load_raw_readinto,
-        "cat": load_cat,
-        "curl": load_curl,
-        "download_then_load": load_download_then_load,
-    }
+    return {name: info.func() for name, info in registry().items()}
 
 
 def get(name: str) -> Callable[[Source, dict], object]:
-    return all_loaders()[name]
+    return registry()[name].func()
 
 
 def prepare(name: str) -> None:
     """Import what a loader needs, so import time is not in the first run."""
-    mods = {"fastload": ["fastload"], "safetensors": ["safetensors.torch"],
-            "download_then_load": ["aiohttp", "safetensors.torch", "s3fs", "boto3"],
-            "curl": ["boto3"]}.get(name, [])
-    import importlib
-    for m in mods:
+    for m in registry()[name].imports:
         try:
             importlib.import_module(m)
         except ImportError:

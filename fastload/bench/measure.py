@@ -1,10 +1,10 @@
 """Measure one loader on one source, in a child process of its own.
 
-    from benchmarks.measure import measure
+    from fastload.bench.measure import measure
     rec = measure("fastload", source, runs=3, warmup=1, cold=False)
     rec["median_s"], rec["gbps"], rec["peak_rss_mb"], rec["runs"]
 
-`measure` starts ONE child (`python -m benchmarks.measure SPEC RESULT`) per
+`measure` starts ONE child (`python -m fastload.bench.measure SPEC RESULT`) per
 (loader, source) so memory numbers don't leak between loaders. The child gets
 glibc malloc settings that keep freed memory in the process and let it be
 reused (see child_env): on this VM memory handed back to the host takes ~2 s
@@ -13,7 +13,9 @@ which would otherwise make run 2..N depend on timing noise. The child does
 `warmup` untimed runs, then `runs` timed ones; each timed span is load +
 touching one byte of every 4 KiB page of the result. Cold runs evict the shard
 files from the page cache first (posix_fadvise DONTNEED) and check with
-mincore how much stayed resident.
+mincore how much stayed resident. Peak RSS is the child's VmHWM from
+/proc/self/status: `ru_maxrss` is no use here, because Linux carries the
+parent's peak over into a child across fork + exec.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `fastload`
 PAGE = 4096
 EVICTED_MAX_RESIDENT = 0.01  # eviction counts as working if <1% of pages stay cached
 
@@ -50,11 +52,11 @@ MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.mxfast=0"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of a measuring child: keep freed memory mapped, find `benchmarks`."""
+    """Environment of a measuring child: keep freed memory mapped, find this `fastload`."""
     env = dict(os.environ)
     env.update(MALLOC_ENV)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES]))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
 
@@ -169,6 +171,15 @@ def prefault(nbytes: int) -> None:
     libc.free(p)
 
 
+def proc_status_bytes(field: str) -> int:
+    """A kB field of /proc/self/status (VmHWM: peak RSS of this process image; VmRSS: now) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def _rusage() -> tuple[int, int, float]:
     """(minor faults, major faults, CPU seconds) of this process and its waited-for children."""
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -177,20 +188,22 @@ def _rusage() -> tuple[int, int, float]:
 
 
 def child_main(spec_path: str, result_path: str) -> None:
-    from benchmarks import loaders
+    from fastload.bench import loaders
     spec = json.loads(Path(spec_path).read_text())
     source = loaders.Source(**spec["source"])
     loader = loaders.get(spec["loader"])
     import torch  # noqa: F401 - imported before the baseline RSS is taken
     loaders.prepare(spec["loader"])
     paths = source.local_paths() if source.kind == "local" else []
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if paths and spec["loader"] == "tensorizer" and source.tensorizer:
+        paths.append(Path(source.tensorizer))  # it reads its own copy: evict that too
+    base_rss = proc_status_bytes("VmRSS")
     runs = []
     first_peak = 0
     for i in range(spec["warmup"] + spec["runs"]):
         rec: dict = {"warmup": i < spec["warmup"]}
         if i > 0:
-            first_peak = first_peak or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            first_peak = first_peak or proc_status_bytes("VmHWM")
             prefault(spec.get("prefault_bytes", 0))
         if spec["cold"] and paths:
             evict(paths)
@@ -215,7 +228,7 @@ def child_main(spec_path: str, result_path: str) -> None:
         runs.append(rec)
         print(f"  {spec['loader']} run {i}{' (warm-up)' if rec['warmup'] else ''}: "
               f"{wall:.3f}s {rec['gbps']:.2f} GB/s", file=sys.stderr, flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status_bytes("VmHWM")
     Path(result_path).write_text(json.dumps({"runs": runs, "base_rss": base_rss,
                                              "first_run_peak_rss": first_peak or peak,
                                              "peak_rss": peak}))
@@ -265,8 +278,8 @@ def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool =
         t0 = time.perf_counter()
         try:
             with open(log, "w") as err:
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.measure", str(spec),
-                                       str(result)], cwd=REPO_ROOT, env=child_env(env),
+                proc = subprocess.run([sys.executable, "-m", "fastload.bench.measure", str(spec),
+                                       str(result)], env=child_env(env),
                                       stderr=err, stdout=err, timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -281,7 +294,7 @@ def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool =
         data = json.loads(result.read_text())
     record["runs"] = data["runs"]
     record["base_rss_mb"] = data["base_rss"] / 1e6
-    # ru_maxrss after the warm-up: one load in a fresh process, before any prefault
+    # VmHWM after the warm-up: one load in a fresh process, before any prefault
     record["peak_rss_mb"] = data["first_run_peak_rss"] / 1e6
     record["child_peak_rss_mb"] = data["peak_rss"] / 1e6  # whole child, incl. prefault
     record["first_run_s"] = data["runs"][0]["wall_s"]

@@ -1,12 +1,16 @@
-"""Turn benchmark records into core.json, a Markdown table and a bar chart.
+"""Turn benchmark records into JSON lines, a Markdown table and a bar chart.
 
-    from benchmarks import report
-    report.write(records, meta, out_dir, "core")  # -> [core.json, core.md, core.png]
+    from fastload.bench import report
+    report.write(records, meta, out_dir, "bench")  # -> [bench.jsonl, bench.md, bench.png]
+    print(report.markdown(records, meta))
+
+matplotlib is optional: without it there is no PNG (and `write` says so on stderr).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -17,22 +21,32 @@ def _fmt(v, spec: str, none: str = "–") -> str:
 def markdown(records: list[dict], meta: dict) -> str:
     m = meta["machine"]
     lines = [
-        f"# fastload core benchmark ({meta['date']})", "",
-        f"Checkpoint: {meta['checkpoint_gb']:.2f} GB bf16, {meta['shards']} shards, "
+        f"# fastload benchmark ({meta['date']})", "",
+        f"Checkpoint: {meta.get('checkpoint', '')} {meta['checkpoint_gb']:.2f} GB, {meta['shards']} shard(s), "
         f"{meta['runs']} timed runs + 1 warm-up per loader, one child process per loader/source.",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GiB RAM, Linux {m['kernel']}, "
         f"torch {m.get('torch', '?')}, git {m.get('git', '?')}.",
         f"1-min load average around the children: {meta.get('loadavg', '?')} "
-        "(other work on the machine shows up here).", "",
+        "(other work on the machine shows up here).",
+        "Runs are made comparable: one untimed warm-up run per child; malloc keeps freed memory "
+        "(MALLOC_MMAP_MAX_=0, no trim, no tcache/fastbins) and the heap is prefaulted before each "
+        "timed run, so no run pays the host's slow re-touch of returned memory; minor faults are "
+        "per timed run. Peak RSS: VmHWM after the warm-up.",
+        *([f"Command: `{meta['command']}`"] if meta.get("command") else []), "",
         "| row | loader | median s | GB/s | min–max s | × raw limit | × baseline "
         "| peak RSS MB | minor faults | CPU s | others' CPU s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    notes = []
+    notes, skipped, about = [], {}, {}
     for r in records:
         if "skipped" in r:
-            notes.append(f"- **{r['row']}** skipped: {r['skipped']}")
+            if "loader" in r:  # one line per loader and reason, with the rows it covers
+                skipped.setdefault((r["loader"], r["skipped"]), []).append(r["row"])
+            else:
+                notes.append(f"- **{r['row']}** skipped: {r['skipped']}")
             continue
+        if r.get("note"):
+            about[r["loader"]] = r["note"]
         tag = " (raw)" if r.get("is_raw") else " (baseline)" if r.get("is_baseline") else ""
         if "error" in r:
             lines.append(f"| {r['row']} | {r['loader']}{tag} | error | | | | | | | | |")
@@ -51,12 +65,32 @@ def markdown(records: list[dict], meta: dict) -> str:
                          f"{'worked' if r['evicted'] else 'DID NOT work'} (at most "
                          f"{100 * r['resident_after_evict_max']:.1f}% of pages still cached)")
         trace = (r["runs"][-1].get("info") or {}).get("trace")
-        if trace and trace.get("stages"):
-            st = ", ".join(f"{k} {v:.3f}s" for k, v in trace["stages"].items())
-            notes.append(f"- {r['row']} / {r['loader']} trace (last run): {st}")
+        if trace:
+            notes.append(f"- {r['row']} / {r['loader']} trace (last run): {trace_line(trace)}")
+    notes += [f"- {loader} skipped ({', '.join(rows)}): {why}" for (loader, why), rows in skipped.items()]
+    notes += [f"- {loader}: {note}" for loader, note in about.items()]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
+
+
+LABELS = {"io_wait": "I/O wait", "copy": "copy", "convert": "convert", "overhead": "overhead",
+          "unattributed": "unattributed"}
+
+
+def trace_line(trace: dict) -> str:
+    """fastload's TraceSummary in one line: the time split, the bottleneck, chunk latency."""
+    wall = trace.get("wall_s") or 0.0
+    split = ", ".join(f"{LABELS.get(k, k)} {v:.3f}s ({100 * v / wall:.0f}%)" if wall else f"{k} {v:.3f}s"
+                      for k, v in (trace.get("breakdown") or {}).items())
+    parts = [f"wall {wall:.3f}s", split or ", ".join(f"{k} {v:.3f}s" for k, v in trace["stages"].items())]
+    if trace.get("bottleneck"):
+        parts.append(f"bottleneck {trace['bottleneck']}")
+    lat = trace.get("chunk_latency") or {}
+    if lat:
+        parts.append(f"{trace.get('chunks', 0)} chunks, p50 {lat['p50'] * 1e3:.1f} ms, "
+                     f"p99 {lat['p99'] * 1e3:.1f} ms")
+    return "; ".join(p for p in parts if p)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -92,12 +126,14 @@ def plot(records: list[dict], path: Path) -> bool:
 
 
 def write(records: list[dict], meta: dict, out_dir: Path, name: str) -> list[Path]:
-    """Write NAME.json (the records), NAME.md and, with matplotlib, NAME.png."""
+    """Write NAME.jsonl (one record a line), NAME.md and, with matplotlib, NAME.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{name}.json", out_dir / f"{name}.md"]
-    _write_text(paths[0], json.dumps(records, indent=1))
+    paths = [out_dir / f"{name}.jsonl", out_dir / f"{name}.md"]
+    _write_text(paths[0], "".join(json.dumps(r) + "\n" for r in records))
     _write_text(paths[1], markdown(records, meta))
     if plot(records, out_dir / f"{name}.png"):
         paths.append(out_dir / f"{name}.png")
+    elif any("median_s" in r for r in records):
+        print("no PNG chart: matplotlib is not installed (pip install 'fastload[bench]')", file=sys.stderr)
     return paths

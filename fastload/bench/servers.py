@@ -1,17 +1,18 @@
-"""Local servers for the network rows: nginx (HTTP) and SeaweedFS (S3).
+"""Local servers for the network rows: nginx or a Python Range server (HTTP), SeaweedFS (S3).
 
-Both are context managers that start the server as a child process bound to
-127.0.0.1 on free ports, wait until it answers, and always stop it (and its
-temp dir) on exit:
+All are context managers bound to 127.0.0.1 on free ports that wait until the
+server answers and always stop it (and its temp dir) on exit:
 
     with nginx(ckpt.dir) as base_url:           # "http://127.0.0.1:PORT/"
+        ...
+    with python_http(ckpt.dir) as base_url:     # fallback when nginx is missing
         ...
     with seaweedfs(work_dir) as s3:             # S3Server(endpoint, keys, ...)
         prefix = s3.upload(ckpt.dir, "bench", "llama/")
         ...
 
 `find_nginx()` / `find_weed()` return None when the binary is missing so the
-caller can skip the row and say why.
+caller can fall back or skip the row and say why.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,16 +164,21 @@ class S3Server:
 
     def upload(self, src_dir: Path, bucket: str, prefix: str = "") -> str:
         """Create `bucket` and upload every file in `src_dir`; returns `s3://bucket/prefix`."""
-        from boto3.s3.transfer import TransferConfig
         c = self.client()
         with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou,
                                  c.exceptions.BucketAlreadyExists):
             c.create_bucket(Bucket=bucket)
-        cfg = TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4)
         for p in sorted(Path(src_dir).iterdir()):
             if p.is_file() and not p.name.endswith(".partial"):
-                c.upload_file(str(p), bucket, prefix + p.name, Config=cfg)
+                self.upload_file(p, bucket, prefix + p.name, client=c)
         return f"s3://{bucket}/{prefix}"
+
+    def upload_file(self, path: Path, bucket: str, key: str, client=None) -> str:
+        """Upload one file (64 MiB multipart) into an existing bucket; returns its s3:// URL."""
+        from boto3.s3.transfer import TransferConfig
+        cfg = TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4)
+        (client or self.client()).upload_file(str(path), bucket, key, Config=cfg)
+        return f"s3://{bucket}/{key}"
 
 
 def _http_up(url: str) -> bool:
@@ -221,3 +229,105 @@ def seaweedfs(data_dir: Path | None = None, timeout: float = 60.0,
             yield server
         finally:
             _stop(proc, grace=15.0)
+
+
+# --- the Python fallback: a threaded Range server ---------------------------
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`bytes=a-b`, `bytes=a-` or `bytes=-n` -> half-open (start, end); None: whole file."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[6:].strip().partition("-")
+    if not first:
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = min(size, int(last) + 1) if last else size
+    if start >= end:
+        raise ValueError(f"unsatisfiable range {header!r} for {size} bytes")
+    return start, end
+
+
+def _range_handler(root: Path):
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like nginx
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def do_HEAD(self) -> None:
+            self._serve(body=False)
+
+        def do_GET(self) -> None:
+            self._serve(body=True)
+
+        def _serve(self, body: bool) -> None:
+            rel = os.path.normpath(urllib.parse.unquote(self.path.split("?", 1)[0]).lstrip("/"))
+            path = root / rel  # symlinks inside root are served, ".." is not
+            if rel.startswith("..") or os.path.isabs(rel) or not path.is_file():
+                self.send_error(404)
+                return
+            st = path.stat()
+            try:
+                rng = _parse_range(self.headers.get("Range"), st.st_size)
+            except ValueError:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{st.st_size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end = rng or (0, st.st_size)
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{st.st_size}")
+            self.send_header("Content-Length", str(end - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            if body and end > start:
+                with open(path, "rb") as f:
+                    self.wfile.flush()
+                    self.connection.sendfile(f, start, end - start)
+
+    return Handler
+
+
+@contextlib.contextmanager
+def python_http(root: Path) -> Iterator[str]:
+    """Serve `root` with a threaded `http.server` (Range, keep-alive, sendfile); yields the base URL.
+
+    It runs in this process's threads: the measuring children are other
+    processes, so it competes with them only for CPU, as nginx would.
+    """
+    import http.server
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _range_handler(Path(root).resolve()))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="bench-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@contextlib.contextmanager
+def http_server(root: Path, kind: str = "auto", sendfile: bool = True) -> Iterator[tuple[str, str]]:
+    """nginx when installed (`kind` "auto" or "nginx"), else the Python server; yields (name, base URL).
+
+    The name ("nginx" / "nginx-nosendfile" / "python") goes into the row name so
+    the results say which server they were measured against.
+    """
+    if kind == "nginx" or (kind == "auto" and find_nginx()):
+        with nginx(root, sendfile=sendfile) as url:
+            yield ("nginx" if sendfile else "nginx-nosendfile"), url
+    elif kind in ("auto", "python"):
+        with python_http(root) as url:
+            yield "python", url
+    else:
+        raise ValueError(f"unknown HTTP server {kind!r} (auto, nginx, python)")

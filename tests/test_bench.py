@@ -1,0 +1,66 @@
+"""Smoke test of ``fastload bench``: one small real run through the CLI, its files and its skips."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastload.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_bench_smoke(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    # Hide one optional loader the way an environment without it looks (None in sys.modules
+    # makes importlib treat it as not installed); on a machine without it, this is a no-op.
+    monkeypatch.setitem(sys.modules, "fastsafetensors", None)
+    out = tmp_path / "out"
+    work = tmp_path_factory.mktemp("bench-work")
+    rc = main(["bench", "--synthetic", "48MiB", "--runs", "1", "--sources", "local-warm,http",
+               "--loaders", "fastload,safetensors,fastsafetensors", "--out", str(out), "--work-dir", str(work),
+               "--http-server", "python", "--quiet-wait", "0"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+
+    records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    measured = {(r["row"], r["loader"]): r for r in records if "median_s" in r}
+    assert set(measured) == {("local-warm", "fastload"), ("local-warm", "safetensors"),
+                             ("local-warm", "raw_readinto"), ("http-python", "fastload"), ("http-python", "curl")}
+    size = measured["local-warm", "fastload"]["bytes"]
+    assert 45e6 < size < 60e6
+    for (row, loader), r in measured.items():
+        assert len(r["runs"]) == 2 and r["runs"][0]["warmup"] and not r["runs"][1]["warmup"]
+        assert r["median_s"] > 0 and r["gbps"] == pytest.approx(size / r["median_s"] / 1e9)
+        assert r["ratio_raw"] > 0, (row, loader)
+        assert r["peak_rss_mb"] >= r["base_rss_mb"] > 50
+        assert r["minflt"] >= 0 and isinstance(r["minflt"], int)
+        assert 0.999 * size < r["runs"][1]["bytes"] <= size  # tensor bytes: the file less its headers
+    assert measured["local-warm", "raw_readinto"]["ratio_raw"] == 1.0
+    assert measured["local-warm", "safetensors"]["is_baseline"]
+    for row in ("local-warm", "http-python"):
+        trace = measured[row, "fastload"]["runs"][-1]["info"]["trace"]
+        assert trace["bytes_fetched"] >= size - 4096 and trace["bottleneck"]
+        assert sum(trace["breakdown"].values()) == pytest.approx(trace["wall_s"], rel=0.01)
+
+    skipped = [r for r in records if "skipped" in r]
+    assert [(r["row"], r["loader"]) for r in skipped] == [("local-warm", "fastsafetensors")]
+    assert "fastsafetensors is not installed" in skipped[0]["skipped"]
+
+    md = (out / "bench.md").read_text()
+    assert "| local-warm | fastload |" in md and "| http-python | curl (raw) |" in md
+    assert "fastsafetensors skipped (local-warm): fastsafetensors is not installed" in md
+    assert "bottleneck" in md and "--synthetic 48MiB" in md
+    assert md in printed
+
+
+def test_import_fastload_does_not_import_the_harness():
+    code = ("import sys, fastload, fastload.cli; assert 'fastload.bench' not in sys.modules; "
+            "import fastload.bench.suite, fastload.bench.others, fastload.bench.command; "
+            "extras = {'runai_model_streamer', 'fastsafetensors', 'tensorizer', 'transformers', 'matplotlib', "
+            "'boto3', 's3fs'}; print(sorted(extras & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
