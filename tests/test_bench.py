@@ -52,7 +52,8 @@ def test_bench_smoke(tmp_path, tmp_path_factory, monkeypatch, capsys):
     md = (out / "bench.md").read_text()
     assert "| local-warm | fastload |" in md and "| http-python | curl (raw) |" in md
     assert "fastsafetensors skipped (local-warm): fastsafetensors is not installed" in md
-    assert "bottleneck" in md and "--synthetic 48MiB" in md
+    assert "bottleneck" in md and "--synthetic 48MiB" in md and "1 timed runs + 1 warm-up" in md
+    assert all(r["timed_runs"] == 1 and r["shards"] == 2 for r in records)
     assert md in printed
 
 

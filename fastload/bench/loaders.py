@@ -265,7 +265,9 @@ def registry() -> dict[str, LoaderInfo]:
                    imports=("safetensors.torch",)),
         LoaderInfo("transformers", _OTHERS + "load_transformers", ("local",), ("transformers",),
                    "pip install transformers", model_dir=True,
-                   note="AutoModelForCausalLM.from_pretrained(dir, dtype='auto'), state dict touched",
+                   note="AutoModelForCausalLM.from_pretrained(dir, dtype='auto'); transformers 5 leaves "
+                        "the weights as views of its mmap of the files (no copy when the dtype matches), so "
+                        "warm it only maps page-cache pages and can beat the raw read; RSS counts those pages",
                    imports=("transformers",)),
         LoaderInfo("runai", _OTHERS + "load_runai", ("local", "s3"), ("runai_model_streamer",),
                    "pip install runai-model-streamer runai-model-streamer-s3",

@@ -23,7 +23,7 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines = [
         f"# fastload benchmark ({meta['date']})", "",
         f"Checkpoint: {meta.get('checkpoint', '')} {meta['checkpoint_gb']:.2f} GB, {meta['shards']} shard(s), "
-        f"{meta['runs']} timed runs + 1 warm-up per loader, one child process per loader/source.",
+        f"{meta['timed_runs']} timed runs + 1 warm-up per loader, one child process per loader/source.",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GiB RAM, Linux {m['kernel']}, "
         f"torch {m.get('torch', '?')}, git {m.get('git', '?')}.",
         f"1-min load average around the children: {meta.get('loadavg', '?')} "
@@ -93,6 +93,14 @@ def trace_line(trace: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
+META_KEYS = ("date", "machine", "checkpoint", "checkpoint_gb", "shards", "timed_runs", "command", "loadavg")
+
+
+def meta_from(records: list[dict]) -> dict:
+    """The run's metadata, which `suite.run` copies into every record."""
+    return {k: records[0][k] for k in META_KEYS if k in records[0]} if records else {}
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -111,7 +119,7 @@ def plot(records: list[dict], path: Path) -> bool:
     if not ok:
         return False
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(ok) + 1.2))
-    colors = ["tab:orange" if r["loader"] == "fastload" else "tab:gray" if r.get("is_raw")
+    colors = ["tab:orange" if r["loader"].startswith("fastload") else "tab:gray" if r.get("is_raw")
               else "tab:blue" for r in ok]
     err = [[r["gbps"] - r["gbps_min"] for r in ok], [r["gbps_max"] - r["gbps"] for r in ok]]
     ax.barh(range(len(ok)), [r["gbps"] for r in ok], xerr=err, color=colors, capsize=2)

@@ -153,14 +153,14 @@ class S3Server:
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": self.region,
                 "AWS_DEFAULT_REGION": self.region}
 
-    def client(self):
+    def client(self, attempts: int = 10):
         import boto3
         from botocore.config import Config
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
                             aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key,
-                            config=Config(s3={"addressing_style": "path"},
-                                          retries={"max_attempts": 10}))
+                            config=Config(s3={"addressing_style": "path"}, connect_timeout=2,
+                                          read_timeout=10, retries={"max_attempts": attempts}))
 
     def upload(self, src_dir: Path, bucket: str, prefix: str = "") -> str:
         """Create `bucket` and upload every file in `src_dir`; returns `s3://bucket/prefix`."""
@@ -203,6 +203,7 @@ def seaweedfs(data_dir: Path | None = None, timeout: float = 60.0,
     if data_dir is not None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-weed-", dir=data_dir) as tmp:
+        tmp = str(Path(tmp).resolve())  # weed runs in tmp: a relative -dir would point inside it
         cfg = Path(tmp) / "s3.json"
         cfg.write_text(json.dumps({"identities": [{
             "name": "bench",
@@ -225,7 +226,7 @@ def seaweedfs(data_dir: Path | None = None, timeout: float = 60.0,
             proc = subprocess.Popen(args, stdout=out, stderr=out, cwd=tmp,
                                     start_new_session=True)
         try:
-            _wait(lambda: server.client().list_buckets() is not None, proc, timeout, "weed", log)
+            _wait(lambda: server.client(attempts=1).list_buckets() is not None, proc, timeout, "weed", log)
             yield server
         finally:
             _stop(proc, grace=15.0)

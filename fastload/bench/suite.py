@@ -111,8 +111,25 @@ def url_target(url: str) -> Target:
         root = os.path.commonprefix(urls).rsplit("/", 1)[0] + "/"
     index = INDEX_NAME if url.endswith("/") and len(urls) > 1 else ""
     src = Source(kind, root, [u[len(root):] for u in urls], sum(f.info.size for f in plan.files), index,
-                 has_config=True)
+                 has_config=_url_exists(root + "config.json"))
     return Target(url, src)
+
+
+def _url_exists(url: str) -> bool:
+    """HEAD an http(s) URL / an S3 object (standard AWS configuration); False on any failure."""
+    try:
+        if url.startswith("s3://"):
+            import boto3
+
+            bucket, _, key = url.removeprefix("s3://").partition("/")
+            boto3.client("s3").head_object(Bucket=bucket, Key=key)
+        else:
+            import urllib.request
+
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10).close()
+        return True
+    except Exception:  # noqa: BLE001 - missing, forbidden or unreachable: the loader is skipped, saying why
+        return False
 
 
 def synthetic_target(size_gb: float, work_dir: Path) -> Target:
@@ -159,7 +176,7 @@ def _skip_reason(name: str, row: Row) -> str | None:
     if why := missing(info):
         return why
     if info.model_dir and not row.source.has_config:
-        return "needs a transformers model directory (no config.json next to the weights)"
+        return "needs a transformers model directory (no config.json found next to the weights)"
     if name == "tensorizer" and not row.source.tensorizer:
         return "no tensorizer copy of this checkpoint (it is made only from a local checkpoint)"
     return None
@@ -229,7 +246,7 @@ def _wants(opts: Options, name: str) -> bool:
 
 def run(opts: Options) -> list[dict]:
     """Measure every row and loader asked for; write the reports; return the records."""
-    work_dir = Path(opts.work_dir or default_work_dir())
+    work_dir = Path(opts.work_dir or default_work_dir()).resolve()
     scratch = work_dir / "scratch"
     if opts.source and "://" in opts.source and not opts.source.startswith("file://"):
         target = url_target(opts.source)
@@ -240,7 +257,7 @@ def run(opts: Options) -> list[dict]:
         target = synthetic_target(opts.size_gb, work_dir)
     meta = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
             "checkpoint": target.label, "checkpoint_gb": target.source.total_bytes / 1e9,
-            "shards": len(target.source.shards), "runs": opts.runs, "command": opts.command}
+            "shards": len(target.source.shards), "timed_runs": opts.runs, "command": opts.command}
     records: list[dict] = []
 
     def skip(row: str, why: str) -> None:
@@ -270,8 +287,7 @@ def run(opts: Options) -> list[dict]:
     loads = [r[k] for r in records for k in ("loadavg_before", "loadavg_after") if k in r]
     meta["loadavg"] = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "?"
     for r in records:
-        r.update(machine=meta["machine"], date=meta["date"], checkpoint=meta["checkpoint"],
-                 checkpoint_gb=meta["checkpoint_gb"], command=meta["command"])
+        r.update(meta)  # every line is self-contained: report.meta_from(records) gives it back
     for path in report.write(records, meta, opts.out, opts.name):
         print(f"wrote {path}", file=sys.stderr)
     return records
