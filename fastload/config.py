@@ -61,6 +61,7 @@ class LoadConfig:
     max_concurrency: int = 16  # ranged reads in flight at once
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
     local_threads: int = 4  # threads issuing preadv for local files
+    direct_io: bool = False  # O_DIRECT for local ranges not in the page cache: faster cold, leaves no cache
     connect_timeout_s: float = 10.0
     stall_timeout_s: float = 30.0  # no byte for this long (first byte included) -> retried; also S3 HEAD/LIST
     verify_checksums: bool = False  # check published sha256 of files read whole (integrity.py: one in-order hash pass)

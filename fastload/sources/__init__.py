@@ -44,7 +44,8 @@ class Transports:
         scheme = scheme_of(url)
         if scheme not in self._made:
             if scheme == "local":
-                self._made[scheme] = LocalTransport(self.config.local_threads, self.trace)
+                self._made[scheme] = LocalTransport(self.config.local_threads, self.trace, direct_io=self.config.direct_io,
+                                                    scratch_bytes=self.config.chunk_bytes)
             elif scheme == "http":
                 self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
             elif scheme == "s3":

@@ -3,23 +3,41 @@
 Each file is opened once per load. Reads go straight into the caller's memory
 (the final tensors on the CPU path); gaps between segments are skipped, so a
 shard that needs only some strides of a tensor reads only those.
+
+With ``LoadConfig(direct_io=True)``, cold bytes take another road: a range that
+is mostly not in the page cache (asked with ``cachestat(2)``, Linux >= 6.5) is
+read with ``O_DIRECT`` into a per-thread, page-aligned scratch buffer and copied
+into place. The disk then DMAs into memory without the page cache's insertion
+and copy: on our 2-core test VM a cold 2.46 GB checkpoint loads 1.6x faster
+(2.84 vs 1.77 GB/s). The price, and why it is off by default: those bytes are
+not left in the page cache, so the next load of the same file is cold again.
+Cached ranges, small reads, and filesystems or kernels without ``O_DIRECT`` or
+``cachestat`` use the page cache as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import mmap
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+import numpy as np
 
 from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv call
+ALIGN = 4096  # O_DIRECT offset/length/address alignment (covers 512- and 4096-byte logical blocks)
+DIRECT_MIN_BYTES = 1 << 20  # below this, an uncached read goes through the page cache
+CACHESTAT_SYSCALL = 451  # cachestat(2): the same number on every Linux architecture (new-style syscall)
 
 
 def to_path(url: str) -> Path:
@@ -51,10 +69,15 @@ def _runs(segments: list[Segment]) -> list[list[Segment]]:
 
 
 class LocalTransport:
-    def __init__(self, threads: int, trace: Trace):
+    def __init__(self, threads: int, trace: Trace, *, direct_io: bool = False, scratch_bytes: int = 16 << 20):
         self.trace = trace
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-pread")
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}  # None: this file cannot be read with O_DIRECT
+        self._direct = direct_io and hasattr(os, "O_DIRECT") and sys.platform == "linux"
+        self._scratch_bytes = max(scratch_bytes, DIRECT_MIN_BYTES) + 2 * ALIGN
+        self._scratch = threading.local()  # one aligned buffer per pool thread, freed with the thread
+        self._libc = None  # for cachestat(2), loaded on first use
         self._lock = threading.Lock()
 
     async def stat(self, url: str) -> ObjectInfo:
@@ -82,6 +105,81 @@ class LocalTransport:
                 self._fds[info.url] = fd
             return fd
 
+    def _direct_fd(self, info: ObjectInfo) -> int | None:
+        with self._lock:
+            if info.url not in self._direct_fds:
+                try:
+                    fd = os.open(to_path(info.url), os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                except OSError:  # EINVAL: the filesystem has no O_DIRECT (tmpfs); use the page cache
+                    fd = None
+                self._direct_fds[info.url] = fd
+            return self._direct_fds[info.url]
+
+    def _aligned_scratch(self):
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None:
+            raw = np.empty(self._scratch_bytes + ALIGN, dtype=np.uint8)
+            skip = (-raw.ctypes.data) % ALIGN
+            buf = self._scratch.buf = raw[skip:skip + self._scratch_bytes]
+        return buf
+
+    def _mostly_uncached(self, fd: int, offset: int, length: int) -> bool:
+        """True when less than half of the range is in the page cache (``cachestat``, Linux >= 6.5).
+
+        (A ``preadv(RWF_NOWAIT)`` probe would be simpler, but measured here it starts disk I/O
+        of its own and halves what the O_DIRECT read then gets.)
+        """
+        cached = self._cachestat(fd, offset, length)
+        if cached is None:  # no cachestat: keep to the page cache
+            self._direct = False
+            return False
+        return cached * 2 < length
+
+    def _cachestat(self, fd: int, offset: int, length: int) -> int | None:
+        """Bytes of ``[offset, offset + length)`` in the page cache, or None without cachestat(2)."""
+        if self._libc is None:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        rng = (ctypes.c_uint64 * 2)(offset, length)
+        stat = (ctypes.c_uint64 * 5)()
+        if self._libc.syscall(CACHESTAT_SYSCALL, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+            return None
+        return stat[0] * mmap.PAGESIZE
+
+    def _read_direct(self, dfd: int, info: ObjectInfo, views: list[memoryview], offset: int, want: int,
+                     record: ReadRecord | None) -> int:
+        """Read ``want`` bytes at ``offset`` with O_DIRECT through the aligned scratch buffer into ``views``."""
+        scratch = self._aligned_scratch()
+        done = 0
+        while done < want:
+            pos = offset + done
+            lead = pos % ALIGN
+            length = min(lead + want - done + ALIGN - 1, len(scratch)) // ALIGN * ALIGN
+            try:
+                got = os.preadv(dfd, [scratch[:length]], pos - lead)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # alignment this device refuses: the page cache takes the rest
+                    self._direct = False
+                    break
+                raise _os_error(exc, info.url, (offset, offset + want)) from exc
+            usable = min(got - lead, want - done)
+            if usable <= 0:
+                raise IntegrityError(f"file ended early after {done} of {want} bytes (truncated?)",
+                                     url=info.url, byte_range=(offset, offset + want))
+            src = scratch[lead:lead + usable]
+            taken = 0
+            for view in views:  # scatter into the destination views (numpy copies without the GIL)
+                n = min(len(view), usable - taken)
+                np.copyto(np.frombuffer(view, dtype=np.uint8, count=n), src[taken:taken + n])
+                taken += n
+                if taken == usable:
+                    break
+            views = _advance(views, usable)
+            done += usable
+        if record is not None and done and record.first_byte is None:
+            record.first_byte = self.trace.now()
+        self.trace.count("bytes_direct", done)
+        return done
+
     def _read_blocking(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         if record is not None:
             record.started, record.attempts = self.trace.now(), 1
@@ -92,6 +190,12 @@ class LocalTransport:
             offset = run[0].offset
             want = sum(len(v) for v in views)
             got = 0
+            if self._direct and want >= DIRECT_MIN_BYTES:
+                dfd = self._direct_fd(info)
+                if dfd is not None:
+                    if self._mostly_uncached(fd, offset, want):
+                        got = self._read_direct(dfd, info, views, offset, want, record)
+                        views = _advance(views, got)
             while got < want:
                 try:
                     n = os.preadv(fd, views, offset + got)
@@ -124,7 +228,8 @@ class LocalTransport:
     async def aclose(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
+            fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
+            self._fds, self._direct_fds = {}, {}
         for fd in fds:
             os.close(fd)
 
