@@ -26,13 +26,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads or fetches."""
     parser.add_argument("--concurrency", type=int, help="ranged reads in flight at once")
     parser.add_argument("--chunk-size", help="bytes per ranged read, e.g. 16MiB")
+    parser.add_argument("--direct-io", action="store_true", default=None,
+                        help="read local bytes that are not in the page cache with O_DIRECT (faster cold loads)")
 
 
 def config_from_args(args: argparse.Namespace):
     from .config import from_env, parse_size
 
     chunk = parse_size(args.chunk_size) if getattr(args, "chunk_size", None) else None
-    return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk)
+    return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk,
+                    direct_io=getattr(args, "direct_io", None))
 
 
 # -- inspect ---------------------------------------------------------------------------------------
