@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 import fastload
-from checkpoints import all_dtypes_tensors, llama_like_tensors, write_sharded, write_single
+from checkpoints import llama_like_tensors, write_single
 
 TRANSPORTS = ["local", "file", "http", "s3"]
 SMALL = fastload.LoadConfig(chunk_bytes=64 * 1024, host_buffer_bytes=256 * 1024, max_concurrency=4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import fastload
-from fastload import LoadConfig, RetryConfig
+from fastload import LoadConfig
 from fastload.cli import main
 from fastload.pull import apull
 from fastload.runner import run
