@@ -131,16 +131,9 @@ async def _list_s3(url: str, transports: Transports) -> list[Entry]:
     if key and _names_file(url):
         return [Entry(key.rsplit("/", 1)[-1], url)]
     prefix = key if not key or key.endswith("/") else key + "/"
-    s3 = transports.for_url(url)
-    out, token = [], None
-    while True:  # recursive: no delimiter (the transport's own ``list`` is one level deep)
-        params = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-        page = await s3._call(url, "list_objects_v2", **params)
-        out += [Entry(o["Key"][len(prefix):], f"s3://{bucket}/{o['Key']}", o.get("Size"))
-                for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-        token = page.get("NextContinuationToken")
-        if not page.get("IsTruncated") or not token:
-            break
+    start = len(f"s3://{bucket}/{prefix}")
+    objects = await transports.for_url(url).objects(url, recursive=True)
+    out = [Entry(key_url[start:], key_url, size) for key_url, size in objects]
     if not out:
         raise SourceNotFoundError(f"nothing under {url}", url=url)
     return out

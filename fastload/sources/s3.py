@@ -141,20 +141,23 @@ class S3Transport:
         return await self.http.read(info, segments, record)
 
     async def list(self, url: str) -> list[str] | None:
+        return [key_url for key_url, _ in await self.objects(url)]
+
+    async def objects(self, url: str, *, recursive: bool = False) -> list[tuple[str, int]]:
+        """``(s3://bucket/key, size)`` of the objects under a prefix: one level, or all of them."""
         bucket, prefix = split_url(url)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        out: list[str] = []
-        token = None
+        out: list[tuple[str, int]] = []
+        params = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
         while True:
-            params = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
-            if token:
-                params["ContinuationToken"] = token
             page = await self._call(url, "list_objects_v2", **params)
-            out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
-            if not page.get("IsTruncated"):
-                return out
+            out.extend((f"s3://{bucket}/{obj['Key']}", obj.get("Size")) for obj in page.get("Contents", [])
+                       if not obj["Key"].endswith("/"))
             token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return out
+            params["ContinuationToken"] = token
 
     async def aclose(self) -> None:
         if self._client is not None:
