@@ -6,6 +6,7 @@ Test modules import helpers as ``from servers import ...`` and
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,38 @@ def s3_proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
     """
     with FaultProxy(s3_server.endpoint_url, Faults()) as proxy:
         yield proxy
+
+
+# -- one checkpoint over any transport ----------------------------------------------
+
+@pytest.fixture
+def serve(request: pytest.FixtureRequest):
+    """``serve(transport, path, as_dir=False)``: a source naming ``path`` over local/file/http/s3.
+
+    HTTP copies it under ``http_root``; S3 uploads it to a fresh bucket. Servers start only when used.
+    """
+
+    def _serve(transport: str, path: Path, as_dir: bool = False) -> str:
+        if transport == "local":
+            return str(path)
+        if transport == "file":
+            return path.as_uri()
+        if transport == "http":
+            server = request.getfixturevalue("http_server")
+            target = request.getfixturevalue("http_dir") / path.name
+            (shutil.copytree if path.is_dir() else shutil.copy)(path, target)
+            return server.url_for(target) + ("/" if as_dir else "")
+        if transport == "s3":
+            s3 = request.getfixturevalue("s3_server")
+            bucket = request.getfixturevalue("s3_bucket")
+            if path.is_dir():
+                s3.upload_dir(bucket, path.name, path)
+                return f"s3://{bucket}/{path.name}/"
+            s3.put(bucket, path.name, path.read_bytes())
+            return f"s3://{bucket}/{path.name}"
+        raise AssertionError(transport)
+
+    return _serve
 
 
 # -- checkpoints -----------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -18,31 +17,6 @@ SMALL = fastload.LoadConfig(chunk_bytes=64 * 1024, host_buffer_bytes=256 * 1024,
 FAST_FAIL = fastload.LoadConfig(retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02))
 
 
-@pytest.fixture
-def serve(request, tmp_path):
-    """``serve(transport, path, *, as_dir=False)`` -> a source naming ``path`` over that transport."""
-
-    def _serve(transport: str, path: Path, as_dir: bool = False) -> str:
-        if transport == "local":
-            return str(path)
-        if transport == "file":
-            return path.as_uri()
-        if transport == "http":
-            server = request.getfixturevalue("http_server")
-            target = request.getfixturevalue("http_dir") / path.name
-            (shutil.copytree if path.is_dir() else shutil.copy)(path, target)
-            return server.url_for(target) + ("/" if as_dir else "")
-        if transport == "s3":
-            s3 = request.getfixturevalue("s3_server")
-            bucket = request.getfixturevalue("s3_bucket")
-            if path.is_dir():
-                s3.upload_dir(bucket, path.name, path)
-                return f"s3://{bucket}/{path.name}/"
-            s3.put(bucket, path.name, path.read_bytes())
-            return f"s3://{bucket}/{path.name}"
-        raise AssertionError(transport)
-
-    return _serve
 
 
 def new_threads(before: set[threading.Thread]) -> list[threading.Thread]:

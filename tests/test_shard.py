@@ -58,17 +58,9 @@ def assert_rank(got: dict[str, torch.Tensor], full: dict[str, torch.Tensor], sha
 
 
 def served(request, transport: str, path: Path) -> tuple[str, object]:
-    """(source URL, the server that counts the bytes it sent, or None for local files)."""
-    if transport == "local":
-        return str(path), None
-    if transport == "http":
-        server = request.getfixturevalue("http_server")
-        target = request.getfixturevalue("http_dir") / path.name
-        shutil.copy(path, target)
-        return server.url_for(target), server
-    s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-    s3.put(bucket, path.name, path.read_bytes())
-    return f"s3://{bucket}/{path.name}", None
+    """(source URL, the server that counts the bytes it sent, or None for local files and S3)."""
+    source = request.getfixturevalue("serve")(transport, path)
+    return source, request.getfixturevalue("http_server") if transport == "http" else None
 
 
 def tensor_bytes_sent(server, source: str, data_start: int) -> int:
