@@ -29,14 +29,12 @@ class BufferPool:
         self.pin = pin and torch.cuda.is_available()  # without CUDA: ordinary memory, same behaviour
         self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         self._allocated = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def allocated(self) -> int:
         return self._allocated
 
     async def acquire(self) -> torch.Tensor:
-        self._loop = asyncio.get_running_loop()
         if self._free.empty() and self._allocated < self.count:
             self._allocated += 1
             try:
@@ -49,9 +47,5 @@ class BufferPool:
         return await self._free.get()
 
     def release(self, buf: torch.Tensor) -> None:
-        """Return a buffer; callable from the loop thread only (see ``release_threadsafe``)."""
+        """Return a buffer; from the loop's thread only (sinks that finish elsewhere hop back first)."""
         self._free.put_nowait(buf)
-
-    def release_threadsafe(self, buf: torch.Tensor) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._free.put_nowait, buf)
