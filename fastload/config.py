@@ -127,12 +127,11 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
             value = env[var]
             if name.endswith("_bytes"):
                 kwargs[name] = parse_size(value)
-            elif "float" in str(types[name]):
-                kwargs[name] = float(value)
-            else:
-                try:
-                    kwargs[name] = int(value)
-                except ValueError:
-                    raise ConfigError(f"{var} must be an integer, got {value!r}") from None
+                continue
+            kind = float if "float" in str(types[name]) else int
+            try:
+                kwargs[name] = kind(value)
+            except ValueError:
+                raise ConfigError(f"{var} must be a number, got {value!r}") from None
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return LoadConfig(**kwargs)

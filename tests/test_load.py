@@ -299,3 +299,14 @@ def test_interrupt_inside_running_loop_cancels_the_load(http_server, http_dir):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
     assert "INTERRUPTED" in out and "ALIVE []" in out, out
+
+
+def test_from_env_reads_the_documented_variables_and_rejects_garbage():
+    from fastload.config import from_env
+
+    config = from_env({"FASTLOAD_STALL_TIMEOUT_S": "2.5", "FASTLOAD_MAX_CONCURRENCY": "3",
+                       "FASTLOAD_CHUNK_BYTES": "4MiB"}, max_concurrency=5)
+    assert (config.stall_timeout_s, config.max_concurrency, config.chunk_bytes) == (2.5, 5, 4 << 20)
+    for var in ("FASTLOAD_STALL_TIMEOUT_S", "FASTLOAD_LOCAL_THREADS", "FASTLOAD_HOST_BUFFER_BYTES"):
+        with pytest.raises(fastload.ConfigError, match=var.split("_BYTES")[0] if "BYTES" not in var else "size"):
+            from_env({var: "lots"})
