@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def main() -> None:
     print(f"checkpoint: {weights} ({weights.stat().st_size / 1e6:.1f} MB)")
     print(fastload.plan(weights))
 
-    with tempfile.TemporaryDirectory() as tmp, RangeHTTPServer(model) as http, S3Server() as s3:
+    with RangeHTTPServer(model) as http, S3Server() as s3:
         os.environ.update(AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
         s3.ensure_bucket("models")
         s3.put("models", "minilm/model.safetensors", weights.read_bytes())
@@ -65,7 +64,6 @@ def main() -> None:
             start = time.perf_counter()
             tensors = fastload.load(source, config=config, trace=trace)
             show(f"{label}  {source}", tensors, trace, time.perf_counter() - start, reference)
-        del tmp
 
 
 if __name__ == "__main__":
