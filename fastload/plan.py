@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 from .config import LoadConfig
 from .errors import ConfigError, FormatError
 from .format import FileHeader, ShardIndex, TensorSpec
+from .redact import redact_url
 from .sources import ObjectInfo
 
 
@@ -161,8 +162,8 @@ class LoadPlan:
         lines = [f"{len(self.files)} file(s), {len(self.tensors)} tensor(s), {len(self.chunks)} chunk(s), "
                  f"{self.total_bytes / 1e6:.1f} MB to fetch"]
         for f in self.files:
-            lines.append(f"  file {f.info.url}  {f.info.size} bytes")
-        width = max((len(t.name) for t in self.tensors), default=4)
+            lines.append(f"  file {redact_url(f.info.url)}  {f.info.size} bytes")
+        width = max([len("name")] + [len(t.name) for t in self.tensors])
         lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")
         for t in self.tensors:
             shape = "x".join(map(str, t.shape)) or "scalar"
