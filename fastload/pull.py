@@ -40,7 +40,7 @@ from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
-from .sources.hub import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
+from .sources.hub_refs import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
 from .sources.local import to_path
 from .trace import Trace, as_trace
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastload
-from fastload.sources.hub import HubRef, HubSettings, cached_snapshot, parse_hub_url
+from fastload.sources.hub_refs import HubRef, HubSettings, cached_snapshot, parse_hub_url
 from hub_server import HubServer, hub, hub_session, minilm_dir, repo_name  # noqa: F401 -- fixtures
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -310,3 +310,14 @@ def test_from_env_reads_the_documented_variables_and_rejects_garbage():
     for var in ("FASTLOAD_STALL_TIMEOUT_S", "FASTLOAD_LOCAL_THREADS", "FASTLOAD_HOST_BUFFER_BYTES"):
         with pytest.raises(fastload.ConfigError, match=var.split("_BYTES")[0] if "BYTES" not in var else "size"):
             from_env({var: "lots"})
+
+
+def test_import_and_local_load_leave_the_network_stack_unimported(all_dtypes_checkpoint):
+    """Cold start includes import time: a local load must not pay for aiohttp or botocore."""
+    import subprocess
+    import sys
+
+    script = (f"import sys, fastload; fastload.load({str(all_dtypes_checkpoint)!r}); "
+              "print(sorted(m for m in ('aiohttp', 'botocore', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -31,7 +31,7 @@ from ..errors import ConfigError, SourceNotFoundError
 from ..pipeline import make_request
 from ..resolve import join
 from ..sources import Transports, read_bytes, scheme_of
-from ..sources.hub import with_revision
+from ..sources.hub_refs import with_revision
 from ..sources.local import to_path
 from ..trace import NULL_TRACE
 

@@ -6,11 +6,8 @@ from ..config import LoadConfig
 from ..errors import ConfigError
 from ..trace import Trace
 from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
-from .http import HttpTransport
-from .hub import HubTransport
 from .local import LocalTransport
 from .retry import RetryPolicy
-from .s3 import S3Transport
 
 
 def scheme_of(url: str) -> str:
@@ -46,12 +43,18 @@ class Transports:
             if scheme == "local":
                 self._made[scheme] = LocalTransport(self.config.local_threads, self.trace, direct_io=self.config.direct_io,
                                                     scratch_bytes=self.config.chunk_bytes)
-            elif scheme == "http":
+            elif scheme == "http":  # network transports import aiohttp/botocore only when a load needs them
+                from .http import HttpTransport
+
                 self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
             elif scheme == "s3":
+                from .s3 import S3Transport
+
                 self.for_url("http://")
                 self._made[scheme] = S3Transport(self.config, self.policy, self._made["http"])
             elif scheme == "hf":
+                from .hub import HubTransport
+
                 self._made[scheme] = HubTransport(self.config, self.policy, self.trace)
             else:
                 raise ConfigError(f"no transport for {url}")
