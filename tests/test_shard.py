@@ -8,7 +8,6 @@ servers (not only by fastload's trace).
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -109,10 +108,8 @@ def test_over_every_transport(wide, transport, dim, request):
         assert_rank(fastload.load(source, shard=shard, config=SMALL), full, shard)
 
 
-def test_dim0_fetches_only_the_ranks_rows(wide, http_server, http_dir):
-    target = http_dir / wide.name
-    shutil.copy(wide, target)
-    source = http_server.url_for(target)
+def test_dim0_fetches_only_the_ranks_rows(wide, http_server, serve):
+    source = serve("http", wide)
     full = safetensors.torch.load_file(wide)
     data_start = fastload.plan(wide).files[0].data_start
     shares = []
@@ -132,10 +129,8 @@ def test_dim0_fetches_only_the_ranks_rows(wide, http_server, http_dir):
 
 
 @pytest.mark.parametrize("dim", [1, 2, -1])
-def test_other_dims_fetch_at_most_the_tensor_span(wide, http_server, http_dir, dim):
-    target = http_dir / wide.name
-    shutil.copy(wide, target)
-    source = http_server.url_for(target)
+def test_other_dims_fetch_at_most_the_tensor_span(wide, http_server, serve, dim):
+    source = serve("http", wide)
     plan = fastload.plan(wide, names=["cube"])
     span = plan.tensors[0].spec.nbytes
     data_start = plan.files[0].data_start
@@ -179,10 +174,8 @@ def test_s3_bytes_per_rank_counted_by_a_proxy(wide, s3_server, s3_bucket, s3_pro
         assert trace.summary().bytes_fetched >= data_start + want
 
 
-def test_names_with_shard(wide, http_server, http_dir):
-    target = http_dir / wide.name
-    shutil.copy(wide, target)
-    source = http_server.url_for(target)
+def test_names_with_shard(wide, http_server, serve):
+    source = serve("http", wide)
     full = safetensors.torch.load_file(wide)
     data_start = fastload.plan(wide).files[0].data_start
     shard = fastload.Shard(2, 3, {"rows": 0, "tail": 0})
