@@ -8,8 +8,9 @@ own variables: that is the standard users expect.)
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -62,6 +63,7 @@ class LoadConfig:
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
     local_threads: int = 4  # threads issuing preadv for local files
     direct_io: bool = False  # O_DIRECT for local ranges not in the page cache: faster cold, leaves no cache
+    http_engine: str = "threads"  # HTTP(S)/S3 bodies: "threads" (recv_into the tensors) or "aiohttp"
     connect_timeout_s: float = 10.0
     stall_timeout_s: float = 30.0  # no byte for this long (first byte included) -> retried; also S3 HEAD/LIST
     verify_checksums: bool = False  # check published sha256 of files read whole (integrity.py: one in-order hash pass)
@@ -79,11 +81,12 @@ class LoadConfig:
                "local_threads must be between 1 and 256")
         _check(self.host_buffer_bytes >= 2 * self.chunk_bytes,
                "host_buffer_bytes must hold at least two chunks (2 * chunk_bytes)")
+        _check(self.http_engine in ("threads", "aiohttp"), "http_engine must be 'threads' or 'aiohttp'")
         _check(self.connect_timeout_s > 0 and self.stall_timeout_s > 0, "timeouts must be > 0")
         _check(isinstance(self.retry, RetryConfig), "retry must be a RetryConfig")
         _check(isinstance(self.s3, S3Options), "s3 must be an S3Options")
 
-    def replace(self, **changes: Any) -> "LoadConfig":
+    def replace(self, **changes: Any) -> LoadConfig:
         return replace(self, **changes)
 
 
@@ -114,6 +117,7 @@ ENV_VARS = {
     "FASTLOAD_HOST_BUFFER_BYTES": "host_buffer_bytes",
     "FASTLOAD_LOCAL_THREADS": "local_threads",
     "FASTLOAD_STALL_TIMEOUT_S": "stall_timeout_s",
+    "FASTLOAD_HTTP_ENGINE": "http_engine",
 }
 
 
@@ -127,6 +131,9 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
             value = env[var]
             if name.endswith("_bytes"):
                 kwargs[name] = parse_size(value)
+                continue
+            if "str" in str(types[name]):
+                kwargs[name] = value
                 continue
             kind = float if "float" in str(types[name]) else int
             try:

@@ -23,7 +23,7 @@ from reliability_helpers import QUICK, Leaks, Timer, assert_bit_exact, private_t
 from servers import Faults
 from servers.faults import FailWith, Hang
 
-TRANSPORTS = ["http", "s3"]
+TRANSPORTS = ["http", "http-aiohttp", "s3"]  # HTTP bodies on both engines (LoadConfig.http_engine)
 
 
 @dataclass
@@ -42,13 +42,14 @@ class Target:
 
 @pytest.fixture(params=TRANSPORTS)
 def target(request, tmp_path) -> Target:
-    transport = request.param
+    transport, _, engine = request.param.partition("-")
     if transport == "http":
         server = request.getfixturevalue("http_server")
         directory = request.getfixturevalue("http_dir")
         file, tensors = write_checkpoint(directory / "model.safetensors")
         url = server.url_for(file)
-        return Target(transport, url, server.faults, "/" + url.split("/", 3)[3], QUICK, {server.port},
+        config = QUICK.replace(http_engine=engine) if engine else QUICK
+        return Target(transport, url, server.faults, "/" + url.split("/", 3)[3], config, {server.port},
                       file.stat().st_size, tensors, server, file)
     s3 = request.getfixturevalue("s3_server")
     proxy = request.getfixturevalue("s3_proxy")

@@ -310,6 +310,9 @@ def test_from_env_reads_the_documented_variables_and_rejects_garbage():
     for var in ("FASTLOAD_STALL_TIMEOUT_S", "FASTLOAD_LOCAL_THREADS", "FASTLOAD_HOST_BUFFER_BYTES"):
         with pytest.raises(fastload.ConfigError, match=var.split("_BYTES")[0] if "BYTES" not in var else "size"):
             from_env({var: "lots"})
+    assert from_env({"FASTLOAD_HTTP_ENGINE": "aiohttp"}).http_engine == "aiohttp"
+    with pytest.raises(fastload.ConfigError, match="http_engine"):
+        from_env({"FASTLOAD_HTTP_ENGINE": "curl"})
 
 
 def test_import_and_local_load_leave_the_network_stack_unimported(all_dtypes_checkpoint):

@@ -26,13 +26,23 @@ import re
 import aiohttp
 
 from ..config import LoadConfig
-from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import (
+    ConfigError,
+    SourceChangedError,
+    SourceNotFoundError,
+    SourcePermissionError,
+    TransferError,
+)
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment, http_range, span_of
+from .http_threads import ThreadedBodies
 from .retry import RetryPolicy, Transient
 
+FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
+PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
+GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 
@@ -99,6 +109,27 @@ class _Cursor:
             seg.view[at:at + n] = mv[:n]
             mv, self.pos = mv[n:], self.pos + n
 
+    def next_view(self, limit: int) -> memoryview:
+        """Where the next at most ``limit`` bytes of the stream go (a throwaway buffer for gap bytes)."""
+        while self.pos >= self.segments[self._i].end:
+            self._i += 1
+        seg = self.segments[self._i]
+        if self.pos < seg.offset:
+            return memoryview(bytearray(min(seg.offset - self.pos, limit, GAP_BUFFER)))
+        at = self.pos - seg.offset
+        return seg.view[at:at + limit]
+
+    def receive(self, readinto, on_bytes) -> None:
+        """Fill the rest of the span with ``readinto(view) -> n`` until it is full or the body ends (n == 0)."""
+        limit = FIRST_PIECE
+        while self.pos < self.end:
+            n = readinto(self.next_view(limit))
+            if not n:
+                return
+            self.pos += n
+            on_bytes(n)
+            limit = PIECE
+
 
 def _validator_headers(info: ObjectInfo) -> dict[str, str]:
     if info.etag and not info.etag.startswith("W/"):
@@ -112,6 +143,7 @@ class HttpTransport:
         self.policy = policy
         self.trace = trace
         self._session: aiohttp.ClientSession | None = None
+        self._bodies: ThreadedBodies | None = None
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
 
     def session(self) -> aiohttp.ClientSession:
@@ -128,9 +160,19 @@ class HttpTransport:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
-                headers={"Accept-Encoding": "identity", "User-Agent": "fastload", **cfg.http_headers},
+                headers=self._headers(),
             )
         return self._session
+
+    def _headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": "identity", "User-Agent": "fastload", **self.config.http_headers}
+
+    def bodies(self) -> ThreadedBodies:
+        if self._bodies is None:
+            cfg = self.config
+            self._bodies = ThreadedBodies(threads=cfg.max_concurrency, connect_timeout_s=cfg.connect_timeout_s,
+                                          stall_timeout_s=cfg.stall_timeout_s, headers=self._headers())
+        return self._bodies
 
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
@@ -188,8 +230,37 @@ class HttpTransport:
             record.attempts += 1
             record.started = record.started if record.started is not None else self.trace.now()
         start, end = cursor.pos, cursor.end
-        byte_range = (start, end)
         headers = {"Range": http_range(start, end), **_validator_headers(info)}
+        if self.config.http_engine == "threads":
+            await self._read_threaded(info, cursor, headers, record)
+        else:
+            await self._read_aiohttp(info, cursor, headers, record)
+        if cursor.pos != end:
+            raise Transient(f"short body: {cursor.pos - start} of {end - start} bytes")
+
+    async def _read_threaded(self, info: ObjectInfo, cursor: _Cursor, headers: dict, record: ReadRecord | None):
+        start, end = cursor.pos, cursor.end
+
+        def check(resp) -> None:
+            check_status(resp.status, resp.reason, url=info.url, byte_range=(start, end), headers=resp.headers)
+            self._check_reply(resp, info, start, end)
+
+        def on_bytes(n: int) -> None:
+            if record is not None and record.first_byte is None:
+                record.first_byte = self.trace.now()
+            self.trace.count("bytes_fetched", n, key=info.url)
+
+        try:
+            await self.bodies().get(info.fetch_url or info.url, headers, check,
+                                    lambda readinto: cursor.receive(readinto, on_bytes))
+        except Transient as exc:
+            if cursor.pos == start:
+                raise
+            raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: {exc}") from exc
+
+    async def _read_aiohttp(self, info: ObjectInfo, cursor: _Cursor, headers: dict, record: ReadRecord | None):
+        start, end = cursor.pos, cursor.end
+        byte_range = (start, end)
         resp = await self._request("GET", info.fetch_url or info.url, info.url, headers, byte_range)
         async with resp:
             check_status(resp.status, resp.reason, url=info.url, byte_range=byte_range, headers=resp.headers)
@@ -205,10 +276,8 @@ class HttpTransport:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: "
                                 f"{describe(scrub(exc))}") from exc
-        if cursor.pos != end:
-            raise Transient(f"short body: {cursor.pos - start} of {end - start} bytes")
 
-    def _check_reply(self, resp: aiohttp.ClientResponse, info: ObjectInfo, start: int, end: int) -> None:
+    def _check_reply(self, resp, info: ObjectInfo, start: int, end: int) -> None:
         byte_range = (start, end)
         etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
         if (info.etag and etag and etag != info.etag) or (not info.etag and info.last_modified and modified
@@ -235,6 +304,9 @@ class HttpTransport:
         return None  # plain HTTP has no listing
 
     async def aclose(self) -> None:
+        if self._bodies is not None:
+            await asyncio.to_thread(self._bodies.close)  # aborts requests in flight, then joins the threads
+            self._bodies = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -40,6 +40,7 @@ class FaultPlan:
     etag_replaced: bool = False
     content_range_shift: int = 0
     cut_after: int | None = None
+    stall_when_cut: bool = False  # at the cut, send nothing more until the client leaves
     missing: int | None = None
 
     @property
@@ -197,9 +198,11 @@ class WrongContentRange(Rule):
 @dataclass(eq=False)
 class CutAfter(Rule):
     nbytes: int = 0
+    stall: bool = False
 
     def apply(self, plan: FaultPlan) -> None:
         plan.cut_after = self.nbytes if plan.cut_after is None else min(plan.cut_after, self.nbytes)
+        plan.stall_when_cut = plan.stall_when_cut or self.stall
 
 
 @dataclass(eq=False)
@@ -282,6 +285,10 @@ class Faults:
     def cut_after(self, nbytes: int, *, times: int | None = None, path: str = "*") -> Rule:
         """Send the headers and ``nbytes`` of body, then close the connection."""
         return self._add(CutAfter(pattern=path, times=times, nbytes=nbytes))
+
+    def stall_after(self, nbytes: int, *, times: int | None = None, path: str = "*") -> Rule:
+        """Send the headers and ``nbytes`` of body, then send nothing more until the client leaves."""
+        return self._add(CutAfter(pattern=path, times=times, nbytes=nbytes, stall=True))
 
     def ignore_range(self, *, times: int | None = None, path: str = "*") -> Rule:
         """Answer ranged GETs with 200 and the whole body."""

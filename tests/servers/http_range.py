@@ -9,6 +9,7 @@ with ``FaultProxy`` lives here too: ``BackgroundHTTPServer`` (threaded server on
 from __future__ import annotations
 
 import re
+import select
 import socket
 import socketserver
 import sys
@@ -40,6 +41,7 @@ class RequestRecord:
     range: str | None
     status: int = 0
     body_bytes: int = 0
+    authorization: bool = False  # the request carried an Authorization header
 
 
 class RequestLog:
@@ -99,7 +101,8 @@ class FaultInjectingHandler(BaseHTTPRequestHandler):
         owner = self.server.owner
         path = unquote(urlsplit(self.path).path)
         body = self._read_request_body()
-        record = RequestRecord(self.command, path, self.headers.get("Range"))
+        record = RequestRecord(self.command, path, self.headers.get("Range"),
+                               authorization="Authorization" in self.headers)
         plan = owner.faults.plan(self.command, path)
         if plan.hang:
             owner.log_store.add(record)
@@ -143,11 +146,24 @@ class FaultInjectingHandler(BaseHTTPRequestHandler):
         self.end_headers()
         try:
             if self.command != "HEAD" and self._stream(reply.body, limit, record):
+                if plan.stall_when_cut:
+                    self.wfile.flush()
+                    self._wait_for_client_to_leave()
                 self.close_connection = True  # cut short: the client sees a dead socket
         finally:
             close = getattr(reply.body, "close", None)
             if close is not None:
                 close()
+
+    def _wait_for_client_to_leave(self) -> None:
+        """Send nothing until the client closes its end (or the server stops)."""
+        while not self.server.owner.stopping.wait(0.05):
+            if select.select([self.connection], [], [], 0)[0]:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return
+                except OSError:
+                    return
 
     def _stream(self, body: Iterable[bytes], limit: int | None, record: RequestRecord) -> bool:
         """Write the body; True if it was cut at ``limit``."""
@@ -179,6 +195,7 @@ class _ThreadingServer(ThreadingHTTPServer):
         self.owner = owner
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.accepted = 0  # connections accepted so far
         super().__init__(("127.0.0.1", 0), handler)
 
     def server_bind(self) -> None:
@@ -188,6 +205,7 @@ class _ThreadingServer(ThreadingHTTPServer):
     def process_request(self, request: socket.socket, client_address: object) -> None:
         with self._connections_lock:
             self._connections.add(request)
+            self.accepted += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: socket.socket) -> None:
@@ -221,6 +239,10 @@ class BackgroundHTTPServer:
         self.stopping = threading.Event()
         self._httpd: _ThreadingServer | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def connections_accepted(self) -> int:
+        return self._httpd.accepted if self._httpd is not None else 0
 
     @property
     def log(self) -> list[RequestRecord]:
