@@ -44,8 +44,15 @@ class S3Options:
     anonymous: bool = False
     addressing_style: str = "auto"  # "auto" | "path" | "virtual"
     presign_expiry_s: int = 3600
+    # A botocore Session to make clients from. Reusing one across loads in a process skips botocore's
+    # model loading (50-130 ms per load on our test VM, 3 ms with a reused session). Default: a new one.
+    session: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check(self.session is None or self.profile is None,
+               "s3.session and s3.profile exclude each other (make the session with the profile)")
+        _check(self.session is None or callable(getattr(self.session, "create_client", None)),
+               "s3.session must be a botocore.session.Session")
         _check(self.addressing_style in ("auto", "path", "virtual"), "s3.addressing_style must be auto, path or virtual")
         _check(
             self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")),

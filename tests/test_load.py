@@ -324,3 +324,23 @@ def test_import_and_local_load_leave_the_network_stack_unimported(all_dtypes_che
               "print(sorted(m for m in ('aiohttp', 'botocore', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_reused_botocore_session_makes_every_client(serve, all_dtypes_checkpoint):
+    """``S3Options(session=...)``: clients come from the caller's session (its model cache is reused)."""
+    import botocore.session
+
+    session = botocore.session.Session()
+    made = []
+    session.register("creating-client-class.s3", lambda **kwargs: made.append(1))
+    config = SMALL.replace(s3=fastload.S3Options(session=session))
+    url = serve("s3", all_dtypes_checkpoint)
+    expected = safetensors.torch.load_file(all_dtypes_checkpoint)
+    for _ in range(2):
+        got = fastload.load(url, config=config)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert len(made) == 2
+    with pytest.raises(fastload.ConfigError, match="profile"):
+        fastload.S3Options(session=session, profile="other")
+    with pytest.raises(fastload.ConfigError, match="botocore"):
+        fastload.S3Options(session="default")

@@ -47,7 +47,7 @@ def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 6
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    session = botocore.session.Session(profile=options.profile)
+    session = options.session or botocore.session.Session(profile=options.profile)
     cfg = Config(
         signature_version=UNSIGNED if options.anonymous else None,
         s3={"addressing_style": options.addressing_style},
