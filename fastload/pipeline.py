@@ -112,7 +112,7 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
             on_plan(plan)
         with trace.span("alloc"):
             sink = make_sink(plan, request)
-        pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes),
+        pool = BufferPool(plan.chunk_bytes, max(2, config.host_buffer_bytes // plan.chunk_bytes),
                           pin=request.device.type == "cuda")
 
         def emit(indices: list[int]) -> None:

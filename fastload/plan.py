@@ -23,6 +23,9 @@ from .redact import redact_url
 from .sources import ObjectInfo
 
 
+MIN_SPLIT = 1 << 20  # chunks are not cut finer than this to spread a small load over the readers
+
+
 @dataclass(frozen=True)
 class Shard:
     """Tensor-parallel slice: this rank gets ``full.tensor_split(world_size, dim)[rank]``.
@@ -260,10 +263,21 @@ def build_plan(
         chosen = list(specs.values())
     chosen.sort(key=lambda s: (s.file, s.start))
     tensors = tuple(_planned(s, shard) for s in chosen)
+    runs_of = [[r for i, t in enumerate(tensors) if t.spec.file == file for r in _runs(i, t, shard)]
+               for file in range(len(files))]
+    chunk_bytes = chunk_size(sum(r.length for runs in runs_of for r in runs), config)
     chunks: list[ChunkRead] = []
-    for file in range(len(files)):
-        runs = [r for i, t in enumerate(tensors) if t.spec.file == file for r in _runs(i, t, shard)]
-        chunks += _chunks(runs, file, config.chunk_bytes, len(chunks))
+    for file, runs in enumerate(runs_of):
+        chunks += _chunks(runs, file, chunk_bytes, len(chunks))
     planned_files = tuple(PlannedFile(f, h.data_start, h.metadata) for f, h in zip(files, headers))
-    return LoadPlan(planned_files, tensors, tuple(chunks), config.chunk_bytes,
-                    dict(index.metadata) if index else {})
+    return LoadPlan(planned_files, tensors, tuple(chunks), chunk_bytes, dict(index.metadata) if index else {})
+
+
+def chunk_size(total_bytes: int, config: LoadConfig) -> int:
+    """``config.chunk_bytes``, or less when a load is too small to give each of ``max_concurrency``
+    readers a chunk of that size (never below ``MIN_SPLIT``): a 90 MB model is still read in 16 ranges.
+    """
+    if config.chunk_bytes <= MIN_SPLIT:
+        return config.chunk_bytes
+    share = -(-total_bytes // config.max_concurrency)
+    return min(config.chunk_bytes, max(MIN_SPLIT, -(-share // MIN_SPLIT) * MIN_SPLIT))

@@ -37,7 +37,7 @@ from .config import LoadConfig
 from .errors import ConfigError, FormatError, IntegrityError, SourceNotFoundError
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
-from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece
+from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.hub_refs import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
@@ -405,7 +405,8 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
         progress(done, total)
 
     with trace.span("plan"):
-        plan = _plan(todo, targets, config.chunk_bytes)
+        missing = sum(end - start for t in targets for start, end in t.missing)
+        plan = _plan(todo, targets, chunk_size(missing, config))
     verification = transports.verification  # set when verifying: files read whole are checked as they stream
     if verification is not None:
         transports.expect(plan)
@@ -418,7 +419,7 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
         for i in sink.initially_complete():
             await asyncio.to_thread(sink.finish, i)
         if plan.chunks:
-            pool = BufferPool(config.chunk_bytes, max(2, config.host_buffer_bytes // config.chunk_bytes))
+            pool = BufferPool(plan.chunk_bytes, max(2, config.host_buffer_bytes // plan.chunk_bytes))
             await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=lambda _: None,
                            progress=advanced if progress is not None else None, workers=config.max_concurrency)
     except IntegrityError as exc:  # a file that failed its checksum as it streamed: drop it, do not resume it

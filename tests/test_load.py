@@ -344,3 +344,18 @@ def test_a_reused_botocore_session_makes_every_client(serve, all_dtypes_checkpoi
         fastload.S3Options(session=session, profile="other")
     with pytest.raises(fastload.ConfigError, match="botocore"):
         fastload.S3Options(session="default")
+
+
+def test_chunk_size_spreads_small_loads_over_the_readers(tmp_path):
+    from fastload.plan import MIN_SPLIT, chunk_size
+
+    config = fastload.LoadConfig()  # 64 MiB chunks, 16 readers
+    assert chunk_size(10 << 30, config) == config.chunk_bytes
+    assert chunk_size(90 << 20, config) == 6 << 20  # 90 MiB / 16 = 5.6 MiB, rounded up to whole MiB
+    assert chunk_size(100, config) == MIN_SPLIT
+    small = fastload.LoadConfig(chunk_bytes=256 << 10, host_buffer_bytes=1 << 20)
+    assert chunk_size(10 << 30, small) == small.chunk_bytes  # below the floor: taken as given
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(20 << 20, dtype=torch.uint8)}, path)
+    plan = fastload.plan(str(path))
+    assert plan.chunk_bytes == 2 << 20 and len(plan.chunks) == 10
