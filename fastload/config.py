@@ -69,6 +69,9 @@ class LoadConfig:
     max_concurrency: int = 16  # ranged reads in flight at once
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
     local_threads: int = 4  # threads issuing preadv for local files
+    # Threads that may read uncached local ranges at once. None: 1 on a disk that says it is rotational
+    # (one sequential stream keeps the kernel's readahead going), no limit otherwise.
+    local_cold_readers: int | None = None
     direct_io: bool = False  # O_DIRECT for local ranges not in the page cache: faster cold, leaves no cache
     http_engine: str = "threads"  # HTTP(S)/S3 bodies: "threads" (recv_into the tensors) or "aiohttp"
     connect_timeout_s: float = 10.0
@@ -86,6 +89,9 @@ class LoadConfig:
                "max_concurrency must be between 1 and 1024")
         _check(isinstance(self.local_threads, int) and 1 <= self.local_threads <= 256,
                "local_threads must be between 1 and 256")
+        _check(self.local_cold_readers is None or (isinstance(self.local_cold_readers, int)
+                                                   and 1 <= self.local_cold_readers <= 256),
+               "local_cold_readers must be None or between 1 and 256")
         _check(self.host_buffer_bytes >= 2 * self.chunk_bytes,
                "host_buffer_bytes must hold at least two chunks (2 * chunk_bytes)")
         _check(self.http_engine in ("threads", "aiohttp"), "http_engine must be 'threads' or 'aiohttp'")

@@ -81,3 +81,70 @@ def test_direct_io_is_off_by_default(odd_checkpoint):
     want = {k: v.clone() for k, v in safetensors.torch.load_file(odd_checkpoint).items()}
     evict(odd_checkpoint)
     assert load_and_check(odd_checkpoint, want) == 0
+
+
+# -- cold reads of a rotational disk: one ordered stream (LoadConfig.local_cold_readers) ------------------
+
+
+def gated_bytes(path, want, **config) -> int:
+    trace = fastload.Trace()
+    got = fastload.load(path, trace=trace, config=fastload.LoadConfig(chunk_bytes=2 * MiB, **config))
+    for name, tensor in want.items():
+        assert torch.equal(got[name].view(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    return trace.summary().counters.get("bytes_cold_gated", 0)
+
+
+def test_cold_ranges_pass_the_gate_and_cached_ones_do_not(odd_checkpoint):
+    want = {k: v.clone() for k, v in safetensors.torch.load_file(odd_checkpoint).items()}
+    evict(odd_checkpoint)
+    cold = gated_bytes(odd_checkpoint, want, local_cold_readers=1)
+    if direct_supported(odd_checkpoint):  # cachestat: cold ranges are recognised
+        assert cold >= 3 * MiB
+    else:
+        assert cold == 0
+    assert gated_bytes(odd_checkpoint, want, local_cold_readers=1) == 0  # the first load left it cached
+
+
+def test_rotational_reads_sysfs_for_the_files_disk(odd_checkpoint):
+    from fastload.sources.local import rotational
+
+    got = rotational(os.stat(odd_checkpoint).st_dev)
+    assert got in (True, False, None)
+    dev = os.stat(odd_checkpoint).st_dev
+    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/queue/rotational"
+    if os.path.exists(path):
+        assert got == (open(path).read().strip() == "1")
+    assert rotational(os.makedev(0, 0)) is None  # no such block device
+
+
+def test_ordered_gate_admits_the_smallest_waiting_key_first():
+    import threading
+    import time
+
+    from fastload.sources.local import OrderedGate
+
+    gate = OrderedGate(1)
+    order, inside, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def enter(key):
+        with gate.hold((key,)):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                order.append(key)
+            time.sleep(0.002)
+            with lock:
+                inside[0] -= 1
+
+    with gate.hold((-1,)):  # hold it while the others queue up in scrambled order
+        threads = [threading.Thread(target=enter, args=(k,)) for k in (5, 3, 9, 1, 7, 2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.005)
+        deadline = time.monotonic() + 5
+        while len(gate._waiting) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.001)
+    for t in threads:
+        t.join(5)
+    assert order == [1, 2, 3, 5, 7, 9] and most[0] == 1
