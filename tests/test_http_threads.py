@@ -89,3 +89,33 @@ def test_a_body_that_stalls_midway_is_aborted_on_cancel(http_server, http_dir):
     assert stall.fired >= 1
     assert timer.s < 5, f"cancelling took {timer.s:.1f} s: a thread stayed blocked in recv"
     leaks.check(grace_s=0.5)
+
+
+def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(http_server, http_dir):
+    """Servers close idle keep-alive connections; the next request on one must not cost a retry."""
+    from fastload.sources.http_threads import ThreadedBodies
+
+    file = http_dir / "blob.bin"
+    file.write_bytes(bytes(range(256)) * 64)
+    url = http_server.url_for(file)
+    bodies = ThreadedBodies(threads=1, connect_timeout_s=2, stall_timeout_s=2, headers={})
+
+    async def get(start: int, end: int) -> bytes:
+        out = bytearray(end - start)
+
+        def receive(readinto):
+            view, got = memoryview(out), 0
+            while got < len(out) and (n := readinto(view[got:])):
+                got += n
+
+        await bodies.get(url, {"Range": f"bytes={start}-{end - 1}"}, lambda resp: None, receive)
+        return bytes(out)
+
+    try:
+        assert asyncio.run(get(0, 1000)) == file.read_bytes()[:1000]
+        before = http_server.connections_accepted
+        http_server._httpd.drop_connections()  # the server hangs up the idle connection
+        assert asyncio.run(get(5000, 9000)) == file.read_bytes()[5000:9000]
+        assert http_server.connections_accepted == before + 1
+    finally:
+        bodies.close()

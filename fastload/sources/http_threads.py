@@ -113,14 +113,16 @@ class ThreadedBodies:
             parts = urlsplit(url)
             conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
             try:
-                if attempt.aborted:
-                    raise Transient("request aborted")
-                if conn.sock is None:
-                    conn.connect()
-                    conn.sock.settimeout(self._stall_timeout)  # a stall, first byte included
-                attempt.attach(conn.sock)
-                conn.request("GET", _target(parts), headers=_with_basic_auth(sent, parts))
-                resp = conn.getresponse()
+                reused = conn.sock is not None
+                try:
+                    resp = self._send(attempt, conn, parts, sent)
+                except (ConnectionError, http.client.BadStatusLine):
+                    if not reused or attempt.aborted:
+                        raise
+                    # The server closed this idle keep-alive connection: once more on a new one.
+                    self._discard(conn)
+                    conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
+                    resp = self._send(attempt, conn, parts, sent)
                 location = resp.getheader("Location")
                 if resp.status in _REDIRECTS and location:
                     self._discard(conn)
@@ -147,6 +149,16 @@ class ThreadedBodies:
             finally:
                 attempt.attach(None)
         raise Transient(f"more than {MAX_REDIRECTS} redirects")
+
+    def _send(self, attempt: _Attempt, conn: http.client.HTTPConnection, parts, headers: dict[str, str]):
+        if attempt.aborted:
+            raise Transient("request aborted")
+        if conn.sock is None:
+            conn.connect()
+            conn.sock.settimeout(self._stall_timeout)  # a stall, first byte included
+        attempt.attach(conn.sock)
+        conn.request("GET", _target(parts), headers=_with_basic_auth(headers, parts))
+        return conn.getresponse()
 
     def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
         if scheme not in ("http", "https") or not host:
