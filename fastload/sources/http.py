@@ -1,4 +1,8 @@
-"""HTTP(S): aiohttp ranged GETs over one session per load.
+"""HTTP(S): ranged GETs, their checks, and the size probe.
+
+One aiohttp session per load makes the probe (and, with ``http_engine="aiohttp"``,
+the body reads); by default bodies are received by ``http_threads.ThreadedBodies``
+straight into the tensors. Both roads go through the same checks below.
 
 Every reply is checked before a byte is used: 206 with the exact
 ``Content-Range`` and ``Content-Length`` asked for, and the ETag (or
