@@ -8,6 +8,7 @@ connections, and aborting a body that hangs mid-stream.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -98,7 +99,8 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(h
     file = http_dir / "blob.bin"
     file.write_bytes(bytes(range(256)) * 64)
     url = http_server.url_for(file)
-    bodies = ThreadedBodies(threads=1, connect_timeout_s=2, stall_timeout_s=2, headers={})
+    bodies = ThreadedBodies(threads=1, connect_timeout_s=2, stall_timeout_s=2, headers={},
+                            ssl_context=ssl.create_default_context)
 
     async def get(start: int, end: int) -> bytes:
         out = bytearray(end - start)
@@ -119,3 +121,40 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(h
         assert http_server.connections_accepted == before + 1
     finally:
         bodies.close()
+
+
+@pytest.fixture
+def https_server(tmp_path, monkeypatch):
+    """The Range server over TLS, with a certificate from a test CA that SSL_CERT_FILE makes trusted."""
+    import trustme
+
+    from servers import RangeHTTPServer
+
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    root = tmp_path / "root"
+    root.mkdir()
+    with RangeHTTPServer(root, tls=server_context) as server:
+        yield server
+
+
+@pytest.mark.parametrize("engine", ["threads", "aiohttp"])
+def test_https_loads_bit_exact_and_verifies_the_certificate(engine, https_server, monkeypatch, tmp_path):
+    file, tensors = write_checkpoint(https_server.root / "model.safetensors")
+    url = https_server.url_for(file)
+    assert url.startswith("https://")
+    config = QUICK.replace(http_engine=engine)
+    with Leaks({https_server.port}) as leaks:
+        assert_bit_exact(fastload.load(url, config=config), tensors)
+        leaks.check(grace_s=0.5)
+    assert len([r for r in https_server.log if r.method == "GET"]) >= 2
+    # A certificate nobody vouches for is refused at once (no retries: it is a matter of trust).
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    trace = fastload.Trace()
+    with pytest.raises(fastload.TransferError, match="not trusted.*certificate verify failed") as caught:
+        fastload.load(url, config=config, trace=trace)
+    assert url in str(caught.value) and trace.summary().counters.get("retries", 0) == 0

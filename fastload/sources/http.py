@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
+import threading
 
 import aiohttp
 
@@ -135,6 +137,12 @@ class _Cursor:
             limit = PIECE
 
 
+def _untrusted(exc: BaseException, url: str, byte_range) -> TransferError:
+    """A certificate that does not verify: a fault of trust, not of the network, so it is not retried."""
+    return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in "
+                         "SSL_CERT_FILE", url=url, byte_range=byte_range)
+
+
 def _validator_headers(info: ObjectInfo) -> dict[str, str]:
     if info.etag and not info.etag.startswith("W/"):
         return {"If-Match": info.etag}
@@ -148,6 +156,8 @@ class HttpTransport:
         self.trace = trace
         self._session: aiohttp.ClientSession | None = None
         self._bodies: ThreadedBodies | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._ssl_lock = threading.Lock()
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
 
     def session(self) -> aiohttp.ClientSession:
@@ -168,6 +178,21 @@ class HttpTransport:
             )
         return self._session
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """One verifying TLS context per load, made when first needed (loading the CA store costs ms).
+
+        Both body roads use it, and it is made at load time, so ``SSL_CERT_FILE``/``SSL_CERT_DIR``
+        (a private CA, e.g. an internal S3 gateway) apply to every request of the load alike.
+        """
+        with self._ssl_lock:
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            return self._ssl
+
+    def tls_for(self, url: str) -> ssl.SSLContext | bool:
+        """aiohttp's ``ssl=`` for a request to ``url`` (no context is made for plain HTTP)."""
+        return self.ssl_context() if url.startswith("https:") else True
+
     def _headers(self) -> dict[str, str]:
         return {"Accept-Encoding": "identity", "User-Agent": "fastload", **self.config.http_headers}
 
@@ -175,14 +200,18 @@ class HttpTransport:
         if self._bodies is None:
             cfg = self.config
             self._bodies = ThreadedBodies(threads=cfg.max_concurrency, connect_timeout_s=cfg.connect_timeout_s,
-                                          stall_timeout_s=cfg.stall_timeout_s, headers=self._headers())
+                                          stall_timeout_s=cfg.stall_timeout_s, headers=self._headers(),
+                                          ssl_context=self.ssl_context)
         return self._bodies
 
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
-            return await self.session().request(method, url, headers=headers, allow_redirects=True)
+            return await self.session().request(method, url, headers=headers, allow_redirects=True,
+                                                ssl=self.tls_for(url))
         except aiohttp.InvalidURL as exc:
             raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _untrusted(exc, display, byte_range) from scrub(exc)
         except ValueError as exc:  # e.g. an Authorization header and user:password in the URL
             raise ConfigError(f"cannot request {display}: {describe(scrub(exc))}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -257,6 +286,8 @@ class HttpTransport:
         try:
             await self.bodies().get(info.fetch_url or info.url, headers, check,
                                     lambda readinto: cursor.receive(readinto, on_bytes))
+        except ssl.SSLCertVerificationError as exc:
+            raise _untrusted(exc, info.url, (start, end)) from scrub(exc)
         except Transient as exc:
             if cursor.pos == start:
                 raise

@@ -71,7 +71,8 @@ def _shutdown(sock: socket.socket) -> None:
 class ThreadedBodies:
     """Blocking ranged GETs, one keep-alive connection per (thread, origin)."""
 
-    def __init__(self, *, threads: int, connect_timeout_s: float, stall_timeout_s: float, headers: dict[str, str]):
+    def __init__(self, *, threads: int, connect_timeout_s: float, stall_timeout_s: float, headers: dict[str, str],
+                 ssl_context: Callable[[], ssl.SSLContext]):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-http")
         self._connect_timeout = connect_timeout_s
         self._stall_timeout = stall_timeout_s
@@ -80,7 +81,7 @@ class ThreadedBodies:
         self._open: set[http.client.HTTPConnection] = set()
         self._attempts: set[_Attempt] = set()
         self._lock = threading.Lock()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl_context = ssl_context
 
     async def get(self, url: str, headers: dict[str, str], check: Check,
                   receive: Callable[[Callable[[memoryview], int]], None]) -> None:
@@ -137,7 +138,7 @@ class ThreadedBodies:
                 if resp.will_close or not resp.isclosed() or resp.length not in (0, None):
                     self._discard(conn)
                 return
-            except FastloadError:  # a verdict of ``check`` (many are OSErrors): not a transport failure
+            except (FastloadError, ssl.SSLCertVerificationError):  # a verdict, not a transport failure: no retry
                 self._discard(conn)
                 raise
             except (OSError, http.client.HTTPException) as exc:
@@ -170,10 +171,8 @@ class ThreadedBodies:
         conn = conns.get(key)
         if conn is None:
             if scheme == "https":
-                with self._lock:
-                    if self._ssl is None:
-                        self._ssl = ssl.create_default_context()
-                conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout, context=self._ssl)
+                conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
+                                                   context=self._ssl_context())
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
             conns[key] = conn

@@ -85,7 +85,8 @@ class HubTransport:
         linked = None
         for _ in range(MAX_REDIRECTS):
             try:
-                resp = await self._http(fetch).session().head(fetch, allow_redirects=False)
+                http = self._http(fetch)
+                resp = await http.session().head(fetch, allow_redirects=False, ssl=http.tls_for(fetch))
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 raise Transient(describe(scrub(exc))) from exc
             async with resp:
@@ -138,7 +139,7 @@ class HubTransport:
 
     async def _get(self, url: str, shown: str) -> bytes:
         try:
-            resp = await self.api.session().get(url, allow_redirects=True)
+            resp = await self.api.session().get(url, allow_redirects=True, ssl=self.api.tls_for(url))
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise Transient(describe(scrub(exc))) from exc
         async with resp:

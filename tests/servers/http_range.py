@@ -12,6 +12,7 @@ import re
 import select
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -233,7 +234,8 @@ class BackgroundHTTPServer:
 
     handler_class: type[FaultInjectingHandler]
 
-    def __init__(self, faults: Faults | None = None) -> None:
+    def __init__(self, faults: Faults | None = None, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # serve HTTPS with this server-side context
         self.faults = faults if faults is not None else Faults()
         self.log_store = RequestLog()
         self.stopping = threading.Event()
@@ -268,11 +270,13 @@ class BackgroundHTTPServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/"
 
     def start(self: ServerT) -> ServerT:
         self.stopping.clear()
         self._httpd = _ThreadingServer(self, self.handler_class)
+        if self.tls is not None:
+            self._httpd.socket = self.tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
             name=f"{type(self).__name__}:{self.port}", daemon=True)
@@ -406,8 +410,8 @@ class RangeHTTPServer(BackgroundHTTPServer):
 
     handler_class = _FileHandler
 
-    def __init__(self, root: Path, faults: Faults | None = None) -> None:
-        super().__init__(faults)
+    def __init__(self, root: Path, faults: Faults | None = None, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(faults, tls)
         self.root = Path(root).resolve()
 
     def url_for(self, path: Path | str) -> str:
