@@ -32,13 +32,7 @@ import threading
 import aiohttp
 
 from ..config import LoadConfig
-from ..errors import (
-    ConfigError,
-    SourceChangedError,
-    SourceNotFoundError,
-    SourcePermissionError,
-    TransferError,
-)
+from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
