@@ -103,9 +103,15 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
 
 
 async def read_header(transports: Transports, info: ObjectInfo, file: int) -> FileHeader:
-    """Two small reads: the 8-byte length, then exactly the JSON header (never tensor bytes)."""
+    """Two small reads: the 8-byte length (unless the size probe brought it), then exactly the JSON header
+    (never tensor bytes)."""
     transport = transports.for_url(info.url)
-    prefix = await read_bytes(transport, info, 0, min(info.size, 8))
+    want = min(info.size, 8)
+    if len(info.prefix) >= want:  # the size probe brought it (HTTP): one request fewer
+        prefix = info.prefix[:want]
+        transports.trace.count("bytes_fetched", want, key=info.url)
+    else:
+        prefix = await read_bytes(transport, info, 0, want)
     data_start = header_length(prefix, url=info.url, file_size=info.size)
     raw = await read_bytes(transport, info, 8, data_start)
     return parse_header(raw, url=info.url, file_size=info.size, file=file)

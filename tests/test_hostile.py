@@ -124,4 +124,5 @@ def test_format_errors_are_not_retried(http_server, corpus, served_corpus):
     with pytest.raises(fastload.FormatError):
         fastload.load(url, config=QUICK, trace=trace)
     assert not trace.summary().counters.get("retries")
-    assert len(http_server.log) == 3  # size probe, length prefix, header: then the error
+    # The size probe (it brings the 8-byte length prefix), the header: then the error.
+    assert [r.range for r in http_server.log] == ["bytes=0-7", f"bytes=8-{http_server.log[1].range.split('-')[-1]}"]

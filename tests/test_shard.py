@@ -123,7 +123,7 @@ def test_dim0_fetches_only_the_ranks_rows(wide, http_server, serve):
         sent = tensor_bytes_sent(http_server, source, data_start)
         assert sent == want  # counted by the server: exactly this rank's rows
         assert trace.summary().bytes_fetched == data_start + want  # header + the rank's rows
-        assert http_server.bytes_sent(urlparse(source).path) == data_start + want + 1  # + the 1-byte stat probe
+        assert http_server.bytes_sent(urlparse(source).path) == data_start + want  # the probe brings the length prefix
         shares.append(sent)
     assert sum(shares) == sum(t.nbytes for t in full.values())  # the ranks partition the tensor bytes
 

@@ -9,7 +9,7 @@ transports read across them and discard the gap bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 
@@ -23,6 +23,8 @@ class ObjectInfo:
     last_modified: str | None = None
     fetch_url: str | None = None  # what is actually requested (e.g. a presigned URL); never shown
     checksum: str | None = None  # a published checksum ("sha256:<hex>"), when the source has one
+    # The object's first bytes, when finding its size brought them (HTTP's ranged probe): a request saved.
+    prefix: bytes = field(default=b"", repr=False)
 
 
 class Segment(NamedTuple):

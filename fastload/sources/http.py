@@ -40,6 +40,7 @@ from .base import ObjectInfo, Segment, http_range, span_of
 from .http_threads import ThreadedBodies
 from .retry import RetryPolicy, Transient
 
+PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
@@ -220,8 +221,10 @@ class HttpTransport:
         return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display, byte_range=None)
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
-        # A one-byte ranged GET: gives the size, the validators, and proves Range works.
-        async with await self._request("GET", fetch_url, display, {"Range": "bytes=0-0"}) as resp:
+        # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and
+        # brings a safetensors file's header length, so reading the header takes one request, not two.
+        prefix = b""
+        async with await self._request("GET", fetch_url, display, {"Range": f"bytes=0-{PROBE_BYTES - 1}"}) as resp:
             if resp.status == 416 and resp.headers.get("Content-Range", "").strip() == "bytes */0":
                 return ObjectInfo(url=display, size=0, etag=resp.headers.get("ETag"),  # an empty object
                                   last_modified=resp.headers.get("Last-Modified"),
@@ -234,6 +237,15 @@ class HttpTransport:
                 if not match or match.group(3) == "*":
                     raise TransferError("206 reply without a usable Content-Range", url=display)
                 size = int(match.group(3))
+                want = min(size, PROBE_BYTES)
+                if (int(match.group(1)), int(match.group(2)) + 1) == (0, want):
+                    body = b""
+                    try:
+                        while len(body) <= want and (piece := await resp.content.read(want + 1 - len(body))):
+                            body += piece
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        body = b""  # the headers told what a probe must; the header read fetches these bytes
+                    prefix = body if len(body) == want else b""  # a body of another length is not used
             else:
                 length = _int_header(resp.headers, "Content-Length")
                 if length is None:
@@ -243,7 +255,7 @@ class HttpTransport:
             modified = resp.headers.get("Last-Modified")
             checksum = checksum_from_repr_digest(resp.headers.get("Repr-Digest"))
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
-                          fetch_url=None if fetch_url == display else fetch_url, checksum=checksum)
+                          fetch_url=None if fetch_url == display else fetch_url, checksum=checksum, prefix=prefix)
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         cursor = _Cursor(segments)
