@@ -138,14 +138,13 @@ class ThreadedBodies:
                 if resp.will_close or not resp.isclosed() or resp.length not in (0, None):
                     self._discard(conn)
                 return
-            except (FastloadError, ssl.SSLCertVerificationError):  # a verdict, not a transport failure: no retry
+            except BaseException as exc:
                 self._discard(conn)
-                raise
-            except (OSError, http.client.HTTPException) as exc:
-                self._discard(conn)
-                raise Transient(describe(scrub(exc))) from exc
-            except BaseException:
-                self._discard(conn)
+                # A transport failure is retried; a verdict (a FastloadError from ``check``, many of them
+                # OSErrors, or a certificate that does not verify) and anything else go up as they are.
+                if isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(
+                        exc, (FastloadError, ssl.SSLCertVerificationError)):
+                    raise Transient(describe(scrub(exc))) from exc
                 raise
             finally:
                 attempt.attach(None)
