@@ -116,7 +116,7 @@ def test_a_keep_alive_connection_the_server_closed_is_replaced_without_a_retry(h
     try:
         assert asyncio.run(get(0, 1000)) == file.read_bytes()[:1000]
         before = http_server.connections_accepted
-        http_server._httpd.drop_connections()  # the server hangs up the idle connection
+        http_server.hang_up()  # the server closes the idle connection
         assert asyncio.run(get(5000, 9000)) == file.read_bytes()[5000:9000]
         assert http_server.connections_accepted == before + 1
     finally:

@@ -242,6 +242,11 @@ class BackgroundHTTPServer:
         self._httpd: _ThreadingServer | None = None
         self._thread: threading.Thread | None = None
 
+    def hang_up(self) -> None:
+        """Close every open client connection from the server side (as an idle keep-alive timeout does)."""
+        if self._httpd is not None:
+            self._httpd.drop_connections()
+
     @property
     def connections_accepted(self) -> int:
         return self._httpd.accepted if self._httpd is not None else 0
