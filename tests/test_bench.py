@@ -57,6 +57,28 @@ def test_bench_smoke(tmp_path, tmp_path_factory, monkeypatch, capsys):
     assert md in printed
 
 
+def test_bench_rounds_interleave_loaders_and_pool_their_runs(tmp_path, tmp_path_factory, capsys):
+    out = tmp_path / "out"
+    work = tmp_path_factory.mktemp("bench-work")
+    rc = main(["bench", "--synthetic", "48MiB", "--runs", "1", "--rounds", "2", "--sources", "local-cold",
+               "--loaders", "fastload_direct", "--out", str(out), "--work-dir", str(work), "--quiet-wait", "0"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert [r["loader"] for r in records] == ["fastload_direct", "raw_readinto", "cat"]
+    for r in records:
+        assert r["rounds"] == 2 and r["timed_runs"] == 2
+        assert [(run["round"], run["warmup"]) for run in r["runs"]] == [(0, True), (0, False), (1, True), (1, False)]
+        timed = sorted(run["wall_s"] for run in r["runs"] if not run["warmup"])
+        assert r["median_s"] == pytest.approx(sum(timed) / 2) and r["min_s"] == timed[0]
+    assert records[0]["ratio_raw"] > 0
+    trace = records[0]["runs"][-1]["info"]["trace"]
+    assert trace["bytes_fetched"] > 45e6
+    md = (out / "bench.md").read_text()
+    assert "2 timed runs per loader in 2 rounds" in md and "--rounds 2" in md
+    assert "| local-cold | fastload_direct |" in md
+
+
 def test_import_fastload_does_not_import_the_harness():
     code = ("import sys, fastload, fastload.cli; assert 'fastload.bench' not in sys.modules; "
             "import fastload.bench.suite, fastload.bench.others, fastload.bench.command; "

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "transformers, runai, fastsafetensors, tensorizer, download_then_load; each "
                              "source's raw limit (raw_readinto, cat, curl) always runs")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per loader, after 1 warm-up (default 3)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every loader of a row this many times, in turn, each time in a fresh "
+                             "child (warm-up + --runs): spreads each loader's runs over the row's whole time "
+                             "(default 1)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for bench.jsonl, bench.md, bench.png (default ./bench-results)")
     parser.add_argument("--name", default="bench", help="file name stem of the outputs (default bench)")
@@ -51,6 +55,8 @@ def options_from_args(args: argparse.Namespace):
         raise ConfigError("give either SOURCE or --synthetic, not both")
     if args.runs < 1:
         raise ConfigError("--runs must be at least 1")
+    if args.rounds < 1:
+        raise ConfigError("--rounds must be at least 1")
     try:
         extra = json.loads(args.fastload_config)
     except json.JSONDecodeError as exc:
@@ -61,6 +67,7 @@ def options_from_args(args: argparse.Namespace):
     if loaders and (bad := sorted(loaders - set(registry()))):
         raise ConfigError(f"--loaders: unknown {bad} (choose from {', '.join(registry())})")
     return Options(source=args.source, size_gb=size_gb, sources=sources, loaders=loaders, runs=args.runs,
+                   rounds=args.rounds,
                    out=args.out, name=args.name, work_dir=args.work_dir, http_server=args.http_server,
                    sendfile={"on": (True,), "off": (False,), "both": (True, False)}[args.nginx_sendfile],
                    quiet_wait_s=args.quiet_wait, fastload_config=extra, command=command_line(args))
@@ -68,7 +75,7 @@ def options_from_args(args: argparse.Namespace):
 
 def command_line(args: argparse.Namespace) -> str:
     """The `fastload bench ...` that reproduces this run (options left at their defaults omitted)."""
-    defaults = {"synthetic": None, "sources": ",".join(SOURCES), "loaders": "", "runs": 3,
+    defaults = {"synthetic": None, "sources": ",".join(SOURCES), "loaders": "", "runs": 3, "rounds": 1,
                 "out": Path("bench-results"), "name": "bench", "work_dir": None, "http_server": "auto",
                 "nginx_sendfile": "on", "quiet_wait": 30.0, "fastload_config": "{}"}
     words = ["fastload", "bench"] + ([args.source] if args.source else [])

@@ -90,10 +90,19 @@ def load_fastload(source: Source, info: dict) -> dict:
     return out
 
 
-def fastload_config(source: Source):
+def load_fastload_direct(source: Source, info: dict) -> dict:
+    """fastload with ``direct_io=True``: cold ranges read with O_DIRECT, around the page cache."""
+    import fastload
+    trace = fastload.Trace()
+    out = fastload.load(_fastload_root(source), config=fastload_config(source, direct_io=True), trace=trace)
+    record_trace(trace, info)
+    return out
+
+
+def fastload_config(source: Source, **overrides):
     """The LoadConfig for `source`: its extra kwargs, and the S3 endpoint of a local server."""
     import fastload
-    kwargs = dict(source.fastload_config)
+    kwargs = {**source.fastload_config, **overrides}
     if source.kind == "s3" and source.s3:
         kwargs["s3"] = fastload.S3Options(endpoint_url=source.s3["endpoint"],
                                           region=source.s3.get("region", "us-east-1"))
@@ -256,6 +265,9 @@ _OTHERS = "fastload.bench.others:"
 def registry() -> dict[str, LoaderInfo]:
     infos = [
         LoaderInfo("fastload", _HERE + "load_fastload", _ALL, imports=("fastload",)),
+        LoaderInfo("fastload_direct", _HERE + "load_fastload_direct", ("local",), imports=("fastload",),
+                   note="fastload with LoadConfig(direct_io=True): cold ranges go around the page cache "
+                        "(off by default: nothing is left cached for the next load)"),
         LoaderInfo("fastload_from_pretrained", _OTHERS + "load_fastload_from_pretrained", _ALL,
                    ("transformers",), "pip install 'fastload[transformers]'", model_dir=True,
                    note="fastload.from_pretrained: model built by transformers, weights streamed",

@@ -23,7 +23,10 @@ def markdown(records: list[dict], meta: dict) -> str:
     lines = [
         f"# fastload benchmark ({meta['date']})", "",
         f"Checkpoint: {meta.get('checkpoint', '')} {meta['checkpoint_gb']:.2f} GB, {meta['shards']} shard(s), "
-        f"{meta['timed_runs']} timed runs + 1 warm-up per loader, one child process per loader/source.",
+        + (f"{meta['timed_runs']} timed runs + 1 warm-up per loader, one child process per loader/source."
+         if meta.get("rounds", 1) == 1 else
+         f"{meta['timed_runs']} timed runs per loader in {meta['rounds']} rounds: each round runs every loader "
+         f"of a row in turn, each in a fresh child (1 warm-up + {meta['timed_runs'] // meta['rounds']} timed runs)."),
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GiB RAM, Linux {m['kernel']}, "
         f"torch {m.get('torch', '?')}, git {m.get('git', '?')}.",
         f"1-min load average around the children: {meta.get('loadavg', '?')} "
@@ -93,7 +96,8 @@ def trace_line(trace: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
-META_KEYS = ("date", "machine", "checkpoint", "checkpoint_gb", "shards", "timed_runs", "command", "loadavg")
+META_KEYS = ("date", "machine", "checkpoint", "checkpoint_gb", "shards", "timed_runs", "rounds", "command",
+             "loadavg")
 
 
 def meta_from(records: list[dict]) -> dict:

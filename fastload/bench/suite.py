@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -29,13 +30,13 @@ from pathlib import Path
 from . import report, servers
 from .checkpoint import INDEX_NAME, default_work_dir, ensure_checkpoint
 from .loaders import Source, missing, registry
-from .measure import measure
+from .measure import measure, summarize
 
 SOURCES = ("local-warm", "local-cold", "http", "s3")
 DEFAULT_SIZE_GB = 2.47
 #: loaders compared per source kind, in table order; raw limits last
 ROW_LOADERS = {
-    "local": ("fastload", "fastload_from_pretrained", "safetensors", "transformers", "runai",
+    "local": ("fastload", "fastload_direct", "fastload_from_pretrained", "safetensors", "transformers", "runai",
               "fastsafetensors", "tensorizer", "raw_readinto", "cat"),
     "http": ("fastload", "fastload_from_pretrained", "download_then_load", "tensorizer", "curl"),
     "s3": ("fastload", "fastload_from_pretrained", "download_then_load", "runai", "tensorizer", "curl"),
@@ -50,6 +51,7 @@ class Options:
     sources: tuple[str, ...] = SOURCES
     loaders: frozenset[str] | None = None  # None: every loader of a row
     runs: int = 3
+    rounds: int = 1                       # each row's loaders measured this many times, in turn
     out: Path = Path("bench-results")
     name: str = "bench"
     work_dir: Path | None = None
@@ -166,7 +168,8 @@ def serve_dir(target: Target, work_dir: Path, tensorizer: Path | None) -> Path:
 
 def make_row(name: str, source: Source, kind: str, cold: bool = False,
              env: tuple[tuple[str, str], ...] = ()) -> Row:
-    loaders = tuple(n for n in ROW_LOADERS[kind] if not (n == "cat" and not cold))
+    cold_only = ("cat", "fastload_direct")  # direct_io changes nothing for cached files
+    loaders = tuple(n for n in ROW_LOADERS[kind] if cold or n not in cold_only)
     raw = tuple(n for n in loaders if n in ("raw_readinto", "cat", "curl"))
     return Row(name, source, loaders, raw, BASELINE[kind], cold, env)
 
@@ -183,20 +186,32 @@ def _skip_reason(name: str, row: Row) -> str | None:
 
 
 def run_row(row: Row, opts: Options) -> list[dict]:
-    records = []
+    """Measure each loader of `row`; with `opts.rounds` > 1, every loader once per round, in turn.
+
+    Rounds spread each loader's runs over the whole row's time, so a change in the machine
+    (this VM's memory and disk speeds shift between minutes) lands on every loader alike.
+    """
+    names, records = [], {}
     for name in row.loaders:
         if opts.loaders and name not in opts.loaders and name not in row.raw:
             continue
         if why := _skip_reason(name, row):
             print(f"[{row.name}] {name}: skipped: {why}", file=sys.stderr, flush=True)
-            records.append({"row": row.name, "loader": name, "skipped": why})
+            records[name] = {"row": row.name, "loader": name, "skipped": why}
             continue
-        src = row.source
-        if name.startswith("fastload"):
-            src = replace(src, fastload_config=opts.fastload_config)
-        print(f"[{row.name}] {name} ...", file=sys.stderr, flush=True)
-        rec = measure(name, src, runs=opts.runs, cold=row.cold, env=dict(row.env),
-                      quiet_wait_s=opts.quiet_wait_s)
+        names.append(name)
+    measured: dict[str, list[dict]] = {name: [] for name in names}
+    for rnd in range(opts.rounds):
+        for name in names:
+            src = row.source
+            if name.startswith("fastload"):
+                src = replace(src, fastload_config=opts.fastload_config)
+            step = f" (round {rnd + 1}/{opts.rounds})" if opts.rounds > 1 else ""
+            print(f"[{row.name}] {name}{step} ...", file=sys.stderr, flush=True)
+            measured[name].append(measure(name, src, runs=opts.runs, cold=row.cold, env=dict(row.env),
+                                          quiet_wait_s=opts.quiet_wait_s))
+    for name in names:
+        rec = merge_rounds(measured[name])
         rec.update(row=row.name, is_raw=name in row.raw, is_baseline=name == row.baseline,
                    note=registry()[name].note)
         if "error" in rec:
@@ -204,14 +219,33 @@ def run_row(row: Row, opts: Options) -> list[dict]:
         else:
             print(f"[{row.name}] {name}: median {rec['median_s']:.3f}s = {rec['gbps']:.2f} GB/s, "
                   f"peak RSS {rec['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-        records.append(rec)
-    ok = [r for r in records if "median_s" in r]
+        records[name] = rec
+    ordered = [records[n] for n in row.loaders if n in records]
+    ok = [r for r in ordered if "median_s" in r]
     raw = min((r["median_s"] for r in ok if r["is_raw"]), default=None)
     base = next((r["median_s"] for r in ok if r["is_baseline"]), None)
     for r in ok:
         r["ratio_raw"] = raw / r["median_s"] if raw else None
         r["ratio_baseline"] = base / r["median_s"] if base else None
-    return records
+    return ordered
+
+
+def merge_rounds(recs: list[dict]) -> dict:
+    """One record from one loader's rounds: every run (tagged with its round), stats over all timed runs."""
+    if len(recs) == 1:
+        return recs[0]
+    if failed := next((r for r in recs if "error" in r), None):
+        return failed
+    out = dict(recs[0])
+    out["runs"] = [{**run, "round": i} for i, r in enumerate(recs) for run in r["runs"]]
+    out["rounds"] = len(recs)
+    out["child_s"] = sum(r["child_s"] for r in recs)
+    out["loadavg_after"] = recs[-1]["loadavg_after"]
+    for key in ("peak_rss_mb", "child_peak_rss_mb"):
+        out[key] = max(r[key] for r in recs)
+    out["first_run_s"] = statistics.median(r["first_run_s"] for r in recs)
+    out.update(summarize(out["runs"], out["bytes"]))
+    return out
 
 
 def machine_info() -> dict:
@@ -257,7 +291,8 @@ def run(opts: Options) -> list[dict]:
         target = synthetic_target(opts.size_gb, work_dir)
     meta = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
             "checkpoint": target.label, "checkpoint_gb": target.source.total_bytes / 1e9,
-            "shards": len(target.source.shards), "timed_runs": opts.runs, "command": opts.command}
+            "shards": len(target.source.shards), "timed_runs": opts.runs * opts.rounds, "rounds": opts.rounds,
+            "command": opts.command}
     records: list[dict] = []
 
     def skip(row: str, why: str) -> None:

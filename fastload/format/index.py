@@ -56,8 +56,11 @@ def parse_index(raw: bytes, *, url: str) -> ShardIndex:
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise FormatError(f"{url}: index 'metadata' must be an object")
-    checked = {name: _check_shard_name(file, url) for name, file in weight_map.items()}
-    shards = len(set(checked.values()))
+    shard_names: set[str] = set()  # each distinct file is checked once; a map has 10^4 entries, 10^1 files
+    for file in weight_map.values():
+        if not (isinstance(file, str) and file in shard_names):
+            shard_names.add(_check_shard_name(file, url))
+    shards = len(shard_names)
     if shards > MAX_SHARDS:
         raise FormatError(f"{url}: index names {shards} shard files, more than the {MAX_SHARDS} allowed")
-    return ShardIndex(checked, metadata)
+    return ShardIndex(dict(weight_map), metadata)

@@ -159,38 +159,38 @@ def _metadata(value: Any, url: str) -> dict[str, str]:
 
 
 def _tensor(name: str, entry: Any, *, url: str, file: int, data_start: int, data_len: int) -> TensorSpec:
-    where = f"{url}: tensor {short(name)}"
+    def bad(problem: str) -> FormatError:  # the message is built only on failure: headers have 10^4+ tensors
+        return FormatError(f"{url}: tensor {short(name)}: {problem}")
+
     if not isinstance(entry, dict):
-        raise FormatError(f"{where}: entry must be an object")
+        raise bad("entry must be an object")
     unknown = set(entry) - {"dtype", "shape", "data_offsets"}
     if unknown:
-        raise FormatError(f"{where}: unknown fields {sorted(unknown)}")
+        raise bad(f"unknown fields {sorted(unknown)}")
     dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
-        raise FormatError(f"{where}: unknown dtype {short(entry.get('dtype'))}")
+        raise bad(f"unknown dtype {short(entry.get('dtype'))}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise FormatError(f"{where}: shape must be a list of non-negative integers, got {short(shape)}")
+        raise bad(f"shape must be a list of non-negative integers, got {short(shape)}")
     offsets = entry.get("data_offsets")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-        raise FormatError(f"{where}: data_offsets must be two integers, got {short(offsets)}")
+        raise bad(f"data_offsets must be two integers, got {short(offsets)}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise FormatError(f"{where}: data_offsets [{begin}, {end}) outside the {data_len}-byte data section")
+        raise bad(f"data_offsets [{begin}, {end}) outside the {data_len}-byte data section")
     numel = 0 if 0 in shape else 1  # an empty tensor needs no bytes, whatever its other dims
     for dim in shape:  # stop as soon as the product is impossible: no overflow games
         numel *= dim
         if numel * dtype.itemsize > data_len:
-            raise FormatError(f"{where}: shape {short(shape)} needs more bytes than the file holds")
+            raise bad(f"shape {short(shape)} needs more bytes than the file holds")
     extent = dtype.itemsize
     for dim in shape:  # an empty tensor's other dims still make strides: they must fit in int64
         extent *= max(dim, 1)
         if extent > MAX_EXTENT:
-            raise FormatError(f"{where}: shape {short(shape)} overflows 64-bit sizes")
+            raise bad(f"shape {short(shape)} overflows 64-bit sizes")
     if numel * dtype.itemsize != end - begin:
-        raise FormatError(
-            f"{where}: {dtype.name}{short(shape)} needs {numel * dtype.itemsize} bytes, data_offsets span {end - begin}"
-        )
+        raise bad(f"{dtype.name}{short(shape)} needs {numel * dtype.itemsize} bytes, data_offsets span {end - begin}")
     return TensorSpec(name, dtype, tuple(shape), file, data_start + begin, data_start + end)
 
 
