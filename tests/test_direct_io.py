@@ -147,3 +147,32 @@ def test_ordered_gate_admits_the_smallest_waiting_key_first():
     for t in threads:
         t.join(5)
     assert order == [1, 2, 3, 5, 7, 9] and most[0] == 1
+
+
+def test_stat_opens_the_file_and_brings_the_length_prefix(tmp_path):
+    """One trip to the pool gives size, etag and the header length; reads then use that same open file,
+    so a file renamed over the path after the header was read cannot mix versions into the load."""
+    import asyncio
+
+    from fastload.sources import Segment
+    from fastload.sources.local import LocalTransport
+
+    path = write_single(tmp_path / "m.safetensors", {"w": torch.arange(64, dtype=torch.float32)})
+    original = path.read_bytes()
+    newer = write_single(tmp_path / "newer.safetensors", {"w": torch.zeros(80, dtype=torch.float32)})
+
+    async def go():
+        transport = LocalTransport(2, fastload.Trace())
+        try:
+            info = await transport.stat(str(path))
+            assert (info.size, info.prefix) == (len(original), original[:8])
+            os.replace(newer, path)
+            tail = bytearray(256)
+            await transport.read(info, [Segment(len(original) - 256, memoryview(tail))])
+            return bytes(tail)
+        finally:
+            await transport.aclose()
+
+    assert asyncio.run(go()) == original[-256:]
+    with pytest.raises(fastload.SourceNotFoundError, match="not a regular file.*/dev/null"):
+        fastload.load("/dev/null")

@@ -28,6 +28,7 @@ import errno
 import heapq
 import mmap
 import os
+import stat
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -135,30 +136,44 @@ class LocalTransport:
         self._lock = threading.Lock()
 
     async def stat(self, url: str) -> ObjectInfo:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._stat_blocking, url)
+
+    def _stat_blocking(self, url: str) -> ObjectInfo:
+        """Open the file for the load and read its first 8 bytes (a safetensors header's length) in the
+        same trip to the pool, as the HTTP size probe does: the header then needs one read, not two."""
         path = to_path(url)
         try:
-            st = await asyncio.get_running_loop().run_in_executor(self._pool, os.stat, path)
+            regular = stat.S_ISREG(os.stat(path).st_mode)
         except OSError as exc:
             raise _os_error(exc, url) from exc
-        if not os.path.isfile(path):
+        if not regular:
             raise SourceNotFoundError(f"not a regular file: {url}", url=url)
-        return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}")
+        try:
+            fd = self._open(url)
+            st = os.fstat(fd)
+            prefix = os.pread(fd, min(8, st.st_size), 0)
+        except OSError as exc:
+            raise _os_error(exc, url) from exc
+        return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}", prefix=prefix)
+
+    def _open(self, url: str) -> int:
+        """The load's one descriptor for ``url`` (opened on first use, closed by ``aclose``)."""
+        with self._lock:
+            fd = self._fds.get(url)
+            if fd is None:
+                fd = self._fds[url] = os.open(to_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._gated[url] = self._cold_readers is not None or rotational(os.fstat(fd).st_dev) is True
+            return fd
 
     def _fd(self, info: ObjectInfo) -> int:
-        with self._lock:
-            fd = self._fds.get(info.url)
-            if fd is None:
-                try:
-                    fd = os.open(to_path(info.url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except OSError as exc:
-                    raise _os_error(exc, info.url) from exc
-                st = os.fstat(fd)
-                if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
-                    os.close(fd)
-                    raise SourceChangedError("file changed since it was first read", url=info.url)
-                self._fds[info.url] = fd
-                self._gated[info.url] = self._cold_readers is not None or rotational(st.st_dev) is True
-            return fd
+        try:
+            fd = self._open(info.url)
+        except OSError as exc:
+            raise _os_error(exc, info.url) from exc
+        st = os.fstat(fd)
+        if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+            raise SourceChangedError("file changed since it was first read", url=info.url)
+        return fd
 
     def _direct_fd(self, info: ObjectInfo) -> int | None:
         with self._lock:
