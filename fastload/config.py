@@ -69,8 +69,8 @@ class LoadConfig:
     max_concurrency: int = 16  # ranged reads in flight at once
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
     local_threads: int = 4  # threads issuing preadv for local files
-    # Threads that may read uncached local ranges at once. None: 1 on a disk that says it is rotational
-    # (one sequential stream keeps the kernel's readahead going), no limit otherwise.
+    # Threads that may read uncached local ranges at once, smallest offset first (1: one sequential
+    # stream, for a real spinning disk). None: no limit (measured: benchmarks/README.md).
     local_cold_readers: int | None = None
     direct_io: bool = False  # O_DIRECT for local ranges not in the page cache: faster cold, leaves no cache
     http_engine: str = "threads"  # HTTP(S)/S3 bodies: "threads" (recv_into the tensors) or "aiohttp"

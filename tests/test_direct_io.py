@@ -84,7 +84,7 @@ def test_direct_io_is_off_by_default(odd_checkpoint):
     assert load_and_check(odd_checkpoint, want) == 0
 
 
-# -- cold reads of a rotational disk: one ordered stream (LoadConfig.local_cold_readers) ------------------
+# -- cold reads in one ordered stream, when asked (LoadConfig.local_cold_readers) -------------------------
 
 
 def gated_bytes(path, want, **config) -> int:
@@ -102,18 +102,6 @@ def test_cold_ranges_pass_the_gate_and_cached_ones_do_not(odd_checkpoint):
     else:
         assert cold == 0
     assert gated_bytes(odd_checkpoint, want, local_cold_readers=1) == 0  # the first load left it cached
-
-
-def test_rotational_reads_sysfs_for_the_files_disk(odd_checkpoint):
-    from fastload.sources.local import rotational
-
-    got = rotational(os.stat(odd_checkpoint).st_dev)
-    assert got in (True, False, None)
-    dev = os.stat(odd_checkpoint).st_dev
-    path = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/queue/rotational"
-    if os.path.exists(path):
-        assert got == (open(path).read().strip() == "1")
-    assert rotational(os.makedev(0, 0)) is None  # no such block device
 
 
 def test_ordered_gate_admits_the_smallest_waiting_key_first():
