@@ -61,7 +61,8 @@ def test_bench_rounds_interleave_loaders_and_pool_their_runs(tmp_path, tmp_path_
     out = tmp_path / "out"
     work = tmp_path_factory.mktemp("bench-work")
     rc = main(["bench", "--synthetic", "48MiB", "--runs", "1", "--rounds", "2", "--sources", "local-cold",
-               "--loaders", "fastload_direct", "--out", str(out), "--work-dir", str(work), "--quiet-wait", "0"])
+               "--loaders", "fastload_direct", "--out", str(out), "--work-dir", str(work), "--quiet-wait", "0",
+               "--cold-settle", "0.2"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
@@ -76,6 +77,7 @@ def test_bench_rounds_interleave_loaders_and_pool_their_runs(tmp_path, tmp_path_
     assert trace["bytes_fetched"] > 45e6
     md = (out / "bench.md").read_text()
     assert "2 timed runs per loader in 2 rounds" in md and "--rounds 2" in md
+    assert "wait 0.2 s after each eviction" in md and records[0]["cold_settle_s"] == 0.2
     assert "| local-cold | fastload_direct |" in md
 
 

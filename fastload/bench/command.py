@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nginx sendfile (both: two HTTP rows)")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each loader, wait up to this many seconds for the machine to go quiet")
+    parser.add_argument("--cold-settle", type=float, default=0.0, metavar="S",
+                        help="cold rows: wait S seconds after each eviction, untimed, so the page cache must "
+                             "take memory the host has reclaimed, as on a machine that has not just read the "
+                             "files (this VM: ~2 s; default 0)")
     parser.add_argument("--fastload-config", default="{}",
                         help='JSON of extra LoadConfig kwargs, e.g. \'{"max_concurrency": 16}\'')
 
@@ -57,6 +61,8 @@ def options_from_args(args: argparse.Namespace):
         raise ConfigError("--runs must be at least 1")
     if args.rounds < 1:
         raise ConfigError("--rounds must be at least 1")
+    if args.cold_settle < 0:
+        raise ConfigError("--cold-settle must not be negative")
     try:
         extra = json.loads(args.fastload_config)
     except json.JSONDecodeError as exc:
@@ -67,17 +73,18 @@ def options_from_args(args: argparse.Namespace):
     if loaders and (bad := sorted(loaders - set(registry()))):
         raise ConfigError(f"--loaders: unknown {bad} (choose from {', '.join(registry())})")
     return Options(source=args.source, size_gb=size_gb, sources=sources, loaders=loaders, runs=args.runs,
-                   rounds=args.rounds,
-                   out=args.out, name=args.name, work_dir=args.work_dir, http_server=args.http_server,
+                   rounds=args.rounds, out=args.out, name=args.name, work_dir=args.work_dir,
+                   http_server=args.http_server,
                    sendfile={"on": (True,), "off": (False,), "both": (True, False)}[args.nginx_sendfile],
-                   quiet_wait_s=args.quiet_wait, fastload_config=extra, command=command_line(args))
+                   quiet_wait_s=args.quiet_wait, cold_settle_s=args.cold_settle, fastload_config=extra,
+                   command=command_line(args))
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The `fastload bench ...` that reproduces this run (options left at their defaults omitted)."""
     defaults = {"synthetic": None, "sources": ",".join(SOURCES), "loaders": "", "runs": 3, "rounds": 1,
                 "out": Path("bench-results"), "name": "bench", "work_dir": None, "http_server": "auto",
-                "nginx_sendfile": "on", "quiet_wait": 30.0, "fastload_config": "{}"}
+                "nginx_sendfile": "on", "quiet_wait": 30.0, "cold_settle": 0.0, "fastload_config": "{}"}
     words = ["fastload", "bench"] + ([args.source] if args.source else [])
     for key, default in defaults.items():
         value = getattr(args, key)

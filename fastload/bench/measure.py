@@ -208,6 +208,7 @@ def child_main(spec_path: str, result_path: str) -> None:
         if spec["cold"] and paths:
             evict(paths)
             rec["resident_after_evict"] = resident_fraction(paths)
+            time.sleep(spec.get("cold_settle_s", 0.0))  # untimed: see measure()
         gc.collect()
         info: dict = {}
         flt0, maj0, cpu0 = _rusage()
@@ -256,21 +257,25 @@ def summarize(runs: list[dict], total_bytes: int) -> dict:
 
 def measure(loader: str, source, *, runs: int = 3, warmup: int = 1, cold: bool = False,
             env: dict[str, str] | None = None, timeout: float = 1200.0,
-            prefault_bytes: int | None = None, quiet_wait_s: float = 0.0) -> dict:
+            prefault_bytes: int | None = None, quiet_wait_s: float = 0.0, cold_settle_s: float = 0.0) -> dict:
     """Run `loader` on `source` in a fresh child; returns a record (with "error" on failure).
 
     `prefault_bytes` (default 1.25x the checkpoint + 256 MiB; 0 turns it off) is
     touched at the heap top before every run after the first; see `prefault`.
     `quiet_wait_s` > 0 first waits up to that long for the machine to go quiet.
+    `cold_settle_s` > 0 waits that long after each eviction: on this VM the freed page-cache
+    memory then goes back to the host, and the cold read has to take fresh memory for its page
+    cache, as on a machine that has not just read the files (right after eviction it reuses them).
     """
     if prefault_bytes is None:
         prefault_bytes = int(source.total_bytes * 1.25) + (256 << 20)
     record = {"loader": loader, "source": source.kind, "root": source.root, "cold": cold,
+              "cold_settle_s": cold_settle_s if cold else 0.0,
               "bytes": source.total_bytes, "runs_requested": runs, "warmup": warmup}
     with tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
         spec, result, log = (Path(tmp) / n for n in ("spec.json", "result.json", "child.log"))
         spec.write_text(json.dumps({"loader": loader, "source": asdict(source), "runs": runs,
-                                    "warmup": warmup, "cold": cold,
+                                    "warmup": warmup, "cold": cold, "cold_settle_s": cold_settle_s,
                                     "prefault_bytes": prefault_bytes}))
         if quiet_wait_s > 0:
             record.update(wait_quiet(quiet_wait_s))

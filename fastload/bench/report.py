@@ -35,6 +35,8 @@ def markdown(records: list[dict], meta: dict) -> str:
         "(MALLOC_MMAP_MAX_=0, no trim, no tcache/fastbins) and the heap is prefaulted before each "
         "timed run, so no run pays the host's slow re-touch of returned memory; minor faults are "
         "per timed run. Peak RSS: VmHWM after the warm-up.",
+        *([f"Cold rows wait {meta['cold_settle_s']:g} s after each eviction (untimed): the page cache then "
+           "has to take memory the host has reclaimed."] if meta.get("cold_settle_s") else []),
         *([f"Command: `{meta['command']}`"] if meta.get("command") else []), "",
         "| row | loader | median s | GB/s | min–max s | × raw limit | × baseline "
         "| peak RSS MB | minor faults | CPU s | others' CPU s |",
@@ -96,8 +98,8 @@ def trace_line(trace: dict) -> str:
     return "; ".join(p for p in parts if p)
 
 
-META_KEYS = ("date", "machine", "checkpoint", "checkpoint_gb", "shards", "timed_runs", "rounds", "command",
-             "loadavg")
+META_KEYS = ("date", "machine", "checkpoint", "checkpoint_gb", "shards", "timed_runs", "rounds", "cold_settle_s",
+             "command", "loadavg")
 
 
 def meta_from(records: list[dict]) -> dict:

@@ -58,6 +58,7 @@ class Options:
     http_server: str = "auto"             # auto | nginx | python
     sendfile: tuple[bool, ...] = (True,)  # nginx sendfile variants (one HTTP row each)
     quiet_wait_s: float = 30.0
+    cold_settle_s: float = 0.0            # wait after each eviction (see measure.measure)
     fastload_config: dict = field(default_factory=dict)
     command: str = ""
 
@@ -209,7 +210,7 @@ def run_row(row: Row, opts: Options) -> list[dict]:
             step = f" (round {rnd + 1}/{opts.rounds})" if opts.rounds > 1 else ""
             print(f"[{row.name}] {name}{step} ...", file=sys.stderr, flush=True)
             measured[name].append(measure(name, src, runs=opts.runs, cold=row.cold, env=dict(row.env),
-                                          quiet_wait_s=opts.quiet_wait_s))
+                                          quiet_wait_s=opts.quiet_wait_s, cold_settle_s=opts.cold_settle_s))
     for name in names:
         rec = merge_rounds(measured[name])
         rec.update(row=row.name, is_raw=name in row.raw, is_baseline=name == row.baseline,
@@ -292,6 +293,7 @@ def run(opts: Options) -> list[dict]:
     meta = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
             "checkpoint": target.label, "checkpoint_gb": target.source.total_bytes / 1e9,
             "shards": len(target.source.shards), "timed_runs": opts.runs * opts.rounds, "rounds": opts.rounds,
+            "cold_settle_s": opts.cold_settle_s,
             "command": opts.command}
     records: list[dict] = []
 
