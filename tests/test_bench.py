@@ -89,3 +89,22 @@ def test_import_fastload_does_not_import_the_harness():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_merge_rounds_pools_runs_and_keeps_a_busy_rounds_warning():
+    from fastload.bench.suite import merge_rounds
+
+    def rec(walls, **extra):
+        runs = [{"warmup": i == 0, "wall_s": w, "minflt": 1, "majflt": 0, "cpu_s": 0.1, "others_cpu_s": 0.0}
+                for i, w in enumerate(walls)]
+        return {"runs": runs, "child_s": 3.0, "loadavg_after": 1.0, "peak_rss_mb": extra.pop("rss", 100.0),
+                "child_peak_rss_mb": 200.0, "first_run_s": walls[0], "bytes": 10**9, **extra}
+
+    merged = merge_rounds([rec([2.0, 0.5, 0.7], quiet=True, quiet_wait_s=1.0, busy_cores_before=0.1),
+                           rec([3.0, 0.9, 0.4], rss=150.0, quiet=False, quiet_wait_s=60.0, busy_cores_before=1.5)])
+    assert [r["round"] for r in merged["runs"]] == [0, 0, 0, 1, 1, 1]
+    assert merged["median_s"] == pytest.approx(0.6) and (merged["min_s"], merged["max_s"]) == (0.4, 0.9)
+    assert merged["peak_rss_mb"] == 150.0 and merged["child_s"] == 6.0 and merged["first_run_s"] == 2.5
+    assert (merged["quiet"], merged["busy_cores_before"]) == (False, 1.5)
+    failed = {"error": "child exit 1: boom"}
+    assert merge_rounds([rec([1.0, 0.5]), failed]) is failed

@@ -245,6 +245,8 @@ def merge_rounds(recs: list[dict]) -> dict:
     for key in ("peak_rss_mb", "child_peak_rss_mb"):
         out[key] = max(r[key] for r in recs)
     out["first_run_s"] = statistics.median(r["first_run_s"] for r in recs)
+    if busy := [r for r in recs if r.get("quiet") is False]:  # the report warns about a round that started busy
+        out.update({k: busy[0][k] for k in ("quiet", "quiet_wait_s", "busy_cores_before")})
     out.update(summarize(out["runs"], out["bytes"]))
     return out
 
