@@ -82,21 +82,17 @@ def _safetensors_load(paths: list[Path]) -> dict:
 
 # --- fastload ---------------------------------------------------------------
 
-def load_fastload(source: Source, info: dict) -> dict:
+def load_fastload(source: Source, info: dict, **overrides) -> dict:
     import fastload
     trace = fastload.Trace()
-    out = fastload.load(_fastload_root(source), config=fastload_config(source), trace=trace)
+    out = fastload.load(_fastload_root(source), config=fastload_config(source, **overrides), trace=trace)
     record_trace(trace, info)
     return out
 
 
 def load_fastload_direct(source: Source, info: dict) -> dict:
     """fastload with ``direct_io=True``: cold ranges read with O_DIRECT, around the page cache."""
-    import fastload
-    trace = fastload.Trace()
-    out = fastload.load(_fastload_root(source), config=fastload_config(source, direct_io=True), trace=trace)
-    record_trace(trace, info)
-    return out
+    return load_fastload(source, info, direct_io=True)
 
 
 def fastload_config(source: Source, **overrides):

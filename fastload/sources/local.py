@@ -114,7 +114,7 @@ class LocalTransport:
         self.trace = trace
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-pread")
         self._fds: dict[str, int] = {}
-        # Uncached ranges of gated files are read by at most this many threads at once (see OrderedGate).
+        # When set, uncached ranges are read by at most this many threads at once (see OrderedGate).
         self._cold_readers = cold_readers
         self._gate = OrderedGate(cold_readers or 1)
         self._has_cachestat: bool | None = None
@@ -151,7 +151,10 @@ class LocalTransport:
         with self._lock:
             fd = self._fds.get(url)
             if fd is None:
-                fd = self._fds[url] = os.open(to_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                # O_NONBLOCK: a path swapped for a FIFO after the stat fails its reads instead of hanging
+                # the open (no effect on regular files).
+                flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+                fd = self._fds[url] = os.open(to_path(url), flags)
             return fd
 
     def _fd(self, info: ObjectInfo) -> int:
