@@ -158,11 +158,15 @@ class LocalTransport:
             return fd
 
     def _fd(self, info: ObjectInfo) -> int:
+        with self._lock:
+            fd = self._fds.get(info.url)
+        if fd is not None:  # opened by stat(): ``info.etag`` came from this very descriptor
+            return fd
         try:
             fd = self._open(info.url)
         except OSError as exc:
             raise _os_error(exc, info.url) from exc
-        st = os.fstat(fd)
+        st = os.fstat(fd)  # an ObjectInfo this transport did not stat itself
         if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
             raise SourceChangedError("file changed since it was first read", url=info.url)
         return fd
@@ -202,10 +206,10 @@ class LocalTransport:
         if self._libc is None:
             self._libc = ctypes.CDLL(None, use_errno=True)
         rng = (ctypes.c_uint64 * 2)(offset, length)
-        stat = (ctypes.c_uint64 * 5)()
-        if self._libc.syscall(CACHESTAT_SYSCALL, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        counts = (ctypes.c_uint64 * 5)()  # struct cachestat: nr_cache first
+        if self._libc.syscall(CACHESTAT_SYSCALL, fd, ctypes.byref(rng), ctypes.byref(counts), 0) != 0:
             return None
-        return stat[0] * mmap.PAGESIZE
+        return counts[0] * mmap.PAGESIZE
 
     def _read_direct(self, dfd: int, info: ObjectInfo, views: list[memoryview], offset: int, want: int,
                      record: ReadRecord | None) -> int:
