@@ -68,7 +68,7 @@ class LoadConfig:
     chunk_bytes: int = 64 * MiB  # target size of one ranged read (measured: benchmarks/README.md)
     max_concurrency: int = 16  # ranged reads in flight at once
     host_buffer_bytes: int = 256 * MiB  # budget for staging buffers (memory in flight beyond the outputs)
-    local_threads: int = 4  # threads issuing preadv for local files
+    local_threads: int = 4  # threads issuing preadv for local files (direct_io: >= host_buffer_bytes // 32 MiB)
     # Threads that may read uncached local ranges at once, smallest offset first (1: one sequential
     # stream, for a real spinning disk). None: no limit (measured: benchmarks/README.md).
     local_cold_readers: int | None = None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import report, servers
 from .checkpoint import INDEX_NAME, default_work_dir, ensure_checkpoint
-from .loaders import Source, missing, registry
+from .loaders import Source, direct_io_refused, missing, registry
 from .measure import measure, summarize
 
 SOURCES = ("local-warm", "local-cold", "http", "s3")
@@ -37,7 +37,7 @@ DEFAULT_SIZE_GB = 2.47
 #: loaders compared per source kind, in table order; raw limits last
 ROW_LOADERS = {
     "local": ("fastload", "fastload_direct", "fastload_from_pretrained", "safetensors", "transformers", "runai",
-              "fastsafetensors", "tensorizer", "raw_readinto", "cat"),
+              "fastsafetensors", "tensorizer", "raw_readinto", "cat", "raw_direct"),
     "http": ("fastload", "fastload_from_pretrained", "download_then_load", "tensorizer", "curl"),
     "s3": ("fastload", "fastload_from_pretrained", "download_then_load", "runai", "tensorizer", "curl"),
 }
@@ -169,9 +169,9 @@ def serve_dir(target: Target, work_dir: Path, tensorizer: Path | None) -> Path:
 
 def make_row(name: str, source: Source, kind: str, cold: bool = False,
              env: tuple[tuple[str, str], ...] = ()) -> Row:
-    cold_only = ("cat", "fastload_direct")  # direct_io changes nothing for cached files
+    cold_only = ("cat", "raw_direct", "fastload_direct")  # direct_io changes nothing for cached files
     loaders = tuple(n for n in ROW_LOADERS[kind] if cold or n not in cold_only)
-    raw = tuple(n for n in loaders if n in ("raw_readinto", "cat", "curl"))
+    raw = tuple(n for n in loaders if n in ("raw_readinto", "cat", "raw_direct", "curl"))
     return Row(name, source, loaders, raw, BASELINE[kind], cold, env)
 
 
@@ -181,6 +181,8 @@ def _skip_reason(name: str, row: Row) -> str | None:
         return why
     if info.model_dir and not row.source.has_config:
         return "needs a transformers model directory (no config.json found next to the weights)"
+    if name == "raw_direct":
+        return direct_io_refused(row.source.local_paths()[0])
     if name == "tensorizer" and not row.source.tensorizer:
         return "no tensorizer copy of this checkpoint (it is made only from a local checkpoint)"
     return None

@@ -42,7 +42,7 @@ class Transports:
         if scheme not in self._made:
             if scheme == "local":
                 self._made[scheme] = LocalTransport(self.config.local_threads, self.trace, direct_io=self.config.direct_io,
-                                                    scratch_bytes=self.config.chunk_bytes,
+                                                    direct_budget=self.config.host_buffer_bytes,
                                                     cold_readers=self.config.local_cold_readers)
             elif scheme == "http":  # network transports import aiohttp/botocore only when a load needs them
                 from .http import HttpTransport
