@@ -125,10 +125,10 @@ class LocalTransport:
                  cold_readers: int | None = None):
         self.trace = trace
         self._direct = direct_io and hasattr(os, "O_DIRECT") and sys.platform == "linux"
-        scratch_bytes = DIRECT_READ_BYTES
+        scratch = DIRECT_READ_BYTES
         if self._direct:  # the scratch buffers, one per thread, fill the budget (see the module docstring)
             threads = max(threads, direct_budget // DIRECT_READ_BYTES)
-            scratch_bytes = max(DIRECT_MIN_BYTES, min(DIRECT_READ_BYTES, direct_budget // threads))
+            scratch = max(DIRECT_MIN_BYTES, min(DIRECT_READ_BYTES, direct_budget // threads))
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-pread")
         self._fds: dict[str, int] = {}
@@ -137,7 +137,7 @@ class LocalTransport:
         self._gate = OrderedGate(cold_readers or 1)
         self._has_cachestat: bool | None = None
         self._direct_fds: dict[str, int | None] = {}  # None: this file cannot be read with O_DIRECT
-        self._scratch_bytes = max(scratch_bytes, DIRECT_MIN_BYTES) + 2 * ALIGN
+        self._scratch_bytes = scratch + 2 * ALIGN  # room to round a read's start down and its end up
         self._scratch = threading.local()  # one aligned buffer per pool thread, freed with the thread
         self._libc = None  # for cachestat(2) and madvise(2), loaded on first use
         self._lock = threading.Lock()
