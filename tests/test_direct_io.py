@@ -168,6 +168,7 @@ def test_stat_opens_the_file_and_brings_the_length_prefix(tmp_path):
         fastload.load("/dev/null")
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 def test_direct_scratch_fills_the_buffer_budget_in_huge_page_advised_buffers():
     """The O_DIRECT scratch is the load's memory in flight: one buffer per thread, all within
     host_buffer_bytes, 2 MiB-aligned and advised MADV_HUGEPAGE (4 KiB pages cut a virtio
@@ -176,8 +177,6 @@ def test_direct_scratch_fills_the_buffer_budget_in_huge_page_advised_buffers():
 
     from fastload.sources.local import LocalTransport
 
-    if not hasattr(os, "O_DIRECT"):
-        pytest.skip("no O_DIRECT on this platform")
     sizes = {}
     for budget in (128 * MiB, 256 * MiB, 512 * MiB):
         transport = LocalTransport(4, fastload.Trace(), direct_io=True, direct_budget=budget)
