@@ -39,6 +39,10 @@ def test_bench_smoke(tmp_path, tmp_path_factory, monkeypatch, capsys):
         assert r["minflt"] >= 0 and isinstance(r["minflt"], int)
         assert 0.999 * size < r["runs"][1]["bytes"] <= size  # tensor bytes: the file less its headers
     assert measured["local-warm", "raw_readinto"]["ratio_raw"] == 1.0
+    for (row, loader), r in measured.items():  # warm local runs checked that the files were cached
+        assert r.get("cached") is (True if row == "local-warm" else None), (row, loader)
+        if row == "local-warm":
+            assert r["resident_before_min"] > 0.99 and "resident_before" in r["runs"][1]
     assert measured["local-warm", "safetensors"]["is_baseline"]
     for row in ("local-warm", "http-python"):
         trace = measured[row, "fastload"]["runs"][-1]["info"]["trace"]
@@ -91,6 +95,23 @@ def test_import_fastload_does_not_import_the_harness():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_warm_run_that_finds_its_files_evicted_is_flagged():
+    from fastload.bench.measure import summarize
+    from fastload.bench.report import markdown
+
+    runs = [{"warmup": i == 0, "wall_s": 0.5, "minflt": 1, "majflt": 0, "cpu_s": 0.1, "others_cpu_s": 0.0,
+             "resident_before": frac} for i, frac in enumerate((0.0, 1.0, 0.62, 1.0))]
+    stats = summarize(runs, 10**9)
+    assert (stats["cached"], stats["resident_before_min"]) == (False, 0.62)  # the warm-up's 0.0 is not counted
+    assert summarize(runs[:2], 10**9)["cached"] is True
+    record = {"row": "local-warm", "loader": "fastload", "runs": runs, "peak_rss_mb": 100.0, "ratio_raw": 1.0,
+              "ratio_baseline": None, "is_raw": False, "is_baseline": False, **stats}
+    meta = {"date": "today", "checkpoint": "c", "checkpoint_gb": 1.0, "shards": 1, "timed_runs": 3, "rounds": 1,
+            "machine": {"cpu": "x", "cores": 2, "mem_gb": 1, "kernel": "k"}}
+    assert "local-warm / fastload: NOT WARM: a timed run found only 62.0% of the files' pages cached" in markdown(
+        [record], meta)
 
 
 def test_merge_rounds_pools_runs_and_keeps_a_busy_rounds_warning():

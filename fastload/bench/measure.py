@@ -209,6 +209,8 @@ def child_main(spec_path: str, result_path: str) -> None:
             evict(paths)
             rec["resident_after_evict"] = resident_fraction(paths)
             time.sleep(spec.get("cold_settle_s", 0.0))  # untimed: see measure()
+        elif paths:  # a warm run must find the files cached (the prefault above could push pages out)
+            rec["resident_before"] = resident_fraction(paths)
         gc.collect()
         info: dict = {}
         flt0, maj0, cpu0 = _rusage()
@@ -252,6 +254,9 @@ def summarize(runs: list[dict], total_bytes: int) -> dict:
     if res:
         out["resident_after_evict_max"] = max(res)
         out["evicted"] = max(res) < EVICTED_MAX_RESIDENT
+    if warm := [r["resident_before"] for r in timed if "resident_before" in r]:
+        out["resident_before_min"] = min(warm)
+        out["cached"] = min(warm) > 1 - EVICTED_MAX_RESIDENT
     return out
 
 

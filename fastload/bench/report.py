@@ -34,7 +34,9 @@ def markdown(records: list[dict], meta: dict) -> str:
         "Runs are made comparable: one untimed warm-up run per child; malloc keeps freed memory "
         "(MALLOC_MMAP_MAX_=0, no trim, no tcache/fastbins) and the heap is prefaulted before each "
         "timed run, so no run pays the host's slow re-touch of returned memory; minor faults are "
-        "per timed run. Peak RSS: VmHWM after the warm-up.",
+        "per timed run. Peak RSS: VmHWM after the warm-up. Before each timed run, local warm rows check "
+        "with mincore(2) that the files are in the page cache (a run that finds them not is flagged "
+        "below), cold rows that eviction worked.",
         *([f"Cold rows wait {meta['cold_settle_s']:g} s after each eviction (untimed): the page cache then "
            "has to take memory the host has reclaimed."] if meta.get("cold_settle_s") else []),
         *([f"Command: `{meta['command']}`"] if meta.get("command") else []), "",
@@ -69,6 +71,9 @@ def markdown(records: list[dict], meta: dict) -> str:
             notes.append(f"- {r['row']} / {r['loader']}: eviction "
                          f"{'worked' if r['evicted'] else 'DID NOT work'} (at most "
                          f"{100 * r['resident_after_evict_max']:.1f}% of pages still cached)")
+        if r.get("cached") is False:
+            notes.append(f"- {r['row']} / {r['loader']}: NOT WARM: a timed run found only "
+                         f"{100 * r['resident_before_min']:.1f}% of the files' pages cached")
         trace = (r["runs"][-1].get("info") or {}).get("trace")
         if trace:
             notes.append(f"- {r['row']} / {r['loader']} trace (last run): {trace_line(trace)}")
