@@ -131,3 +131,26 @@ def test_merge_rounds_pools_runs_and_keeps_a_busy_rounds_warning():
     assert (merged["quiet"], merged["busy_cores_before"]) == (False, 1.5)
     failed = {"error": "child exit 1: boom"}
     assert merge_rounds([rec([1.0, 0.5]), failed]) is failed
+
+
+def test_touch_counts_every_tensor_and_spreads_the_pages_over_torchs_threads(monkeypatch):
+    import threading
+
+    import torch
+
+    from fastload.bench import measure
+
+    seen = set()
+    real_sum = torch.Tensor.sum
+
+    def spy(self, *args, **kwargs):
+        seen.add(threading.get_ident())
+        return real_sum(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", spy)
+    tensors = {f"t{i}": torch.ones(70_000 + i, dtype=torch.float32) for i in range(6)}
+    tensors["empty"] = torch.zeros(0)
+    tensors["int"] = torch.arange(3, dtype=torch.int64)
+    assert measure.touch(tensors) == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert len(seen) == min(torch.get_num_threads(), 7)
+    assert measure.touch({}) == 0 and measure.touch(123) == 123

@@ -130,11 +130,18 @@ def wait_quiet(max_wait_s: float, max_busy_cores: float = 0.3, window_s: float =
 # --- the child --------------------------------------------------------------
 
 def touch(result) -> int:
-    """Read one byte of every 4 KiB page of the result; returns its size in bytes."""
+    """Read one byte of every 4 KiB page of the result; returns its size in bytes.
+
+    A dict's CPU tensors are touched on as many threads as torch uses (in groups of about equal
+    bytes): the raw limit's single buffer is touched by one torch op, which torch spreads over
+    those threads, and a loader should not pay for returning many tensors instead of one
+    (measured: 200 tensors, 2.46 GB: 12 ms on one thread, 6 ms on two; the one buffer 4 ms).
+    """
     if isinstance(result, int):
         return result
     import torch
     total = 0
+    pages = []
     for t in result.values():
         if t.device.type != "cpu":  # device memory: just wait for the copies
             if t.device.type == "cuda":
@@ -143,8 +150,25 @@ def touch(result) -> int:
             continue
         b = t.detach().contiguous().view(-1).view(torch.uint8)
         if b.numel():
-            int(b[::PAGE].sum()) + int(b[-1])
+            pages.append(b)
         total += b.numel()
+    groups: list[list] = [[] for _ in range(max(1, min(torch.get_num_threads(), len(pages))))]
+    sizes = [0] * len(groups)
+    for b in sorted(pages, key=len, reverse=True):  # largest first, each to the lightest group
+        i = sizes.index(min(sizes))
+        groups[i].append(b)
+        sizes[i] += len(b)
+
+    def read(group: list) -> None:
+        for b in group:
+            int(b[::PAGE].sum()) + int(b[-1])
+
+    if len(groups) == 1:
+        read(groups[0])
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(groups)) as pool:
+            list(pool.map(read, groups))
     return total
 
 
