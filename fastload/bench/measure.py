@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -159,16 +160,23 @@ def touch(result) -> int:
         groups[i].append(b)
         sizes[i] += len(b)
 
-    def read(group: list) -> None:
-        for b in group:
-            int(b[::PAGE].sum()) + int(b[-1])
+    errors: list[BaseException] = []
 
-    if len(groups) == 1:
-        read(groups[0])
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(len(groups)) as pool:
-            list(pool.map(read, groups))
+    def read(group: list) -> None:
+        try:
+            for b in group:
+                int(b[::PAGE].sum()) + int(b[-1])
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller
+            errors.append(exc)
+
+    helpers = [threading.Thread(target=read, args=(g,)) for g in groups[1:]]  # one thread per group
+    for h in helpers:
+        h.start()
+    read(groups[0])
+    for h in helpers:
+        h.join()
+    if errors:
+        raise errors[0]
     return total
 
 
