@@ -213,3 +213,37 @@ transport._pool.shutdown()
                          env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"  # VM_HUGEPAGE on the scratch's mapping: the kernel took the advice
+
+
+def test_without_cachestat_mincore_finds_the_cold_ranges(odd_checkpoint, monkeypatch):
+    """Kernels before 6.5 (Amazon Linux 2023 runs 6.1) have no cachestat(2): mincore(2) on a mapping
+    of the range must then tell cold from cached, or direct_io would silently do nothing there."""
+    import asyncio
+
+    from fastload.sources.local import LocalTransport
+
+    want = {k: v.clone() for k, v in safetensors.torch.load_file(odd_checkpoint).items()}
+    size = odd_checkpoint.stat().st_size
+    ranges = (0, size), (12_345, 3 * MiB), (size - 5000, 5000)
+
+    async def probes():
+        transport = LocalTransport(2, fastload.Trace(), direct_io=True)
+        try:
+            info = await transport.stat(str(odd_checkpoint))
+            fd = transport._fds[info.url]
+            return [(transport._mincore(fd, off, n), transport._cachestat(fd, off, n)) for off, n in ranges]
+        finally:
+            await transport.aclose()
+
+    for (mincore, cachestat), (_, n) in zip(asyncio.run(probes()), ranges):  # cached: the probes agree
+        assert mincore >= n and (cachestat is None or abs(mincore - cachestat) <= 2 * 4096)
+    evict(odd_checkpoint)
+    for mincore, cachestat in asyncio.run(probes()):  # stat() read 8 bytes: readahead may keep a few pages
+        assert mincore <= 256 * 1024 and (cachestat is None or abs(mincore - cachestat) <= 2 * 4096)
+
+    monkeypatch.setattr(LocalTransport, "_cachestat", lambda self, fd, offset, length: None)  # an old kernel
+    direct = load_and_check(odd_checkpoint, want, direct_io=True)
+    if direct_supported(odd_checkpoint):
+        assert direct >= 3 * MiB  # the cold ranges went through O_DIRECT, found by mincore
+    odd_checkpoint.read_bytes()  # through the page cache (a direct load leaves nothing there)
+    assert load_and_check(odd_checkpoint, want, direct_io=True) == 0  # cached: mincore says so
