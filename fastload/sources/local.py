@@ -7,9 +7,9 @@ shard that needs only some strides of a tensor reads only those.
 With ``LoadConfig(direct_io=True)``, cold bytes take another road: a range that
 is mostly not in the page cache (asked with ``cachestat(2)``, or with
 ``mincore(2)`` before Linux 6.5) is read with ``O_DIRECT`` into a per-thread,
-page-aligned scratch buffer and copied into place. The disk then DMAs into memory without the page cache's insertion
-and copy: on our 2-core test VM a cold 2.46 GB checkpoint loads at 2.9-3.3 GB/s
-where the page cache gives 1.85-2.5. The price, and why it is off by default:
+page-aligned scratch buffer and copied into place. The disk then DMAs into
+memory without the page cache's insertion and copy: on our 2-core test VM a cold
+2.46 GB checkpoint loads at 2.9-3.3 GB/s where the page cache gives 1.85-2.5. The price, and why it is off by default:
 those bytes are not left in the page cache, so the next load of the same file is
 cold again. Cached ranges, small reads, filesystems without ``O_DIRECT``, and
 files that mincore cannot see into (see ``_mincore``) use the page cache as usual.
@@ -139,7 +139,7 @@ class LocalTransport:
         self._direct_fds: dict[str, int | None] = {}  # None: this file cannot be read with O_DIRECT
         self._scratch_bytes = scratch + 2 * ALIGN  # room to round a read's start down and its end up
         self._scratch = threading.local()  # one aligned buffer per pool thread, freed with the thread
-        self._libc = None  # for cachestat(2) and madvise(2), loaded on first use
+        self._libc = None  # for cachestat(2), mincore(2) and madvise(2), loaded on first use
         self._lock = threading.Lock()
 
     async def stat(self, url: str) -> ObjectInfo:
