@@ -9,10 +9,11 @@ is mostly not in the page cache (asked with ``cachestat(2)``, or with
 ``mincore(2)`` before Linux 6.5) is read with ``O_DIRECT`` into a per-thread,
 page-aligned scratch buffer and copied into place. The disk then DMAs into
 memory without the page cache's insertion and copy: on our 2-core test VM a cold
-2.46 GB checkpoint loads at 2.9-3.3 GB/s where the page cache gives 1.85-2.5. The price, and why it is off by default:
-those bytes are not left in the page cache, so the next load of the same file is
-cold again. Cached ranges, small reads, filesystems without ``O_DIRECT``, and
-files that mincore cannot see into (see ``_mincore``) use the page cache as usual.
+2.46 GB checkpoint loads at 2.9-3.3 GB/s where the page cache gives 1.85-2.5.
+The price, and why it is off by default: those bytes are not left in the page
+cache, so the next load of the same file is cold again. Cached ranges, small
+reads, filesystems without ``O_DIRECT``, and files that mincore cannot see into
+(see ``_mincore``) use the page cache as usual.
 
 On the CPU path the scratch buffers are the load's memory in flight, so together
 they take ``host_buffer_bytes`` (default 256 MiB: eight threads, 32 MiB reads).
