@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import mmap
 import os
 import resource
 import shutil
@@ -75,34 +74,22 @@ def evict(paths: list[Path]) -> None:
 
 def resident_fraction(paths: list[Path]) -> float:
     """Fraction of the files' pages in the page cache (mincore on a fresh mapping)."""
-    import numpy as np
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    from ..sources.local import load_libc, mincore_bytes
+    libc = load_libc()
     resident = total = 0
     for p in paths:
         size = p.stat().st_size
-        pages = (size + PAGE - 1) // PAGE
-        if not pages:
+        if not size:
             continue
         fd = os.open(p, os.O_RDONLY)
         try:
-            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                raise OSError(ctypes.get_errno(), f"mmap {p}")
-            try:
-                vec = np.zeros(pages, dtype=np.uint8)
-                if libc.mincore(addr, size, vec.ctypes.data) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore {p}")
-                resident += int((vec & 1).sum())
-            finally:
-                libc.munmap(addr, size)
+            cached = mincore_bytes(libc, fd, 0, size)
         finally:
             os.close(fd)
-        total += pages
+        if cached is None:
+            raise OSError(f"mincore {p}: the file cannot be mapped")
+        resident += cached
+        total += (size + PAGE - 1) // PAGE * PAGE
     return resident / total
 
 

@@ -13,7 +13,7 @@ memory without the page cache's insertion and copy: on our 2-core test VM a cold
 The price, and why it is off by default: those bytes are not left in the page
 cache, so the next load of the same file is cold again. Cached ranges, small
 reads, filesystems without ``O_DIRECT``, and files that mincore cannot see into
-(see ``_mincore``) use the page cache as usual.
+(see ``mincore_bytes``) use the page cache as usual.
 
 On the CPU path the scratch buffers are the load's memory in flight, so together
 they take ``host_buffer_bytes`` (default 256 MiB: eight threads, 32 MiB reads).
@@ -211,15 +211,9 @@ class LocalTransport:
                                         ctypes.c_size_t(len(buf) // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
         return buf
 
-    def _libc_handle(self):
+    def _libc_handle(self) -> ctypes.CDLL:
         if self._libc is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.mmap.restype = ctypes.c_void_p  # a 64-bit address, not ctypes' default int
-            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_long]
-            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            self._libc = libc
+            self._libc = load_libc()
         return self._libc
 
     def _mostly_uncached(self, fd: int, offset: int, length: int) -> bool | None:
@@ -238,27 +232,10 @@ class LocalTransport:
         return None if cached is None else cached * 2 < length
 
     def _mincore(self, fd: int, offset: int, length: int) -> int | None:
-        """Bytes of ``[offset, offset + length)`` in the page cache, by mincore(2) on a mapping of it.
-
-        Since Linux 5.0 mincore answers only for files this process owns or may write; for any
-        other it reports every page cached, so such a file is read through the page cache, as
-        without ``direct_io``. None if the range cannot be mapped. Its cost, ~0.4 ms per 64 MiB range
-        here, made a warm ``direct_io`` load of 2.46 GB 12 % slower than with cachestat (16.5 vs
-        18.8 GB/s); cold loads were level (3.06 vs 3.12).
-        """
-        libc = self._libc_handle()
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        size = offset + length - start
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return None
-        try:
-            pages = np.empty((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
-            if libc.mincore(addr, size, pages.ctypes.data) != 0:
-                return None
-            return int(np.count_nonzero(pages[(offset - start) // mmap.PAGESIZE:] & 1)) * mmap.PAGESIZE
-        finally:
-            libc.munmap(addr, size)
+        """``mincore_bytes`` for kernels without cachestat. Its cost, ~0.4 ms per 64 MiB range here,
+        made a warm ``direct_io`` load of 2.46 GB 12 % slower than with cachestat (16.5 vs 18.8 GB/s);
+        cold loads were level (3.06 vs 3.12)."""
+        return mincore_bytes(self._libc_handle(), fd, offset, length)
 
     def _cachestat(self, fd: int, offset: int, length: int) -> int | None:
         """Bytes of ``[offset, offset + length)`` in the page cache, or None without cachestat(2)."""
@@ -368,6 +345,38 @@ class LocalTransport:
             self._fds, self._direct_fds = {}, {}
         for fd in fds:
             os.close(fd)
+
+
+def load_libc() -> ctypes.CDLL:
+    """The C library, with the prototypes of what fastload calls in it (mmap returns a 64-bit address,
+    not ctypes' default int)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def mincore_bytes(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> int | None:
+    """Bytes of ``[offset, offset + length)`` of an open file in the page cache, whole pages counted,
+    by mincore(2) on a mapping of the range; None if it cannot be mapped or asked.
+
+    Since Linux 5.0 mincore answers only for files this process owns or may write; for any other it
+    reports every page cached (so ``direct_io`` reads such a file through the page cache, as without it).
+    """
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    size = offset + length - start
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return None
+    try:
+        pages = np.empty((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE, dtype=np.uint8)
+        if libc.mincore(addr, size, pages.ctypes.data) != 0:
+            return None
+        return int(np.count_nonzero(pages[(offset - start) // mmap.PAGESIZE:] & 1)) * mmap.PAGESIZE
+    finally:
+        libc.munmap(addr, size)
 
 
 def _check_unchanged(fd: int, info: ObjectInfo, byte_range: tuple[int, int]) -> None:
