@@ -114,6 +114,24 @@ def test_a_warm_run_that_finds_its_files_evicted_is_flagged():
         [record], meta)
 
 
+def test_the_report_shows_each_loaders_first_run_in_a_fresh_process():
+    from fastload.bench.measure import summarize
+    from fastload.bench.report import markdown
+
+    runs = [{"warmup": i == 0, "wall_s": w, "minflt": 1, "majflt": 0, "cpu_s": 0.1, "others_cpu_s": 0.0}
+            for i, w in enumerate((1.75, 0.5, 0.5))]
+    record = {"row": "local-cold", "loader": "fastload", "runs": runs, "peak_rss_mb": 100.0, "ratio_raw": 1.0,
+              "ratio_baseline": None, "is_raw": False, "is_baseline": False, "first_run_s": 1.75,
+              **summarize(runs, 10**9)}
+    meta = {"date": "today", "checkpoint": "c", "checkpoint_gb": 1.0, "shards": 1, "timed_runs": 2, "rounds": 1,
+            "machine": {"cpu": "x", "cores": 2, "mem_gb": 1, "kernel": "k"}}
+    lines = markdown([record], meta).splitlines()
+    header = next(ln for ln in lines if ln.startswith("| row |"))
+    row = next(ln for ln in lines if ln.startswith("| local-cold |"))
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" first run s "].strip() == "1.750" and cells[" median s "].strip() == "0.500"
+
+
 def test_merge_rounds_pools_runs_and_keeps_a_busy_rounds_warning():
     from fastload.bench.suite import merge_rounds
 

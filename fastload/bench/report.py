@@ -34,15 +34,16 @@ def markdown(records: list[dict], meta: dict) -> str:
         "Runs are made comparable: one untimed warm-up run per child; malloc keeps freed memory "
         "(MALLOC_MMAP_MAX_=0, no trim, no tcache/fastbins) and the heap is prefaulted before each "
         "timed run, so no run pays the host's slow re-touch of returned memory; minor faults are "
-        "per timed run. Peak RSS: VmHWM after the warm-up. Before each timed run, local warm rows check "
+        "per timed run. \"First run\": the median warm-up run, a fresh process's first load (imports "
+        "done), which pays first-touch page faults for its output memory. Peak RSS: VmHWM after the warm-up. Before each timed run, local warm rows check "
         "with mincore(2) that the files are in the page cache (a run that finds them not is flagged "
         "below), cold rows that eviction worked.",
         *([f"Cold rows wait {meta['cold_settle_s']:g} s after each eviction (untimed): the page cache then "
            "has to take memory the host has reclaimed."] if meta.get("cold_settle_s") else []),
         *([f"Command: `{meta['command']}`"] if meta.get("command") else []), "",
-        "| row | loader | median s | GB/s | min–max s | × raw limit | × baseline "
+        "| row | loader | median s | GB/s | min–max s | first run s | × raw limit | × baseline "
         "| peak RSS MB | minor faults | CPU s | others' CPU s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes, skipped, about = [], {}, {}
     for r in records:
@@ -56,12 +57,13 @@ def markdown(records: list[dict], meta: dict) -> str:
             about[r["loader"]] = r["note"]
         tag = " (raw)" if r.get("is_raw") else " (baseline)" if r.get("is_baseline") else ""
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['loader']}{tag} | error | | | | | | | | |")
+            lines.append(f"| {r['row']} | {r['loader']}{tag} | error | | | | | | | | | |")
             notes.append(f"- {r['row']} / {r['loader']}: {r['error']}")
             continue
         lines.append(
             f"| {r['row']} | {r['loader']}{tag} | {r['median_s']:.3f} | {r['gbps']:.2f} "
-            f"| {r['min_s']:.3f}–{r['max_s']:.3f} | {_fmt(r.get('ratio_raw'), '.2f')} "
+            f"| {r['min_s']:.3f}–{r['max_s']:.3f} | {_fmt(r.get('first_run_s'), '.3f')} "
+            f"| {_fmt(r.get('ratio_raw'), '.2f')} "
             f"| {_fmt(r.get('ratio_baseline'), '.2f')} | {r['peak_rss_mb']:.0f} | {r['minflt']} "
             f"| {r['cpu_s']:.2f} | {r['others_cpu_s']:.2f} |")
         if r.get("quiet") is False:
