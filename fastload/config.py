@@ -7,6 +7,8 @@ own variables: that is the standard users expect.)
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -28,10 +30,14 @@ class RetryConfig:
     max_concurrent_retries: int = 4  # retries in flight at once, across the load
 
     def __post_init__(self) -> None:
-        _check(self.max_attempts >= 1, "retry.max_attempts must be >= 1")
-        _check(0 <= self.backoff_base_s <= self.backoff_max_s, "need 0 <= retry.backoff_base_s <= retry.backoff_max_s")
-        _check(self.deadline_s is None or self.deadline_s > 0, "retry.deadline_s must be > 0 or None")
-        _check(self.max_concurrent_retries >= 1, "retry.max_concurrent_retries must be >= 1")
+        _check(_is_int(self.max_attempts) and self.max_attempts >= 1, "retry.max_attempts must be an int >= 1")
+        _check(_is_num(self.backoff_base_s) and _is_num(self.backoff_max_s)
+               and 0 <= self.backoff_base_s <= self.backoff_max_s,
+               "need 0 <= retry.backoff_base_s <= retry.backoff_max_s (numbers of seconds)")
+        _check(self.deadline_s is None or (_is_num(self.deadline_s) and self.deadline_s > 0),
+               "retry.deadline_s must be a number > 0, or None")
+        _check(_is_int(self.max_concurrent_retries) and self.max_concurrent_retries >= 1,
+               "retry.max_concurrent_retries must be an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,16 @@ class S3Options:
                "s3.session must be a botocore.session.Session")
         _check(self.addressing_style in ("auto", "path", "virtual"), "s3.addressing_style must be auto, path or virtual")
         _check(
-            self.endpoint_url is None or self.endpoint_url.startswith(("http://", "https://")),
+            self.endpoint_url is None
+            or (isinstance(self.endpoint_url, str) and self.endpoint_url.startswith(("http://", "https://"))),
             f"s3.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}",
         )
-        _check(60 <= self.presign_expiry_s <= 7 * 24 * 3600, "s3.presign_expiry_s must be between 60 s and 7 days")
+        for name in ("region", "profile"):
+            value = getattr(self, name)
+            _check(value is None or isinstance(value, str), f"s3.{name} must be a str or None, got {value!r}")
+        _check(isinstance(self.anonymous, bool), f"s3.anonymous must be True or False, got {self.anonymous!r}")
+        _check(_is_int(self.presign_expiry_s) and 60 <= self.presign_expiry_s <= 7 * 24 * 3600,
+               "s3.presign_expiry_s must be an int between 60 s and 7 days")
 
 
 @dataclass(frozen=True)
@@ -82,20 +94,24 @@ class LoadConfig:
     http_headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Authorization; never logged
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.chunk_bytes, int) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
+        _check(_is_int(self.chunk_bytes) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
                "chunk_bytes must be an int between 64 KiB and 1 GiB")
         _check(self.chunk_bytes % 64 == 0, "chunk_bytes must be a multiple of 64")
-        _check(isinstance(self.max_concurrency, int) and 1 <= self.max_concurrency <= 1024,
-               "max_concurrency must be between 1 and 1024")
-        _check(isinstance(self.local_threads, int) and 1 <= self.local_threads <= 256,
-               "local_threads must be between 1 and 256")
-        _check(self.local_cold_readers is None or (isinstance(self.local_cold_readers, int)
+        _check(_is_int(self.max_concurrency) and 1 <= self.max_concurrency <= 1024,
+               "max_concurrency must be an int between 1 and 1024")
+        _check(_is_int(self.local_threads) and 1 <= self.local_threads <= 256,
+               "local_threads must be an int between 1 and 256")
+        _check(self.local_cold_readers is None or (_is_int(self.local_cold_readers)
                                                    and 1 <= self.local_cold_readers <= 256),
-               "local_cold_readers must be None or between 1 and 256")
-        _check(self.host_buffer_bytes >= 2 * self.chunk_bytes,
-               "host_buffer_bytes must hold at least two chunks (2 * chunk_bytes)")
+               "local_cold_readers must be None or an int between 1 and 256")
+        _check(_is_int(self.host_buffer_bytes) and self.host_buffer_bytes >= 2 * self.chunk_bytes,
+               "host_buffer_bytes must be an int that holds at least two chunks (2 * chunk_bytes)")
+        for name in ("direct_io", "verify_checksums"):
+            value = getattr(self, name)
+            _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         _check(self.http_engine in ("threads", "aiohttp"), "http_engine must be 'threads' or 'aiohttp'")
-        _check(self.connect_timeout_s > 0 and self.stall_timeout_s > 0, "timeouts must be > 0")
+        _check(all(_is_num(t) and t > 0 for t in (self.connect_timeout_s, self.stall_timeout_s)),
+               "timeouts must be numbers of seconds > 0")
         _check(isinstance(self.retry, RetryConfig), "retry must be a RetryConfig")
         _check(isinstance(self.s3, S3Options), "s3 must be an S3Options")
 
@@ -106,6 +122,16 @@ class LoadConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, numpy's included; not a bool (``True`` is an int to Python, never a count to us)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
@@ -119,7 +145,7 @@ def parse_size(text: str) -> int:
     suffix = raw[len(digits):]
     try:
         return int(float(digits) * _SIZE_SUFFIXES[suffix])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):
         raise ConfigError(f"not a size: {text!r} (try 16MiB, 512k, 1g)") from None
 
 
@@ -151,7 +177,7 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
             kind = float if "float" in str(types[name]) else int
             try:
                 kwargs[name] = kind(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise ConfigError(f"{var} must be a number, got {value!r}") from None
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return LoadConfig(**kwargs)

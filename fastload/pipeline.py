@@ -52,6 +52,13 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
         raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
     if isinstance(names, str):
         names = [names]
+    elif names is not None:
+        try:
+            names = list(names)
+        except TypeError:
+            raise ConfigError(f"names must be a tensor name or an iterable of names, got {names!r}") from None
+        if bad := [n for n in names if not isinstance(n, str)]:
+            raise ConfigError(f"names must be strings, got {bad[:5]!r}")
     if shard is not None and not isinstance(shard, Shard):
         raise ConfigError("shard must be a fastload.Shard")
     if config is None:
