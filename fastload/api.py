@@ -52,6 +52,7 @@ class LoadStream:
     def __init__(self, request):
         self._request = request
         self._plan: LoadPlan | None = None
+        self._state = "new"  # -> "open" in the with block -> "closed"
         self._stream = runner.ThreadedStream(
             lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=self._set_plan))
 
@@ -64,6 +65,9 @@ class LoadStream:
         return self._plan
 
     def __enter__(self) -> "LoadStream":
+        if self._state != "new":
+            raise RuntimeError("a fastload stream runs once: call fastload.stream(...) again for another load")
+        self._state = "open"
         self._stream.start()
         return self
 
@@ -71,9 +75,15 @@ class LoadStream:
         self.close()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self._state == "new":  # nothing would ever arrive: the load starts on entering the block
+            raise RuntimeError("iterate a stream inside its with block: "
+                               "with fastload.stream(src) as s: for name, tensor in s: ...")
+        if self._state == "closed" and not self._stream.finished:
+            raise RuntimeError("this stream was closed before its load finished; its other tensors were not read")
         return iter(self._stream)
 
     def close(self) -> None:
+        self._state = "closed"
         self._stream.close()
 
 

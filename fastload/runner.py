@@ -60,6 +60,12 @@ class ThreadedStream:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="fastload-stream", daemon=True)
         self._finished = False
+        self._complete = False  # the producer ran to its end (an error included), not cancelled
+
+    @property
+    def finished(self) -> bool:
+        """Everything the producer put was handed out, up to its end or its error."""
+        return self._complete
 
     def start(self) -> "ThreadedStream":
         self._thread.start()
@@ -89,7 +95,7 @@ class ThreadedStream:
         while not self._finished:
             item = self._queue.get()
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                self._finished = True
+                self._finished = self._complete = True
                 self._thread.join()
                 if item[1] is not None:
                     raise item[1]
