@@ -248,9 +248,11 @@ def build_plan(
                                   f"and {header.url}")
             specs[spec.name] = spec
     if index is not None:
-        file_of = {i: f.url.rsplit("/", 1)[-1] for i, f in enumerate(files)}
+        # The files were resolved from the index, in ``index.files`` order: compare whole relative
+        # paths, so that ``a/w.safetensors`` never stands in for ``b/w.safetensors``.
+        file_of = dict(enumerate(index.files))
         missing = [n for n, fname in index.weight_map.items()
-                   if n not in specs or file_of[specs[n].file] != fname.rsplit("/", 1)[-1]]
+                   if n not in specs or file_of.get(specs[n].file) != fname]
         if missing:
             raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]}")
     if names is not None:

@@ -12,8 +12,9 @@ import asyncio
 import os
 from dataclasses import dataclass
 from typing import Sequence
+from urllib.parse import urlsplit
 
-from .errors import ConfigError, FormatError, SourceNotFoundError
+from .errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
 from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
                      parse_header, parse_index)
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
@@ -36,14 +37,24 @@ def join(base: str, name: str) -> str:
     return base if not name else (base if base.endswith("/") else base + "/") + name
 
 
-def _is_dir_url(url: str) -> bool:
+def _url_path(url: str) -> str:
+    """The part of a remote URL that names the object: no query string or fragment."""
+    return urlsplit(url).path if scheme_of(url) in ("http", "https") else url
+
+
+def _is_dir_url(url: str) -> bool | None:
+    """True for a checkpoint directory, False for one file; None when only the store can tell
+    (an S3 key without a file extension may be an object or a prefix)."""
     scheme = scheme_of(url)
     if scheme == "local":
         return to_path(url).is_dir()
+    path = _url_path(url)
+    if path.endswith("/"):
+        return True
     if scheme == "s3":
         key = url[5:].partition("/")[2]
-        return not key or url.endswith("/") or not key.endswith((".safetensors", ".json"))
-    return url.endswith("/")
+        return True if not key else False if key.endswith((".safetensors", ".json")) else None
+    return False
 
 
 async def _try_stat(transports: Transports, url: str) -> ObjectInfo | None:
@@ -85,6 +96,8 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
     if isinstance(source, (list, tuple)):
         if not source:
             raise ConfigError("empty list of sources")
+        if len(source) == 1:  # exactly what the element alone names: an index or directory keeps its checks
+            return await resolve(source[0], transports)
         parts = await asyncio.gather(*(resolve(s, transports) for s in source))
         if any(p.index is not None for p in parts) and len(parts) > 1:
             raise ConfigError("a list of sources must name .safetensors files, not index files or directories")
@@ -94,10 +107,17 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
     if scheme_of(url) == "hf":  # the local hub cache when it holds the checkpoint, else pinned to one commit
         url = await transports.for_url(url).locate(url)
-    if _is_dir_url(url):
+    is_dir = _is_dir_url(url)
+    if is_dir is None:  # an object of that name if there is one, else a prefix
+        try:
+            info = await transports.for_url(url).stat(url)
+        except (SourceNotFoundError, SourcePermissionError):  # S3 says 403 for a missing key without ListBucket
+            return await _resolve_dir(transports, url)
+        return Resolved((info,))
+    if is_dir:
         return await _resolve_dir(transports, url)
     info = await transports.for_url(url).stat(url)
-    if url.endswith(".json"):
+    if _url_path(url).endswith(".json"):
         return await _from_index(transports, info)
     return Resolved((info,))
 
