@@ -9,11 +9,11 @@ they complete. The first error cancels every worker and propagates.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Callable, Iterator
 
 from .buffers import BufferPool, as_bytes_view
 from .plan import ChunkRead, LoadPlan
+from .runner import gather
 from .sinks import Sink, staged_segments
 from .sources import Transports
 from .trace import ReadRecord, Trace
@@ -73,10 +73,4 @@ async def run_plan(
         for chunk in chunks:  # a shared iterator: each chunk goes to exactly one worker
             await one(chunk, index)
 
-    tasks = [asyncio.ensure_future(worker(i)) for i in range(max(1, min(workers, len(plan.chunks))))]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    await gather(worker(i) for i in range(max(1, min(workers, len(plan.chunks)))))

@@ -6,7 +6,6 @@ through ``runner.py`` and nowhere else.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -18,6 +17,7 @@ from .errors import ConfigError, DeviceError
 from .fetch import run_plan
 from .plan import LoadPlan, Shard, build_plan
 from .resolve import read_header, resolve
+from .runner import gather
 from .sinks import HostSink, Sink
 from .sources import Transports
 from .trace import Trace, as_trace
@@ -75,7 +75,7 @@ async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
     with trace.span("resolve"):
         resolved = await resolve(request.source, transports)
     with trace.span("header"):
-        headers = await asyncio.gather(*(read_header(transports, info, i) for i, info in enumerate(resolved.files)))
+        headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
     with trace.span("plan"):
         return build_plan(headers, resolved.files, config=request.config, names=request.names,
                           shard=request.shard, index=resolved.index)

@@ -38,6 +38,7 @@ from .errors import ConfigError, FormatError, IntegrityError, SourceNotFoundErro
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
+from .runner import gather
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.hub_refs import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
@@ -152,13 +153,13 @@ async def _list_http(url: str, transports: Transports) -> list[Entry]:
         return [Entry(url.rsplit("/", 1)[-1], url, info.size, info=info)]
     base = url if url.endswith("/") else url + "/"
     names = [INDEX_NAME, SINGLE_NAME, *STANDARD_FILES]
-    infos = dict(zip(names, await asyncio.gather(*(_stat_or_none(transports, base + n) for n in names))))
+    infos = dict(zip(names, await gather(_stat_or_none(transports, base + n) for n in names)))
     index = infos[INDEX_NAME]
     if index is not None:  # the index names the weights; a stray model.safetensors beside it is not one
         raw = await read_bytes(transports.for_url(index.url), index, 0, index.size)
         shards = parse_index(raw, url=index.url).files
         infos.pop(SINGLE_NAME)
-        infos.update(zip(shards, await asyncio.gather(*(transports.for_url(base + s).stat(base + s) for s in shards))))
+        infos.update(zip(shards, await gather(transports.for_url(base + s).stat(base + s) for s in shards)))
     entries = [Entry(name, base + name, info.size, info=info) for name, info in infos.items() if info is not None]
     if not any(e.rel.endswith(".safetensors") for e in entries):
         raise SourceNotFoundError(f"no {INDEX_NAME} or {SINGLE_NAME} under {base} (HTTP sources cannot be listed)",
@@ -382,7 +383,7 @@ async def _stat_all(entries: list[Entry], layout, transports: Transports, limit:
             info = await transports.for_url(e.url).stat(e.url)
         return Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
 
-    return list(await asyncio.gather(*(one(e) for e in entries)))
+    return list(await gather(one(e) for e in entries))
 
 
 async def _fetch(entries: list[Entry], layout, single: bool, transports: Transports, config: LoadConfig,

@@ -8,7 +8,6 @@ URL/prefix ending in ``/``) is a checkpoint directory: its
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
 from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
                      parse_header, parse_index)
+from .runner import gather
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.local import to_path
 
@@ -72,7 +72,7 @@ async def _from_index(transports: Transports, info: ObjectInfo) -> Resolved:
     base = info.url[: len(info.url) - len(os.path.basename(info.url))] if scheme_of(info.url) != "local" \
         else os.path.dirname(str(to_path(info.url)))
     urls = [join(base, name) for name in index.files]
-    files = await asyncio.gather(*(transports.for_url(u).stat(u) for u in urls))
+    files = await gather(transports.for_url(u).stat(u) for u in urls)
     return Resolved(tuple(files), index, info.url)
 
 
@@ -89,7 +89,7 @@ async def _resolve_dir(transports: Transports, url: str) -> Resolved:
     if not names:
         how = "" if listed is not None else f" (and {scheme_of(url)} sources cannot be listed)"
         raise SourceNotFoundError(f"no {INDEX_NAME}, {SINGLE_NAME} or *.safetensors under {url}{how}", url=url)
-    return Resolved(tuple(await asyncio.gather(*(transports.for_url(u).stat(u) for u in names))))
+    return Resolved(tuple(await gather(transports.for_url(u).stat(u) for u in names)))
 
 
 async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], transports: Transports) -> Resolved:
@@ -98,7 +98,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
             raise ConfigError("empty list of sources")
         if len(source) == 1:  # exactly what the element alone names: an index or directory keeps its checks
             return await resolve(source[0], transports)
-        parts = await asyncio.gather(*(resolve(s, transports) for s in source))
+        parts = await gather(resolve(s, transports) for s in source)
         if any(p.index is not None for p in parts) and len(parts) > 1:
             raise ConfigError("a list of sources must name .safetensors files, not index files or directories")
         return Resolved(tuple(f for p in parts for f in p.files))

@@ -12,11 +12,25 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 _DONE = object()
+
+
+async def gather(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, all or nothing: when one fails (or the caller is cancelled), the others
+    are cancelled and awaited before the error goes up. Plain ``gather`` leaves them running in the
+    caller's loop, where they would go on reading after the load failed and its transports closed."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:

@@ -31,6 +31,7 @@ class Transports:
         self.trace = trace
         self.policy = RetryPolicy(config.retry, trace)
         self._made: dict[str, Transport] = {}
+        self._closed = False
         self.verification = None  # checksums of whole objects, checked as they stream (integrity.py)
         if config.verify_checksums:
             from ..integrity import Verification
@@ -38,6 +39,8 @@ class Transports:
             self.verification = Verification(trace)
 
     def for_url(self, url: str) -> Transport:
+        if self._closed:  # a straggler of a failed load must not open what the load has closed
+            raise RuntimeError("the load's transports are closed")
         scheme = scheme_of(url)
         if scheme not in self._made:
             if scheme == "local":
@@ -68,6 +71,7 @@ class Transports:
             self.verification.expect(plan)
 
     async def aclose(self) -> None:
+        self._closed = True
         for transport in reversed(list(self._made.values())):
             await transport.aclose()
         self._made.clear()
