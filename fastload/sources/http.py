@@ -8,8 +8,10 @@ Every reply is checked before a byte is used: 206 with the exact
 ``Content-Range`` and ``Content-Length`` asked for, and the ETag (or
 Last-Modified) pinned from the first reply. A server that ignores ``Range``,
 lies about the range or replaces the object mid-load can therefore never put
-wrong bytes into a tensor. A read that breaks mid-body resumes from the last
-byte received.
+wrong bytes into a tensor. A read that breaks mid-body resumes where it broke:
+from the last byte received (aiohttp), or from the last whole piece (threaded
+bodies: a ``readinto`` cut by a stall does not say how much of its piece
+arrived, so up to ``PIECE`` bytes are fetched again).
 
 What is retried (as ``Transient``): connection errors, stalls (no byte for
 ``stall_timeout_s``, also before the first byte), 408/429/5xx, a body cut
@@ -28,6 +30,7 @@ import asyncio
 import re
 import ssl
 import threading
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 
@@ -37,7 +40,7 @@ from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment, http_range, span_of
-from .http_threads import ThreadedBodies
+from .http_threads import BodyOverrun, ThreadedBodies
 from .retry import RetryPolicy, Transient
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
@@ -45,7 +48,9 @@ FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+# 5xx is the server's trouble and worth a retry (CDNs add 52x: origin down, timed out), except the
+# answers that will never change: 501 Not Implemented, 505 HTTP Version Not Supported, 511 a captive portal.
+_RETRY_STATUSES = {408, 429} | set(range(500, 600)) - {501, 505, 511}
 
 
 def _retry_after(headers) -> float | None:
@@ -110,6 +115,10 @@ class _Cursor:
             seg.view[at:at + n] = mv[:n]
             mv, self.pos = mv[n:], self.pos + n
 
+    def rewind(self, pos: int) -> None:
+        """Write from ``pos`` again (bytes already written there are not to be trusted)."""
+        self.pos, self._i = pos, 0
+
     def next_view(self, limit: int) -> memoryview:
         """Where the next at most ``limit`` bytes of the stream go (a throwaway buffer for gap bytes)."""
         while self.pos >= self.segments[self._i].end:
@@ -138,6 +147,23 @@ def _untrusted(exc: BaseException, url: str, byte_range) -> TransferError:
                          "SSL_CERT_FILE", url=url, byte_range=byte_range)
 
 
+def _same_time(a: str, b: str) -> bool:
+    """Two Last-Modified values name the same instant (HTTP dates; other spellings compare as text)."""
+    try:
+        return parsedate_to_datetime(a) == parsedate_to_datetime(b)
+    except (TypeError, ValueError):
+        return a == b
+
+
+def _check_identity(resp, url: str, byte_range) -> None:
+    """A body in a Content-Encoding (gzip, br, ...) is not the object's bytes at those offsets, even with a
+    right Content-Range: refused, whatever we asked (``Accept-Encoding: identity``)."""
+    encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding != "identity":
+        raise TransferError(f"server sent the range with Content-Encoding {encoding[:40]!r}, not the object's "
+                            "own bytes (we asked for identity)", url=url, byte_range=byte_range)
+
+
 def _validator_headers(info: ObjectInfo) -> dict[str, str]:
     if info.etag and not info.etag.startswith("W/"):
         return {"If-Match": info.etag}
@@ -154,8 +180,14 @@ class HttpTransport:
         self._ssl: ssl.SSLContext | None = None
         self._ssl_lock = threading.Lock()
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:  # a request that outlived its load must not reopen a session or threads
+            raise RuntimeError("HTTP transport used after its load closed it")
 
     def session(self) -> aiohttp.ClientSession:
+        self._check_open()
         if self._session is None:
             cfg = self.config
             connector = aiohttp.TCPConnector(
@@ -192,6 +224,7 @@ class HttpTransport:
         return {"Accept-Encoding": "identity", "User-Agent": "fastload", **self.config.http_headers}
 
     def bodies(self) -> ThreadedBodies:
+        self._check_open()
         if self._bodies is None:
             cfg = self.config
             self._bodies = ThreadedBodies(threads=cfg.max_concurrency, connect_timeout_s=cfg.connect_timeout_s,
@@ -230,6 +263,7 @@ class HttpTransport:
                                   last_modified=resp.headers.get("Last-Modified"),
                                   fetch_url=None if fetch_url == display else fetch_url)
             check_status(resp.status, resp.reason, url=display, headers=resp.headers)
+            _check_identity(resp, display, (0, PROBE_BYTES))
             if resp.status != 206:
                 self._no_ranges.add(display)
             if resp.status == 206:
@@ -269,11 +303,17 @@ class HttpTransport:
             record.attempts += 1
             record.started = record.started if record.started is not None else self.trace.now()
         start, end = cursor.pos, cursor.end
+        if start == end:  # the last attempt received everything, then failed (e.g. looking past the end)
+            return
         headers = {"Range": http_range(start, end), **_validator_headers(info)}
-        if self.config.http_engine == "threads":
-            await self._read_threaded(info, cursor, headers, record)
-        else:
-            await self._read_aiohttp(info, cursor, headers, record)
+        try:
+            if self.config.http_engine == "threads":
+                await self._read_threaded(info, cursor, headers, record)
+            else:
+                await self._read_aiohttp(info, cursor, headers, record)
+        except BodyOverrun:
+            cursor.rewind(start)
+            raise
         if cursor.pos != end:
             raise Transient(f"short body: {cursor.pos - start} of {end - start} bytes")
 
@@ -295,7 +335,7 @@ class HttpTransport:
         except ssl.SSLCertVerificationError as exc:
             raise _untrusted(exc, info.url, (start, end)) from scrub(exc)
         except Transient as exc:
-            if cursor.pos == start:
+            if cursor.pos == start or isinstance(exc, BodyOverrun):
                 raise
             raise Transient(f"body broke off after {cursor.pos - start} of {end - start} bytes: {exc}") from exc
 
@@ -309,7 +349,7 @@ class HttpTransport:
             try:
                 async for data in resp.content.iter_any():
                     if cursor.pos + len(data) > end:
-                        raise Transient(f"server sent more than the {end - start} bytes asked for")
+                        raise BodyOverrun(f"server sent more than the {end - start} bytes asked for")
                     if record is not None and record.first_byte is None:
                         record.first_byte = self.trace.now()
                     cursor.write(data)
@@ -320,11 +360,14 @@ class HttpTransport:
 
     def _check_reply(self, resp, info: ObjectInfo, start: int, end: int) -> None:
         byte_range = (start, end)
+        _check_identity(resp, info.url, byte_range)
         etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
-        if (info.etag and etag and etag != info.etag) or (not info.etag and info.last_modified and modified
-                                                           and modified != info.last_modified):
+        if info.etag and etag and etag != info.etag:
             raise SourceChangedError(f"object changed during the load (ETag {info.etag} -> {etag})",
                                      url=info.url, byte_range=byte_range)
+        if not info.etag and info.last_modified and modified and not _same_time(modified, info.last_modified):
+            raise SourceChangedError(f"object changed during the load (Last-Modified {info.last_modified} -> "
+                                     f"{modified[:40]})", url=info.url, byte_range=byte_range)
         if resp.status != 206:
             why = f"server ignored the Range request (HTTP {resp.status} instead of 206)"
             if info.url in self._no_ranges:  # its first reply ignored Range too: it never will
@@ -345,6 +388,7 @@ class HttpTransport:
         return None  # plain HTTP has no listing
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._bodies is not None:
             await asyncio.to_thread(self._bodies.close)  # aborts requests in flight, then joins the threads
             self._bodies = None

@@ -40,6 +40,10 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 Check = Callable[[http.client.HTTPResponse], None]  # raises on a reply that must not be used
 
 
+class BodyOverrun(Transient):
+    """The body went on past the bytes asked for: none of it can be trusted (a retry starts over)."""
+
+
 class _Attempt:
     """One request in flight: lets the event loop abort the blocking thread that serves it."""
 
@@ -134,6 +138,9 @@ class ThreadedBodies:
                     continue
                 check(resp)
                 receive(resp.readinto)
+                if resp.length is None and not resp.isclosed() and resp.read(1):
+                    # No Content-Length (chunked): a body that goes on past the range is not the range.
+                    raise BodyOverrun("server sent more than the bytes asked for")
                 # Keep the connection only after a whole body: a short one or unread bytes leave it unusable.
                 if resp.will_close or not resp.isclosed() or resp.length not in (0, None):
                     self._discard(conn)
