@@ -13,6 +13,8 @@ appear in messages: errors name ``s3://bucket/key``.
 from __future__ import annotations
 
 import asyncio
+from datetime import timezone
+from email.utils import format_datetime
 from functools import partial
 from urllib.parse import urlparse
 
@@ -118,7 +120,9 @@ class S3Transport:
             try:
                 return await asyncio.to_thread(getattr(client, method), **params)
             except Exception as exc:  # botocore raises many types; all are translated
-                raise _translate(exc, url) from scrub(exc)
+                # Without its traceback: botocore's frames hold the response, and with it a pooled
+                # connection that stays open for as long as the caller keeps our exception.
+                raise _translate(exc, url) from scrub(exc).with_traceback(None)
 
         return await self.policy.run(once, url=url, byte_range=None)
 
@@ -134,7 +138,8 @@ class S3Transport:
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.s3.presign_expiry_s)
         modified = head.get("LastModified")
         return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
-                          last_modified=modified.isoformat() if modified else None, fetch_url=fetch_url,
+                          last_modified=format_datetime(modified.astimezone(timezone.utc), usegmt=True) if modified else None,
+                          fetch_url=fetch_url,
                           checksum=_whole_object_sha256(head))
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
