@@ -96,6 +96,16 @@ def verify_file(path: str | os.PathLike, checksum: str, *, url: str | None = Non
                              byte_range=(0, size))
 
 
+def git_blob_id(path: str | os.PathLike, block: int = 8 << 20) -> str:
+    """The git object id of a file's content (``sha1("blob <size>\\0" + content)``): what the Hub publishes
+    for files not stored in LFS."""
+    h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb", buffering=0) as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
 class StreamingVerifier:
     """Hashes one object's reads in offset order as they arrive, in any order; checks at the end.
 

@@ -28,20 +28,28 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: pulls into one destination are not serialised there
+    fcntl = None
 
 from .buffers import BufferPool
 from .config import LoadConfig
-from .errors import ConfigError, FormatError, IntegrityError, SourceNotFoundError
+from .errors import ConfigError, FastloadError, FormatError, IntegrityError, SourceNotFoundError, TransferError
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .runner import gather
+from .integrity import git_blob_id, verify_file
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
-from .sources.hub_refs import HubSettings, cached_snapshot, parse_hub_url, repo_cache_dir, with_revision
+from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, repo_cache_dir,
+                               with_revision)
 from .sources.local import to_path
 from .trace import Trace, as_trace
 
@@ -191,7 +199,8 @@ class PlainLayout:
     """A plain directory; ``.fastload/`` inside it keeps unfinished files and what each finished one was."""
 
     def __init__(self, root: Path):
-        self.root = root
+        self.root = self.dest = root
+        self.lock = root / META_DIR / "pull.lock"
 
     def temp(self, e: Entry) -> Path:
         return self.root / META_DIR / "incomplete" / e.rel
@@ -205,7 +214,7 @@ class PlainLayout:
     def needs_stat(self, e: Entry) -> bool:
         return e.etag is None or e.size is None
 
-    def present(self, e: Entry, info: ObjectInfo | None) -> bool:
+    def present(self, e: Entry, info: ObjectInfo | None, verify: bool = False) -> bool:
         record = self._record(e, info)
         if record["etag"] is None:
             return False  # nothing says the file did not change: fetch it again
@@ -214,8 +223,10 @@ class PlainLayout:
             st = (self.root / e.rel).stat()
         except (OSError, ValueError):
             return False
-        return (saved.get("source") == record and st.st_size == record["size"]
+        same = (saved.get("source") == record and st.st_size == record["size"]
                 and saved.get("mtime_ns") == st.st_mtime_ns)
+        checksum = (info.checksum if info else None) or (f"sha256:{e.sha256}" if e.sha256 else None)
+        return same and not (verify and checksum and not _holds(self.root / e.rel, checksum))
 
     def complete(self, e: Entry, info: ObjectInfo) -> None:
         final, temp = self.root / e.rel, self.temp(e)
@@ -232,8 +243,10 @@ class HubLayout:
     """The Hugging Face cache: blobs named by content id, a snapshot of symlinks per commit, refs."""
 
     def __init__(self, cache_dir: Path, repo_id: str, commit: str, revision: str | None, subpath: str):
-        self.repo = repo_cache_dir(cache_dir, repo_id)
+        self.repo = self.dest = repo_cache_dir(cache_dir, repo_id)
         self.commit, self.revision, self.subpath = commit, revision, subpath
+        # huggingface_hub keeps its download locks here too; one lock file per repository for our pulls
+        self.lock = Path(cache_dir) / ".locks" / self.repo.name / "fastload-pull.lock"
 
     def blob(self, e: Entry) -> Path:
         return self.repo / "blobs" / e.etag
@@ -244,11 +257,17 @@ class HubLayout:
     def needs_stat(self, e: Entry) -> bool:
         return False
 
-    def present(self, e: Entry, info: ObjectInfo | None) -> bool:
+    def present(self, e: Entry, info: ObjectInfo | None, verify: bool = False) -> bool:
         try:
-            return self.blob(e).stat().st_size == e.size
+            if self.blob(e).stat().st_size != e.size:
+                return False
         except OSError:
             return False
+        if not verify:
+            return True
+        if e.sha256:  # an LFS file: its blob is named by the content's sha256
+            return _holds(self.blob(e), f"sha256:{e.sha256}")
+        return git_blob_id(self.blob(e)) == e.etag  # a git-stored file: named by its git object id
 
     def complete(self, e: Entry, info: ObjectInfo) -> None:
         os.replace(self.temp(e), self.blob(e))
@@ -265,8 +284,53 @@ class HubLayout:
                 os.symlink(target, tmp)
                 os.replace(tmp, link)
         if self.revision and self.revision != self.commit:
-            _write_atomic(self.repo / "refs" / self.revision, self.commit)
+            _write_atomic(self.repo / "refs" / check_revision(self.revision, str(self.repo)), self.commit)
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
+
+
+def _holds(path: Path, checksum: str) -> bool:
+    """Whether the file on disk still has the checksum it was pulled with (``verify`` re-checks it)."""
+    try:
+        verify_file(path, checksum)
+    except (IntegrityError, OSError):
+        return False
+    return True
+
+
+@contextmanager
+def _writing(where: Path | str, url: str) -> Iterator[None]:
+    """File-system errors of the destination as ``TransferError`` naming the path (a destination under a
+    regular file, no permission, a full disk)."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FastloadError):
+            raise
+        path = exc.filename or where
+        raise TransferError(f"cannot write {path}: {exc.strerror or exc}", url=url) from exc
+
+
+@asynccontextmanager
+async def _exclusive(lock: Path, url: str, trace: Trace):
+    """One pull at a time into a destination: a second one waits (traced as ``lock``), then finds the first
+    one's files complete. ``flock`` goes with the process, so a killed pull never leaves it stuck."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with _writing(lock, url):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        with trace.span("lock"):
+            while True:  # polled, so that cancelling a waiting pull leaves no thread blocked in flock
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -360,8 +424,10 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
             entries = entries if single else _skip_other_formats(entries)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
-            entries = await _stat_all(entries, layout, transports, config.max_concurrency)
-        return await _fetch(entries, layout, single, transports, config, trace, progress, verify)
+        async with _exclusive(layout.lock, source, trace):
+            with trace.span("resolve"):
+                judged = await _stat_all(entries, layout, transports, config.max_concurrency, verify)
+            return await _fetch(judged, layout, single, transports, config, trace, progress, verify)
     except BaseException as exc:
         error = exc
         raise
@@ -370,27 +436,39 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
         trace.finish(error)
 
 
-async def _stat_all(entries: list[Entry], layout, transports: Transports, limit: int) -> list[Entry]:
-    """Fill ``info`` where the layout needs it to judge presence, or the file must be fetched."""
+async def _stat_all(entries: list[Entry], layout, transports: Transports, limit: int,
+                    verify: bool) -> list[tuple[Entry, bool]]:
+    """Each entry, with ``info`` filled where the layout needs it to judge presence or the file must be
+    fetched, and whether it is present (complete, and with ``verify`` still matching its checksum)."""
     gate = asyncio.Semaphore(limit)
 
-    async def one(e: Entry) -> Entry:
-        if e.info is not None:
-            return e
-        if not layout.needs_stat(e) and layout.present(e, None):
-            return e
-        async with gate:
-            info = await transports.for_url(e.url).stat(e.url)
-        return Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
+    async def one(e: Entry) -> tuple[Entry, bool]:
+        here = None
+        if e.info is None and not layout.needs_stat(e):  # the listing says enough to judge presence
+            here = await asyncio.to_thread(layout.present, e, None, verify)
+            if here:
+                return e, True
+        if e.info is None:
+            async with gate:
+                info = await transports.for_url(e.url).stat(e.url)
+            e = Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
+        if here is None:
+            here = await asyncio.to_thread(layout.present, e, e.info, verify)
+        return e, here
 
     return list(await gather(one(e) for e in entries))
 
 
-async def _fetch(entries: list[Entry], layout, single: bool, transports: Transports, config: LoadConfig,
-                 trace: Trace, progress, verify: bool) -> PullResult:
-    here = [layout.present(e, e.info) for e in entries]
-    present = [e for e, p in zip(entries, here) if p]
-    todo = [e for e, p in zip(entries, here) if not p]
+async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transports: Transports,
+                 config: LoadConfig, trace: Trace, progress, verify: bool) -> PullResult:
+    entries = [e for e, _ in judged]
+    present = [e for e, here in judged if here]
+    todo, shared = [], []  # shared: the same content as a file already in todo (the Hub's one blob, two paths)
+    temps: set[Path] = set()
+    for e, here in judged:
+        if not here:
+            (shared if layout.temp(e) in temps else todo).append(e)
+            temps.add(layout.temp(e))
     targets = [FileTarget(layout.temp(e), e.info, e.info.checksum or (f"sha256:{e.sha256}" if e.sha256 else None))
                for e in todo]
     for t in targets:
@@ -411,7 +489,11 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
     verification = transports.verification  # set when verifying: files read whole are checked as they stream
     if verification is not None:
         transports.expect(plan)
-    sink = FileSink(targets, on_complete=lambda i: layout.complete(todo[i], targets[i].info), verify=verify,
+    def complete(i: int) -> None:
+        with _writing(targets[i].temp, todo[i].url):
+            layout.complete(todo[i], targets[i].info)
+
+    sink = FileSink(targets, on_complete=complete, verify=verify,
                     trace=trace, verified=lambda info: verification is not None and info.url in verification.verified())
     try:
         for i in range(len(targets)):
@@ -430,8 +512,10 @@ async def _fetch(entries: list[Entry], layout, single: bool, transports: Transpo
         raise
     finally:
         sink.close()
-    path = await asyncio.to_thread(layout.finish, entries, single)
-    return PullResult(path, tuple(e.rel for e in todo), tuple(e.rel for e in present), plan.total_bytes, total)
+    with _writing(layout.dest, entries[0].url):
+        path = await asyncio.to_thread(layout.finish, entries, single)
+    return PullResult(path, tuple(e.rel for e in todo + shared), tuple(e.rel for e in present), plan.total_bytes,
+                      total)
 
 
 def pull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig | None = None,

@@ -105,10 +105,10 @@ class FileSink:
     def open(self, index: int) -> None:
         """Create (or reopen, to resume) the temporary file and its journal."""
         target = self.files[index]
-        target.temp.parent.mkdir(parents=True, exist_ok=True)
         fresh = not target.done
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         try:
+            target.temp.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target.temp, flags | (os.O_TRUNC if fresh else 0), 0o644)
             if fresh:
                 os.ftruncate(fd, target.info.size)
@@ -162,8 +162,13 @@ class FileSink:
         """Flush file ``index`` to disk, check it, hand it to ``on_complete``, drop its journal."""
         target = self.files[index]
         fd, jfd = self._fds.pop(index, (None, None))
-        if fd is None:  # nothing was missing: it was never opened
-            fd = os.open(target.temp, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if fd is None:  # nothing was missing (an empty file, or a resumed one that was whole): never opened
+            try:
+                target.temp.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(target.temp, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError as exc:
+                raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}",
+                                    url=target.info.url) from exc
             os.ftruncate(fd, target.info.size)
         try:
             os.fsync(fd)

@@ -97,13 +97,28 @@ def parse_hub_url(url: str) -> HubRef:
     if path and (posixpath.normpath(path.rstrip("/")) != path.rstrip("/") or path.startswith("/")
                  or any(p in ("..", ".") for p in path.split("/"))):
         raise ConfigError(f"path {path!r} in {url!r} is not a plain path inside the repository")
-    return HubRef(f"{org}/{name}", unquote(revision) or None, path)
+    revision = unquote(revision) or None
+    if revision is not None:
+        check_revision(revision, url)
+    return HubRef(f"{org}/{name}", revision, path)
+
+
+def check_revision(revision: str, where: str) -> str:
+    """A branch, tag, ``refs/pr/N`` or commit: a name git could hold. Anything else (``..``, a leading
+    ``/``, empty parts) is refused: the revision names a file under ``refs/`` in the cache."""
+    parts = revision.split("/")
+    if (not isinstance(revision, str) or not revision or ".." in revision or "\\" in revision
+            or any(p in ("", ".") for p in parts) or revision.endswith(".lock")
+            or any(ord(c) < 0x20 or c == "\x7f" for c in revision)):
+        raise ConfigError(f"not a revision name: {revision!r} in {where!r}")
+    return revision
 
 
 def with_revision(url: str, revision: str | None) -> str:
     """``url`` at ``revision`` (a ConfigError if the URL already names another one)."""
     if revision is None:
         return url
+    check_revision(revision, url)
     ref = parse_hub_url(url)
     if ref.revision is not None and ref.revision != revision:
         raise ConfigError(f"{url} names revision {ref.revision!r} but revision={revision!r} was given")
