@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
 from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
                      parse_header, parse_index)
+from .redact import redact_url
 from .runner import gather
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.local import to_path
@@ -35,6 +36,20 @@ def join(base: str, name: str) -> str:
     if scheme_of(base) == "local":
         return os.path.join(str(to_path(base)), name)
     return base if not name else (base if base.endswith("/") else base + "/") + name
+
+
+def _check_url(url: str) -> None:
+    """A remote URL that cannot be parsed (``http://[::1/x``, a port that is not a number) or has no host
+    is the caller's mistake: a ConfigError now, not a ValueError from deep inside a transport."""
+    if scheme_of(url) not in ("http", "s3"):
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- parsing the port is what raises
+    except ValueError as exc:
+        raise ConfigError(f"not a valid URL ({exc}): {redact_url(url)}") from None
+    if not parts.hostname:
+        raise ConfigError(f"no host in URL: {redact_url(url)}")
 
 
 def _url_path(url: str) -> str:
@@ -105,6 +120,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
     url = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(url, str) or not url:
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
+    _check_url(url)
     if scheme_of(url) == "hf":  # the local hub cache when it holds the checkpoint, else pinned to one commit
         url = await transports.for_url(url).locate(url)
     is_dir = _is_dir_url(url)
@@ -127,9 +143,8 @@ async def read_header(transports: Transports, info: ObjectInfo, file: int) -> Fi
     (never tensor bytes)."""
     transport = transports.for_url(info.url)
     want = min(info.size, 8)
-    if len(info.prefix) >= want:  # the size probe brought it (HTTP): one request fewer
+    if len(info.prefix) >= want:  # the size probe brought it (and counted it as fetched): one read fewer
         prefix = info.prefix[:want]
-        transports.trace.count("bytes_fetched", want, key=info.url)
     else:
         prefix = await read_bytes(transport, info, 0, want)
     data_start = header_length(prefix, url=info.url, file_size=info.size)

@@ -277,6 +277,7 @@ class HttpTransport:
                     try:
                         while len(body) <= want and (piece := await resp.content.read(want + 1 - len(body))):
                             body += piece
+                            self.trace.count("bytes_fetched", len(piece), key=display)  # used or not, it came
                     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                         body = b""  # the headers told what a probe must; the header read fetches these bytes
                     prefix = body if len(body) == want else b""  # a body of another length is not used
