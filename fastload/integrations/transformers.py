@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import runner
 from ..errors import ConfigError, SourceNotFoundError
+from ..format import INDEX_NAME, SINGLE_NAME
 from ..pipeline import make_request
 from ..resolve import join
 from ..sources import Transports, read_bytes, scheme_of
@@ -65,8 +66,25 @@ async def _model_dir(source: str, transports: Transports) -> str:
     return source if source.endswith("/") else source + "/"
 
 
-async def _stage(source: str, folder: Path, config) -> str:
-    """Fetch the non-weight model files into ``folder``; return the directory the weights are in."""
+def _in_subfolder(source: str, subfolder: str) -> str:
+    """``source``'s sub-directory ``subfolder`` (transformers' ``subfolder=``), which must stay inside it."""
+    parts = subfolder.replace("\\", "/").strip("/").split("/")
+    if subfolder.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"subfolder must be a relative path inside the model directory, got {subfolder!r}")
+    if scheme_of(source) == "local":
+        return os.path.join(str(to_path(source)), *parts)
+    return source.rstrip("/") + "/" + "/".join(parts) + "/"
+
+
+def _variant_name(name: str, variant: str) -> str:
+    """transformers' ``variant=`` naming: ``model.safetensors`` -> ``model.<variant>.safetensors``."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+async def _stage(source: str, folder: Path, config, variant: str | None = None) -> str:
+    """Fetch the non-weight model files into ``folder``; return where the weights are: the model directory,
+    or with ``variant`` its variant's index or single file."""
     transports = Transports(config, NULL_TRACE)
     try:
         base = await _model_dir(source, transports)
@@ -83,7 +101,17 @@ async def _stage(source: str, folder: Path, config) -> str:
             if info.size > MAX_MODEL_FILE_BYTES:
                 raise ConfigError(f"{url}: {info.size} bytes is too large for a model file")
             (folder / name).write_bytes(await read_bytes(transport, info, 0, info.size))
-        return base
+        if not variant:
+            return base
+        names = [_variant_name(n, variant) for n in (INDEX_NAME, SINGLE_NAME)]
+        for name in names:
+            try:
+                await transports.for_url(join(base, name)).stat(join(base, name))
+            except SourceNotFoundError:
+                continue
+            return join(base, name)
+        raise SourceNotFoundError(f"no {names[1]} or {names[0]} in {source} (variant={variant!r})",
+                                  url=join(base, names[1]))
     finally:
         await transports.aclose()
 
@@ -152,14 +180,14 @@ def _load_weights(base: str, request, create, kept: re.Pattern | None) -> dict:
     load_as = dict(device=request.device, config=request.config)
     if create is None or kept is None:
         return load(base, dtype=create, trace=request.trace, **load_as)
-    names = [t.name for t in plan(base, config=request.config).tensors]
+    names = [t.name for t in plan(base, config=request.config, trace=request.trace).tensors]
     rest = [n for n in names if not kept.search(n)]
     state_dict = load(base, names=rest, dtype=create, trace=request.trace, **load_as) if rest else {}
     fp32 = [n for n in names if kept.search(n)]
     if fp32:
         import torch
 
-        state_dict.update(load(base, names=fp32, dtype=torch.float32, **load_as))
+        state_dict.update(load(base, names=fp32, dtype=torch.float32, trace=request.trace, **load_as))
     return state_dict
 
 
@@ -197,9 +225,13 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         if scheme_of(source) != "hf":
             raise ConfigError("revision applies to hf:// sources only")
         source = with_revision(source, hf_kwargs.pop("revision"))
+    subfolder, variant = hf_kwargs.pop("subfolder", None) or "", hf_kwargs.pop("variant", None)
+    if variant is not None and (not isinstance(variant, str) or not re.fullmatch(r"[\w.-]+", variant)):
+        raise ConfigError(f"variant must be a plain name such as 'fp16', got {variant!r}")
+    model_dir = _in_subfolder(source, subfolder) if subfolder else source
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
-        base = runner.run(lambda: _stage(source, folder, request.config))
+        base = runner.run(lambda: _stage(model_dir, folder, request.config, variant))
         hf_config = transformers.AutoConfig.from_pretrained(folder)
         cls = _model_class(transformers, hf_config, model_class)
         create, dtype = _dtypes(dtype, hf_config)
