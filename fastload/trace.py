@@ -43,6 +43,7 @@ page cache, ``fetch`` is the kernel's copy, not a device wait.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -195,6 +196,8 @@ class TraceSummary:
             share = pct(self.exclusive.get(self.bottleneck, self.breakdown.get(self.bottleneck, 0.0)))
             cat = CATEGORY_LABELS.get(CATEGORY.get(self.bottleneck, "overhead"), "")
             lines.append(f"  bottleneck: {self.bottleneck} ({cat}, {share:.1f}% of wall)")
+        if self.counters.get("cancelled"):
+            lines.append("  cancelled before the end (a stream left early, or interrupted)")
         for error in self.errors:
             lines.append(f"  failed: {error}")
         return "\n".join(lines)
@@ -308,7 +311,9 @@ class Trace:
         Raises ``ConfigError`` if the trace file cannot be written.
         """
         self.end()
-        if error is not None:
+        if isinstance(error, asyncio.CancelledError):  # a stream left early, Ctrl-C: stopped, not failed
+            self.count("cancelled")
+        elif error is not None:
             with self._lock:
                 self._errors.append(f"{type(error).__name__}: {error}".rstrip(": "))
         from . import trace_export

@@ -459,3 +459,14 @@ def test_from_pretrained_variant_loads_the_variant_weights(tmp_path, gpt2_dir):
     theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, variant="v2")
     ours = fastload.from_pretrained(tmp_path, variant="v2")
     assert_same_model(ours, theirs)
+
+
+def test_a_stream_left_early_is_cancelled_not_failed(tmp_path):
+    path = write_single(tmp_path / "m.safetensors", {f"t{i}": torch.full((50_000,), float(i)) for i in range(8)})
+    trace = fastload.Trace(otel=False)
+    config = fastload.LoadConfig(chunk_bytes=64 << 10, host_buffer_bytes=256 << 10, max_concurrency=1)
+    with fastload.stream(path, trace=trace, config=config) as s:
+        next(iter(s))
+    summary = trace.summary()
+    assert summary.errors == () and summary.counters["cancelled"] == 1
+    assert "cancelled before the end" in str(summary) and "failed" not in str(summary)
