@@ -35,9 +35,9 @@ def markdown(records: list[dict], meta: dict) -> str:
         "(MALLOC_MMAP_MAX_=0, no trim, no tcache/fastbins) and the heap is prefaulted before each "
         "timed run, so no run pays the host's slow re-touch of returned memory; minor faults are "
         "per timed run. \"First run\": the median warm-up run, a fresh process's first load (imports "
-        "done), which pays first-touch page faults for its output memory. Peak RSS: VmHWM after the warm-up. Before each timed run, local warm rows check "
-        "with mincore(2) that the files are in the page cache (a run that finds them not is flagged "
-        "below), cold rows that eviction worked.",
+        "done), which pays first-touch page faults for its output memory. Peak RSS: VmHWM after the "
+        "warm-up. Before each timed run, local warm rows check with mincore(2) that the files are in "
+        "the page cache (a run that finds them not is flagged below), cold rows that eviction worked.",
         *([f"Cold rows wait {meta['cold_settle_s']:g} s after each eviction (untimed): the page cache then "
            "has to take memory the host has reclaimed."] if meta.get("cold_settle_s") else []),
         *([f"Command: `{meta['command']}`"] if meta.get("command") else []), "",
