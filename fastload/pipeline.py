@@ -119,8 +119,12 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
             on_plan(plan)
         with trace.span("alloc"):
             sink = make_sink(plan, request)
-        pool = BufferPool(plan.chunk_bytes, max(2, config.host_buffer_bytes // plan.chunk_bytes),
-                          pin=request.device.type == "cuda")
+        pool_bytes = config.host_buffer_bytes
+        if config.direct_io and any(sink.staged(c) for c in plan.chunks):
+            # One budget for all memory in flight: staging and the O_DIRECT scratch share it.
+            pool_bytes = max(2 * plan.chunk_bytes, config.host_buffer_bytes // 2)
+            transports.set_direct_budget(config.host_buffer_bytes - pool_bytes)
+        pool = BufferPool(plan.chunk_bytes, max(2, pool_bytes // plan.chunk_bytes), pin=request.device.type == "cuda")
 
         def emit(indices: list[int]) -> None:
             for i in indices:

@@ -170,9 +170,9 @@ def test_stat_opens_the_file_and_brings_the_length_prefix(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 def test_direct_scratch_fills_the_buffer_budget_in_huge_page_advised_buffers():
-    """The O_DIRECT scratch is the load's memory in flight: one buffer per thread, all within
-    host_buffer_bytes, 2 MiB-aligned and advised MADV_HUGEPAGE (4 KiB pages cut a virtio
-    request to ~1 MiB, which halved the disk's speed on our VM)."""
+    """The O_DIRECT scratch is the load's memory in flight: at most one buffer per thread, all within
+    host_buffer_bytes (or the share a staging pool leaves it), 2 MiB-aligned and advised MADV_HUGEPAGE
+    (4 KiB pages cut a virtio request to ~1 MiB, which halved the disk's speed on our VM)."""
     from pathlib import Path
 
     from fastload.sources.local import LocalTransport
@@ -180,10 +180,15 @@ def test_direct_scratch_fills_the_buffer_budget_in_huge_page_advised_buffers():
     sizes = {}
     for budget in (128 * MiB, 256 * MiB, 512 * MiB):
         transport = LocalTransport(4, fastload.Trace(), direct_io=True, direct_budget=budget)
-        sizes[budget] = transport.threads, transport._scratch_bytes
+        sizes[budget] = transport.threads, transport._scratch_count, transport._scratch_bytes
         transport._pool.shutdown()
-    assert {b: t for b, (t, _) in sizes.items()} == {128 * MiB: 4, 256 * MiB: 8, 512 * MiB: 16}
-    assert all(t * s <= b + t * 3 * 4096 for b, (t, s) in sizes.items())
+    assert {b: t for b, (t, _, _) in sizes.items()} == {128 * MiB: 4, 256 * MiB: 8, 512 * MiB: 16}
+    assert all(n == t and n * s <= b for b, (t, n, s) in sizes.items())
+    small = LocalTransport(4, fastload.Trace(), direct_io=True, direct_budget=2 * MiB)  # two buffers, not four
+    assert (small._scratch_count, small._scratch_count * small._scratch_bytes <= 2 * MiB) == (2, True)
+    small.set_direct_budget(MiB - 1)  # no room left by a staging pool: the page cache reads everything
+    assert not small._direct
+    small._pool.shutdown()
     assert LocalTransport(4, fastload.Trace()).threads == 4  # the page cache's reads keep local_threads
 
     if not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists():
@@ -196,7 +201,7 @@ from pathlib import Path
 import fastload
 from fastload.sources.local import LocalTransport
 transport = LocalTransport(4, fastload.Trace(), direct_io=True)
-scratch = transport._aligned_scratch()
+scratch = transport._new_scratch()
 address = scratch.ctypes.data
 assert address % (2 << 20) == 0 and len(scratch) >= 32 << 20, (address, len(scratch))
 flags = None

@@ -65,6 +65,13 @@ class Transports:
         made = self._made[scheme]
         return made if self.verification is None else self.verification.wrap(made)
 
+    def set_direct_budget(self, nbytes: int) -> None:
+        """Give the local transport's O_DIRECT scratch ``nbytes`` of the buffer budget (the staging pool
+        takes the rest); no-op without local files or ``direct_io``."""
+        local = self._made.get("local")
+        if local is not None:
+            local.set_direct_budget(nbytes)
+
     def expect(self, plan) -> None:
         """Tell checksum verification which files the plan reads whole (no-op when it is off)."""
         if self.verification is not None:

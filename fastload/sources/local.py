@@ -16,7 +16,11 @@ reads, filesystems without ``O_DIRECT``, and files that mincore cannot see into
 (see ``mincore_bytes``) use the page cache as usual.
 
 On the CPU path the scratch buffers are the load's memory in flight, so together
-they take ``host_buffer_bytes`` (default 256 MiB: eight threads, 32 MiB reads).
+they take ``host_buffer_bytes`` (default 256 MiB: eight threads, 32 MiB reads),
+or half of it when chunks are also staged (dtype conversion, GPU): the staging
+pool takes the other half. The O_DIRECT descriptor is opened through
+``/proc/self/fd`` of the load's own, so a file renamed over the path mid-load
+is never read.
 They sit 2 MiB-aligned and advised ``MADV_HUGEPAGE``: a virtio request holds at
 most 254 segments, so with 4 KiB pages each request carries ~1 MiB, and our VM's
 disk then gave 1.2-1.5 GB/s where huge-page buffers gave 3.2-3.5 (O_DIRECT
@@ -42,6 +46,7 @@ import errno
 import heapq
 import mmap
 import os
+import queue
 import stat
 import sys
 import threading
@@ -126,10 +131,8 @@ class LocalTransport:
                  cold_readers: int | None = None):
         self.trace = trace
         self._direct = direct_io and hasattr(os, "O_DIRECT") and sys.platform == "linux"
-        scratch = DIRECT_READ_BYTES
-        if self._direct:  # the scratch buffers, one per thread, fill the budget (see the module docstring)
+        if self._direct:  # one scratch buffer per thread, together the budget (see the module docstring)
             threads = max(threads, direct_budget // DIRECT_READ_BYTES)
-            scratch = max(DIRECT_MIN_BYTES, min(DIRECT_READ_BYTES, direct_budget // threads))
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-pread")
         self._fds: dict[str, int] = {}
@@ -138,8 +141,9 @@ class LocalTransport:
         self._gate = OrderedGate(cold_readers or 1)
         self._has_cachestat: bool | None = None
         self._direct_fds: dict[str, int | None] = {}  # None: this file cannot be read with O_DIRECT
-        self._scratch_bytes = scratch + 2 * ALIGN  # room to round a read's start down and its end up
-        self._scratch = threading.local()  # one aligned buffer per pool thread, freed with the thread
+        self._scratch_free: queue.SimpleQueue = queue.SimpleQueue()  # aligned buffers not in use
+        self._scratch_made = 0
+        self.set_direct_budget(direct_budget)
         self._libc = None  # for cachestat(2), mincore(2) and madvise(2), loaded on first use
         self._lock = threading.Lock()
 
@@ -164,7 +168,7 @@ class LocalTransport:
         except OSError as exc:
             raise _os_error(exc, url) from exc
         self.trace.count("bytes_fetched", len(prefix), key=url)
-        return ObjectInfo(url=url, size=st.st_size, etag=f"{st.st_size}-{st.st_mtime_ns}", prefix=prefix)
+        return ObjectInfo(url=url, size=st.st_size, etag=_etag(st), prefix=prefix)
 
     def _open(self, url: str) -> int:
         """The load's one descriptor for ``url`` (opened on first use, closed by ``aclose``)."""
@@ -186,31 +190,63 @@ class LocalTransport:
             fd = self._open(info.url)
         except OSError as exc:
             raise _os_error(exc, info.url) from exc
-        st = os.fstat(fd)  # an ObjectInfo this transport did not stat itself
-        if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
+        if _changed(os.fstat(fd), info.etag):  # an ObjectInfo this transport did not stat itself
             raise SourceChangedError("file changed since it was first read", url=info.url)
         return fd
 
     def _direct_fd(self, info: ObjectInfo) -> int | None:
+        """An O_DIRECT descriptor of the very file the load pinned: opened through ``/proc/self/fd`` (by path,
+        a file renamed over ours since would be read), and checked to be the same inode."""
+        fd = self._fd(info)
         with self._lock:
             if info.url not in self._direct_fds:
+                flags = os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
                 try:
-                    fd = os.open(to_path(info.url), os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
-                except OSError:  # EINVAL: the filesystem has no O_DIRECT (tmpfs); use the page cache
-                    fd = None
-                self._direct_fds[info.url] = fd
+                    dfd = os.open(f"/proc/self/fd/{fd}", flags)
+                except OSError:  # EINVAL: the filesystem has no O_DIRECT (tmpfs); no /proc: the page cache
+                    dfd = None
+                if dfd is not None:
+                    mine, theirs = os.fstat(fd), os.fstat(dfd)
+                    if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+                        os.close(dfd)
+                        dfd = None
+                self._direct_fds[info.url] = dfd
             return self._direct_fds[info.url]
 
+    def set_direct_budget(self, nbytes: int) -> None:
+        """The O_DIRECT scratch's memory: at most ``nbytes`` in all (the load's buffer budget, or the share
+        of it the staging pool leaves). Before the first direct read only; with less than
+        ``DIRECT_MIN_BYTES`` there is no room for it, and the page cache reads everything."""
+        if nbytes < DIRECT_MIN_BYTES:
+            self._direct = False
+        count = max(1, min(self.threads, nbytes // DIRECT_MIN_BYTES))
+        size = min(DIRECT_READ_BYTES, max(DIRECT_MIN_BYTES, nbytes // count) - 2 * ALIGN) // ALIGN * ALIGN
+        # room in each to round a read's start down and its end up
+        self._scratch_count, self._scratch_bytes = count, size + 2 * ALIGN
+
+    @contextmanager
     def _aligned_scratch(self):
-        buf = getattr(self._scratch, "buf", None)
-        if buf is None:
-            raw = np.empty(self._scratch_bytes + HUGE_PAGE, dtype=np.uint8)
-            skip = (-raw.ctypes.data) % HUGE_PAGE
-            buf = self._scratch.buf = raw[skip:skip + self._scratch_bytes]
-            # Before the first touch, so the pages are faulted in huge. Only advice: with THP off
-            # (or numpy's own advice off) the reads still work, in more, smaller requests.
-            self._libc_handle().madvise(ctypes.c_void_p(buf.ctypes.data),
-                                        ctypes.c_size_t(len(buf) // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
+        """Lend one scratch buffer (made on first need, at most ``_scratch_count``; a thread waits for one)."""
+        try:
+            buf = self._scratch_free.get_nowait()
+        except queue.Empty:
+            with self._lock:
+                make = self._scratch_made < self._scratch_count
+                self._scratch_made += make
+            buf = self._new_scratch() if make else self._scratch_free.get()
+        try:
+            yield buf
+        finally:
+            self._scratch_free.put(buf)
+
+    def _new_scratch(self) -> np.ndarray:
+        raw = np.empty(self._scratch_bytes + HUGE_PAGE, dtype=np.uint8)
+        skip = (-raw.ctypes.data) % HUGE_PAGE
+        buf = raw[skip:skip + self._scratch_bytes]
+        # Before the first touch, so the pages are faulted in huge. Only advice: with THP off
+        # (or numpy's own advice off) the reads still work, in more, smaller requests.
+        self._libc_handle().madvise(ctypes.c_void_p(buf.ctypes.data),
+                                    ctypes.c_size_t(len(buf) // HUGE_PAGE * HUGE_PAGE), MADV_HUGEPAGE)
         return buf
 
     def _libc_handle(self) -> ctypes.CDLL:
@@ -250,33 +286,33 @@ class LocalTransport:
     def _read_direct(self, dfd: int, info: ObjectInfo, views: list[memoryview], offset: int, want: int,
                      record: ReadRecord | None) -> int:
         """Read ``want`` bytes at ``offset`` with O_DIRECT through the aligned scratch buffer into ``views``."""
-        scratch = self._aligned_scratch()
         done = 0
-        while done < want:
-            pos = offset + done
-            lead = pos % ALIGN
-            length = min(lead + want - done + ALIGN - 1, len(scratch)) // ALIGN * ALIGN
-            try:
-                got = os.preadv(dfd, [scratch[:length]], pos - lead)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:  # alignment this device refuses: the page cache takes the rest
-                    self._direct = False
-                    break
-                raise _os_error(exc, info.url, (offset, offset + want)) from exc
-            usable = min(got - lead, want - done)
-            if usable <= 0:
-                raise IntegrityError(f"file ended early after {done} of {want} bytes (truncated?)",
-                                     url=info.url, byte_range=(offset, offset + want))
-            src = scratch[lead:lead + usable]
-            taken = 0
-            for view in views:  # scatter into the destination views (numpy copies without the GIL)
-                n = min(len(view), usable - taken)
-                np.copyto(np.frombuffer(view, dtype=np.uint8, count=n), src[taken:taken + n])
-                taken += n
-                if taken == usable:
-                    break
-            views = _advance(views, usable)
-            done += usable
+        with self._aligned_scratch() as scratch:
+            while done < want:
+                pos = offset + done
+                lead = pos % ALIGN
+                length = min(lead + want - done + ALIGN - 1, len(scratch)) // ALIGN * ALIGN
+                try:
+                    got = os.preadv(dfd, [scratch[:length]], pos - lead)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:  # alignment refused: the page cache reads the rest
+                        self._direct = False
+                        break
+                    raise _os_error(exc, info.url, (offset, offset + want)) from exc
+                usable = min(got - lead, want - done)
+                if usable <= 0:
+                    raise IntegrityError(f"file ended early after {done} of {want} bytes (truncated?)",
+                                         url=info.url, byte_range=(offset, offset + want))
+                src = scratch[lead:lead + usable]
+                taken = 0
+                for view in views:  # scatter into the destination views (numpy copies without the GIL)
+                    n = min(len(view), usable - taken)
+                    np.copyto(np.frombuffer(view, dtype=np.uint8, count=n), src[taken:taken + n])
+                    taken += n
+                    if taken == usable:
+                        break
+                views = _advance(views, usable)
+                done += usable
         if record is not None and done and record.first_byte is None:
             record.first_byte = self.trace.now()
         self.trace.count("bytes_direct", done)
@@ -342,6 +378,7 @@ class LocalTransport:
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._scratch_free = queue.SimpleQueue()  # the scratch buffers go with the load
         with self._lock:
             fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
             self._fds, self._direct_fds = {}, {}
@@ -381,11 +418,26 @@ def mincore_bytes(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> int |
         libc.munmap(addr, size)
 
 
+def _etag(st: os.stat_result) -> str:
+    """What a load pins of a local file: size, mtime, inode and ctime (see ``_changed``)."""
+    return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{st.st_ctime_ns}"
+
+
+def _changed(st: os.stat_result, etag: str | None) -> bool:
+    """Whether the open file is no longer what ``etag`` pinned. The change time catches a rewrite in place
+    that set the old mtime back (``cp -p``, ``rsync --inplace -t``); but unlinking bumps it too, and a file
+    renamed over ours (the usual atomic save) leaves our descriptor on intact old bytes: once the file
+    has no name left, only size, mtime and inode count."""
+    pinned = _etag(st)
+    if st.st_nlink == 0 and etag is not None:
+        return pinned.rsplit("-", 1)[0] != etag.rsplit("-", 1)[0]
+    return pinned != etag
+
+
 def _check_unchanged(fd: int, info: ObjectInfo, byte_range: tuple[int, int]) -> None:
-    st = os.fstat(fd)
-    if f"{st.st_size}-{st.st_mtime_ns}" != info.etag:
-        raise SourceChangedError("file changed during the load (size or modification time)", url=info.url,
-                                 byte_range=byte_range)
+    if _changed(os.fstat(fd), info.etag):
+        raise SourceChangedError("file changed during the load (size, modification or change time)",
+                                 url=info.url, byte_range=byte_range)
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
