@@ -114,7 +114,9 @@ class ThreadedStream:
                 if item[1] is not None:
                     raise item[1]
                 return
-            yield item
+            box = [item]  # handed over without a reference left in this frame while it waits
+            del item
+            yield box.pop()
 
     def close(self) -> None:
         """Cancel whatever is still running and wait for the loop thread to end."""

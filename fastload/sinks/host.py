@@ -78,8 +78,11 @@ class HostSink:
         return self.completion.account(chunk)
 
     def tensor(self, index: int) -> torch.Tensor:
+        """Hand tensor ``index`` over, once: the sink keeps no reference, so a stream's consumer that drops
+        a tensor frees it."""
         self._views.pop(index, None)
-        return self.outputs[index]
+        out, self.outputs[index] = self.outputs[index], None
+        return out
 
     def close(self) -> None:
         self._views.clear()
