@@ -401,9 +401,12 @@ def mincore_bytes(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> int |
     """Bytes of ``[offset, offset + length)`` of an open file in the page cache, whole pages counted,
     by mincore(2) on a mapping of the range; None if it cannot be mapped or asked.
 
-    Since Linux 5.0 mincore answers only for files this process owns or may write; for any other it
-    reports every page cached (so ``direct_io`` reads such a file through the page cache, as without it).
+    Since Linux 5.0 mincore answers only for files this process owns or may write (or with
+    CAP_FOWNER); for any other it would report every page cached, so this says None (cannot tell),
+    and ``direct_io`` reads such a file through the page cache, as without it.
     """
+    if not _mincore_sees(fd):
+        return None
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
     size = offset + length - start
     addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
@@ -416,6 +419,12 @@ def mincore_bytes(libc: ctypes.CDLL, fd: int, offset: int, length: int) -> int |
         return int(np.count_nonzero(pages[(offset - start) // mmap.PAGESIZE:] & 1)) * mmap.PAGESIZE
     finally:
         libc.munmap(addr, size)
+
+
+def _mincore_sees(fd: int) -> bool:
+    """Whether mincore(2) tells the truth about this file: the kernel's ``can_do_mincore`` (owner,
+    CAP_FOWNER, which root has, or write permission)."""
+    return os.geteuid() in (0, os.fstat(fd).st_uid) or os.access(f"/proc/self/fd/{fd}", os.W_OK)
 
 
 def _etag(st: os.stat_result) -> str:
