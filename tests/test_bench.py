@@ -28,7 +28,8 @@ def test_bench_smoke(tmp_path, tmp_path_factory, monkeypatch, capsys):
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
     measured = {(r["row"], r["loader"]): r for r in records if "median_s" in r}
     assert set(measured) == {("local-warm", "fastload"), ("local-warm", "safetensors"),
-                             ("local-warm", "raw_readinto"), ("http-python", "fastload"), ("http-python", "curl")}
+                             ("local-warm", "raw_readinto"), ("http-python", "fastload"), ("http-python", "curl"),
+                             ("http-python", "download_then_load")}  # a row's baseline runs even if not asked for
     size = measured["local-warm", "fastload"]["bytes"]
     assert 45e6 < size < 60e6
     for (row, loader), r in measured.items():
@@ -70,14 +71,14 @@ def test_bench_rounds_interleave_loaders_and_pool_their_runs(tmp_path, tmp_path_
     printed = capsys.readouterr().out
     assert rc == 0, printed
     records = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    assert [r["loader"] for r in records] == ["fastload_direct", "raw_readinto", "cat", "raw_direct"]
+    assert [r["loader"] for r in records] == ["fastload_direct", "safetensors", "raw_readinto", "cat", "raw_direct"]
     for r in records:
         assert r["rounds"] == 2 and r["timed_runs"] == 2
         assert [(run["round"], run["warmup"]) for run in r["runs"]] == [(0, True), (0, False), (1, True), (1, False)]
         timed = sorted(run["wall_s"] for run in r["runs"] if not run["warmup"])
         assert r["median_s"] == pytest.approx(sum(timed) / 2) and r["min_s"] == timed[0]
     assert records[0]["ratio_raw"] > 0
-    assert records[3]["is_raw"] and records[3]["runs"][-1]["bytes"] == sum(
+    assert records[4]["is_raw"] and records[4]["runs"][-1]["bytes"] == sum(
         p.stat().st_size for p in (work / "llama-0.05GB").glob("*.safetensors"))
     trace = records[0]["runs"][-1]["info"]["trace"]
     assert trace["bytes_fetched"] > 45e6

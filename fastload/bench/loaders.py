@@ -42,6 +42,13 @@ class Source:
     fastload_config: dict = field(default_factory=dict)  # extra LoadConfig kwargs
     has_config: bool = False       # root holds a transformers config.json
     tensorizer: str = ""           # tensorizer's own serialised copy (path, URL or s3:// URL)
+    check_root: str = ""           # a local directory with the same shard files, to check results against
+
+    def check_paths(self) -> list[Path] | None:
+        """Local copies of the shards that every result is checked against (None: none here)."""
+        if self.kind == "local":
+            return self.local_paths()
+        return [Path(self.check_root) / s for s in self.shards] if self.check_root else None
 
     def url(self, name: str) -> str:
         root = self.root if self.root.endswith("/") else self.root + "/"

@@ -72,8 +72,9 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def resident_fraction(paths: list[Path]) -> float:
-    """Fraction of the files' pages in the page cache (mincore on a fresh mapping)."""
+def resident_fraction(paths: list[Path]) -> float | None:
+    """Fraction of the files' pages in the page cache (mincore on a fresh mapping); None when the kernel
+    will not say (files this process neither owns nor may write: mincore would call them all cached)."""
     from ..sources.local import load_libc, mincore_bytes
     libc = load_libc()
     resident = total = 0
@@ -87,7 +88,7 @@ def resident_fraction(paths: list[Path]) -> float:
         finally:
             os.close(fd)
         if cached is None:
-            raise OSError(f"mincore {p}: the file cannot be mapped")
+            return None
         resident += cached
         total += (size + PAGE - 1) // PAGE * PAGE
     return resident / total
@@ -131,6 +132,8 @@ def touch(result) -> int:
     total = 0
     pages = []
     for t in result.values():
+        if t.device.type == "meta":
+            raise RuntimeError(f"a meta tensor {tuple(t.shape)} holds no data: the loader did not load it")
         if t.device.type != "cpu":  # device memory: just wait for the copies
             if t.device.type == "cuda":
                 torch.cuda.synchronize(t.device)
@@ -165,6 +168,66 @@ def touch(result) -> int:
     if errors:
         raise errors[0]
     return total
+
+
+def check_result(result, source) -> None:
+    """Untimed, after every run: the loader really returned the checkpoint, or the run is an error.
+
+    Names, shapes and dtypes of every tensor, and the bytes of its first and last rows, against
+    ``safetensors`` reading the local copy of the shards; a raw limit's buffer against the files'
+    bytes at its start, middle and end; a byte count against the files' sizes. A loader that returned
+    less, other or unread data would otherwise be timed as a fast load of the whole checkpoint.
+    """
+    import torch
+
+    paths = source.check_paths()
+    if isinstance(result, int):
+        if result != source.total_bytes:
+            raise RuntimeError(f"result check: {result} bytes moved, the files hold {source.total_bytes}")
+        return
+    if paths is None:
+        return  # a checkpoint behind a URL, with no local copy to compare with
+    if set(result) == {"buffer"}:  # a raw limit: the files' bytes back to back
+        buf = result["buffer"].view(-1).view(torch.uint8)
+        if buf.numel() != source.total_bytes:
+            raise RuntimeError(f"result check: a {buf.numel()}-byte buffer for {source.total_bytes} bytes of files")
+        at = 0
+        for path in paths:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                for off in {0, size // 2, max(0, size - 65536)}:
+                    f.seek(off)
+                    want = f.read(65536)
+                    if bytes(buf[at + off:at + off + len(want)].numpy()) != want:
+                        raise RuntimeError(f"result check: the buffer differs from {path.name} at byte {off}")
+            at += size
+        return
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                names.add(name)
+                got = result.get(name)
+                if got is None:
+                    continue
+                ref = f.get_slice(name)
+                shape = tuple(ref.get_shape())
+                if tuple(got.shape) != shape:
+                    raise RuntimeError(f"result check: {name} has shape {tuple(got.shape)}, the file {shape}")
+                rows = [f.get_tensor(name)] if len(shape) == 0 or shape[0] <= 2 else [ref[0:1], ref[-1:]]
+                mine = [got] if len(rows) == 1 else [got[0:1], got[-1:]]
+                for a, b in zip((t.detach().cpu() for t in mine), rows):
+                    if a.dtype != b.dtype:
+                        raise RuntimeError(f"result check: {name} is {a.dtype}, the file holds {b.dtype}")
+                    if a.numel() and not a.contiguous().view(-1).view(torch.uint8).equal(
+                            b.contiguous().view(-1).view(torch.uint8)):
+                        raise RuntimeError(f"result check: {name} differs from the file's bytes")
+    if missing := sorted(names - set(result)):
+        raise RuntimeError(f"result check: {len(missing)} of {len(names)} tensors missing, e.g. {missing[:3]}")
+    if extra := sorted(set(result) - names):
+        raise RuntimeError(f"result check: {len(extra)} tensors not in the checkpoint, e.g. {extra[:3]}")
 
 
 def prefault(nbytes: int) -> None:
@@ -240,6 +303,7 @@ def child_main(spec_path: str, result_path: str) -> None:
         wall = time.perf_counter() - t0
         busy1 = cpu_busy_s()
         flt1, maj1, cpu1 = _rusage()
+        check_result(out, source)
         del out
         gc.collect()
         if source.scratch:
@@ -270,12 +334,12 @@ def summarize(runs: list[dict], total_bytes: int) -> dict:
            "cpu_s": statistics.median(r["cpu_s"] for r in timed),
            "others_cpu_s": statistics.median(r["others_cpu_s"] for r in timed)}
     res = [r["resident_after_evict"] for r in runs if "resident_after_evict" in r]
-    if res:
-        out["resident_after_evict_max"] = max(res)
-        out["evicted"] = max(res) < EVICTED_MAX_RESIDENT
+    if res:  # None: the kernel would not say (see resident_fraction)
+        out["resident_after_evict_max"] = None if None in res else max(res)
+        out["evicted"] = None if None in res else max(res) < EVICTED_MAX_RESIDENT
     if warm := [r["resident_before"] for r in timed if "resident_before" in r]:
-        out["resident_before_min"] = min(warm)
-        out["cached"] = min(warm) > 1 - EVICTED_MAX_RESIDENT
+        out["resident_before_min"] = None if None in warm else min(warm)
+        out["cached"] = None if None in warm else min(warm) > 1 - EVICTED_MAX_RESIDENT
     return out
 
 

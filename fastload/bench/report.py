@@ -69,7 +69,10 @@ def markdown(records: list[dict], meta: dict) -> str:
         if r.get("quiet") is False:
             notes.append(f"- {r['row']} / {r['loader']}: machine still busy after "
                          f"{r['quiet_wait_s']:.0f}s wait ({r['busy_cores_before']:.1f} cores in use)")
-        if "evicted" in r:
+        if ("evicted" in r and r["evicted"] is None) or ("cached" in r and r["cached"] is None):
+            notes.append(f"- {r['row']} / {r['loader']}: cannot tell what is in the page cache (mincore(2) "
+                         "answers only for files this process owns or may write)")
+        elif "evicted" in r:
             notes.append(f"- {r['row']} / {r['loader']}: eviction "
                          f"{'worked' if r['evicted'] else 'DID NOT work'} (at most "
                          f"{100 * r['resident_after_evict_max']:.1f}% of pages still cached)")

@@ -87,18 +87,23 @@ class Target:
 
 def local_target(path: Path) -> Target:
     path = path.resolve()
+    # The shards are what every loader of a directory reads (fastload, transformers and safetensors
+    # alike): the index's, else model.safetensors alone, else every *.safetensors. A single file is
+    # that file, and model-directory loaders (which would read the whole directory) are skipped.
     if path.is_file():
         shards, root, index = [path.name], path.parent, ""
     elif (path / INDEX_NAME).exists():
         weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
         shards, root, index = sorted(set(weight_map.values())), path, INDEX_NAME
+    elif (path / "model.safetensors").is_file():
+        shards, root, index = ["model.safetensors"], path, ""
     else:
         shards, root, index = sorted(p.name for p in path.glob("*.safetensors")), path, ""
     if not shards:
         raise FileNotFoundError(f"no .safetensors files in {path}")
     total = sum((root / s).stat().st_size for s in shards)
     src = Source("local", str(root) + "/", shards, total, index,
-                 has_config=(root / "config.json").exists())
+                 has_config=path.is_dir() and (root / "config.json").exists())
     return Target(path.name, src, root)
 
 
@@ -196,8 +201,8 @@ def run_row(row: Row, opts: Options) -> list[dict]:
     """
     names, records = [], {}
     for name in row.loaders:
-        if opts.loaders and name not in opts.loaders and name not in row.raw:
-            continue
+        if opts.loaders and name not in opts.loaders and name not in row.raw and name != row.baseline:
+            continue  # the raw limits and the baseline always run: the ratio columns need them
         if why := _skip_reason(name, row):
             print(f"[{row.name}] {name}: skipped: {why}", file=sys.stderr, flush=True)
             records[name] = {"row": row.name, "loader": name, "skipped": why}
@@ -305,7 +310,8 @@ def run(opts: Options) -> list[dict]:
         print(f"[{row}] skipped: {why}", file=sys.stderr, flush=True)
         records.append({"row": row, "skipped": why})
 
-    src = replace(target.source, scratch=str(scratch))
+    src = replace(target.source, scratch=str(scratch),
+                  check_root=str(target.local_dir) if target.local_dir is not None else "")
     if target.local_dir is None:  # a URL: only its own row
         records += run_row(make_row(f"{src.kind}-url", src, src.kind), opts)
     else:
