@@ -7,6 +7,7 @@ reference format, not a re-implementation of it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -143,6 +144,16 @@ def llama_config(layers: int = 2, hidden: int = 64, intermediate: int = 176, voc
     }
 
 
+def chunky_tensors(seed: int, layers: int, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """f32 ``layer{i}.weight`` tensors of ``shape`` (several 64 KiB chunks each), a bf16 and an int64 one:
+    a small checkpoint whose trace has something to say."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"layer{i}.weight": torch.randn(*shape, generator=g) for i in range(layers)}
+    tensors["norm.weight"] = torch.randn(1000, generator=g).to(torch.bfloat16)
+    tensors["positions"] = torch.arange(5000, dtype=torch.int64)
+    return tensors
+
+
 def write_single(path: Path, tensors: dict[str, torch.Tensor],
                  metadata: dict[str, str] | None = None) -> Path:
     """Write one ``.safetensors`` file; returns its path."""
@@ -178,3 +189,14 @@ def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], n_shards: i
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return directory
+
+
+def evict(path, offset: int = 0, length: int = 0) -> None:
+    """Drop ``[offset, offset + length)`` of a file (all of it by default) from the page cache; it works
+    on these machines. The fsync first: a file just written has dirty pages, which DONTNEED keeps."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

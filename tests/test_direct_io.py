@@ -11,18 +11,9 @@ import safetensors.torch
 import torch
 
 import fastload
-from checkpoints import write_single
+from checkpoints import evict, write_single
 
 MiB = 1 << 20
-
-
-def evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # a file just written has dirty pages, which DONTNEED keeps
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def direct_supported(path) -> bool:

@@ -20,26 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 import fastload
+from checkpoints import evict
 
 MiB = 1 << 20
-
-
-def evict(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages survive DONTNEED
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def evict_range(path, offset: int, length: int = 0) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def o_direct_works(path) -> bool:
@@ -75,7 +58,7 @@ def test_direct_io_file_renamed_over_mid_load_never_mixes_versions(tmp_path):
     if not o_direct_works(path):
         pytest.skip("no O_DIRECT on this filesystem")
     path.read_bytes()  # the first chunk is in the page cache, the rest is cold
-    evict_range(path, 2 * MiB + 4096)
+    evict(path, 2 * MiB + 4096)
     evict(newer)
     fired = []
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 import fastload
-from checkpoints import write_single
+from checkpoints import chunky_tensors, write_single
 from fastload.cli import main
 from fastload.trace import CATEGORIES, NULL_TRACE, PRIORITY, STAGES, Trace, attribute, percentile, union_seconds
 from fastload.trace_export import SCHEMA, emit_otel
@@ -40,12 +40,9 @@ class ClockTrace(Trace):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    """~1.3 MB: f32 tensors that span several 64 KiB chunks, a bf16 one, an int one."""
-    g = torch.Generator().manual_seed(1)
-    tensors = {f"layer{i}.weight": torch.randn(256, 256, generator=g) for i in range(4)}
-    tensors["norm.weight"] = torch.randn(1000, generator=g).to(torch.bfloat16)
-    tensors["positions"] = torch.arange(5000, dtype=torch.int64)
-    return write_single(tmp_path_factory.mktemp("trace") / "model.safetensors", tensors)
+    """~1.3 MB: f32 tensors spanning several 64 KiB chunks, a bf16 one and an int one."""
+    return write_single(tmp_path_factory.mktemp("trace") / "model.safetensors",
+                        chunky_tensors(seed=1, layers=4, shape=(256, 256)))
 
 
 def file_layout(path: Path) -> tuple[int, dict[str, tuple[str, int]]]:

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import fastload
-from checkpoints import llama_like_tensors, random_tensor, write_sharded, write_single
+from checkpoints import chunky_tensors, llama_like_tensors, random_tensor, write_sharded, write_single
 from fastload.cli import main
 
 CHUNK = 64 * 1024
@@ -41,11 +41,8 @@ def bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """~0.9 MB: f32 tensors spanning several 64 KiB chunks, a bf16 one and an int one."""
-    g = torch.Generator().manual_seed(3)
-    tensors = {f"layer{i}.weight": torch.randn(200, 300, generator=g) for i in range(3)}
-    tensors["norm.weight"] = torch.randn(1000, generator=g).to(torch.bfloat16)
-    tensors["positions"] = torch.arange(5000, dtype=torch.int64)
-    return write_single(tmp_path_factory.mktemp("corners") / "model.safetensors", tensors)
+    return write_single(tmp_path_factory.mktemp("corners") / "model.safetensors",
+                        chunky_tensors(seed=3, layers=3, shape=(200, 300)))
 
 
 def ok_bytes(server) -> int:
