@@ -143,7 +143,9 @@ async def read_header(transports: Transports, info: ObjectInfo, file: int) -> Fi
     (never tensor bytes)."""
     transport = transports.for_url(info.url)
     want = min(info.size, 8)
-    if len(info.prefix) >= want:  # the size probe brought it (and counted it as fetched): one read fewer
+    # The size probe brought it (and counted it as fetched): one read fewer. Not when the file's checksum
+    # is verified as it streams: the hash must see the file from byte 0, through the transport.
+    if len(info.prefix) >= want and not (transports.verification is not None and info.checksum):
         prefix = info.prefix[:want]
     else:
         prefix = await read_bytes(transport, info, 0, want)
