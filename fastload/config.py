@@ -1,8 +1,9 @@
 """Configuration: one frozen object, validated on construction.
 
-Library code never reads environment variables; :func:`from_env` is the one
-place that does, and only the CLI calls it. (The AWS credential chain reads its
-own variables: that is the standard users expect.)
+A ``LoadConfig`` never comes from environment variables inside the library:
+:func:`from_env` is the one place that reads ``FASTLOAD_*``, and only the CLI
+calls it. (The AWS credential chain reads its own variables, and ``hf://``
+sources the Hub's ``HF_*``: that is the standard users expect.)
 """
 
 from __future__ import annotations

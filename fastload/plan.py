@@ -277,7 +277,7 @@ def build_plan(
 
 def chunk_size(total_bytes: int, config: LoadConfig) -> int:
     """``config.chunk_bytes``, or less when a load is too small to give each of ``max_concurrency``
-    readers a chunk of that size (never below ``MIN_SPLIT``): a 90 MB model is still read in 16 ranges.
+    readers a chunk of that size (never below ``MIN_SPLIT``): a 90 MB model is still read in about 16 ranges.
     """
     if config.chunk_bytes <= MIN_SPLIT:
         return config.chunk_bytes
