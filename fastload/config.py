@@ -120,6 +120,13 @@ class LoadConfig:
         return replace(self, **changes)
 
 
+def without_authorization(config: "LoadConfig") -> "LoadConfig":
+    """``config`` minus any ``Authorization`` in ``http_headers``: for requests to another origin than the
+    one the header is for (presigned S3 URLs carry their own signature; the Hub's CDN)."""
+    headers = {k: v for k, v in config.http_headers.items() if k.lower() != "authorization"}
+    return config if len(headers) == len(config.http_headers) else config.replace(http_headers=headers)
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import LoadConfig
+from ..config import LoadConfig, without_authorization
 from ..errors import ConfigError
 from ..trace import Trace
 from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
@@ -52,10 +52,16 @@ class Transports:
 
                 self._made[scheme] = HttpTransport(self.config, self.policy, self.trace)
             elif scheme == "s3":
+                from .http import HttpTransport
                 from .s3 import S3Transport
 
-                self.for_url("http://")
-                self._made[scheme] = S3Transport(self.config, self.policy, self._made["http"])
+                plain = without_authorization(self.config)  # presigned URLs carry their own signature
+                if plain is self.config:
+                    self.for_url("http://")
+                    http = self._made["http"]
+                else:  # an Authorization meant for HTTP sources must not reach S3 (it refuses two auths)
+                    http = self._made["s3-bodies"] = HttpTransport(plain, self.policy, self.trace)
+                self._made[scheme] = S3Transport(self.config, self.policy, http)
             elif scheme == "hf":
                 from .hub import HubTransport
 
