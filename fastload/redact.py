@@ -93,6 +93,12 @@ def scrub(exc: BaseException, _depth: int = 0) -> BaseException:
             if hasattr(exc, name):
                 setattr(exc, name, None if name == "headers" else ())
         exc.args = (exc.request_info, ())
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError: S3's error body echoes the access key id, the
+        error = response.get("Error") or {}  # signature and the canonical request; keep code and status only
+        exc.response = {"Error": {k: error[k] for k in ("Code", "Message") if k in error},
+                        "ResponseMetadata": {k: v for k, v in (response.get("ResponseMetadata") or {}).items()
+                                             if k == "HTTPStatusCode"}}
     if hasattr(exc, "_url"):  # aiohttp InvalidURL
         exc._url = redact_url(str(exc._url))
     exc.args = tuple(redact_text(a) if isinstance(a, str) else a for a in exc.args)

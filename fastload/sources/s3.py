@@ -13,6 +13,9 @@ appear in messages: errors name ``s3://bucket/key``.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
+from dataclasses import replace
 from datetime import timezone
 from email.utils import format_datetime
 from functools import partial
@@ -21,7 +24,7 @@ from urllib.parse import urlparse
 from ..config import LoadConfig
 from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..integrity import checksum_from_base64
-from ..redact import scrub
+from ..redact import describe, scrub
 from .base import ObjectInfo, Segment
 from .http import HttpTransport
 from .retry import RetryPolicy, Transient
@@ -39,7 +42,7 @@ def split_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
-def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 60):
+def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 60, region: str | None = None):
     """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it.
 
     The load's timeouts apply to metadata calls too: a HEAD that hangs is a stall,
@@ -47,16 +50,27 @@ def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 6
     """
     import botocore.session
     from botocore import UNSIGNED
+    from botocore import exceptions as bx
     from botocore.config import Config
 
-    session = options.session or botocore.session.Session(profile=options.profile)
     cfg = Config(
-        signature_version=UNSIGNED if options.anonymous else None,
+        # SigV4 always: botocore would presign with legacy SigV2 in us-east-1 and other old regions, which
+        # S3 refuses for KMS-encrypted objects and many S3-compatible stores refuse outright.
+        signature_version=UNSIGNED if options.anonymous else "s3v4",
         s3={"addressing_style": options.addressing_style},
         retries={"total_max_attempts": 1},  # fastload's RetryPolicy is the one retry loop
         connect_timeout=connect_timeout, read_timeout=read_timeout,
     )
-    return session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=cfg)
+    # AWS_REGION is the SDKs' newer name (botocore itself reads only AWS_DEFAULT_REGION and the profile).
+    region = region or options.region or os.environ.get("AWS_REGION") or None
+    try:
+        session = options.session or botocore.session.Session(profile=options.profile)
+        return session.create_client("s3", region_name=region, endpoint_url=options.endpoint_url, config=cfg)
+    except bx.ProfileNotFound as exc:
+        raise ConfigError(f"AWS profile {exc.kwargs.get('profile')!r} is not in the AWS config or credentials "
+                          "files (S3Options.profile or AWS_PROFILE)") from None
+    except bx.BotoCoreError as exc:  # a broken config file, an invalid endpoint or region
+        raise ConfigError(f"cannot make an S3 client: {describe(scrub(exc))}") from None
 
 
 def _translate(exc: Exception, url: str) -> Exception:
@@ -102,16 +116,27 @@ class S3Transport:
         self.config = config
         self.policy = policy
         self.http = http
-        self._client = None
+        self._clients: dict[str | None, object] = {}  # by region: None is the configured one
         self._client_lock = asyncio.Lock()
+        self._bucket_regions: dict[str, str] = {}  # buckets found in another region than the client's
+        self._presigned: dict[str, tuple[str, float]] = {}  # s3:// URL -> (its GET URL, when it was signed)
 
-    async def client(self):
+    async def client(self, region: str | None = None):
         async with self._client_lock:
-            if self._client is None:
-                self._client = await asyncio.to_thread(
+            if region not in self._clients:
+                client = await asyncio.to_thread(
                     partial(make_client, self.config.s3, connect_timeout=self.config.connect_timeout_s,
-                            read_timeout=self.config.stall_timeout_s))
-        return self._client
+                            read_timeout=self.config.stall_timeout_s, region=region))
+                client.meta.events.register("after-call.s3.HeadObject", self._note_redirect)
+                self._clients[region] = client
+        return self._clients[region]
+
+    def _note_redirect(self, context=None, **_) -> None:
+        """botocore followed a HEAD to the bucket's own region: presign its GETs for that region too."""
+        redirect = (context or {}).get("s3_redirect") or {}
+        region = ((context or {}).get("signing") or {}).get("region")
+        if redirect.get("redirected") and redirect.get("bucket") and region:
+            self._bucket_regions[redirect["bucket"]] = region
 
     async def _call(self, url: str, method: str, **params):
         client = await self.client()
@@ -126,6 +151,16 @@ class S3Transport:
 
         return await self.policy.run(once, url=url, byte_range=None)
 
+    async def _presign(self, url: str) -> str:
+        """A GET URL for ``url``, signed for its bucket's own region (botocore follows a HEAD to another
+        region, but would sign the GET for the client's, and S3 would refuse it)."""
+        bucket, key = split_url(url)
+        client = await self.client(self._bucket_regions.get(bucket))
+        fetch_url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.s3.presign_expiry_s)
+        self._presigned[url] = fetch_url, time.monotonic()
+        return fetch_url
+
     async def stat(self, url: str) -> ObjectInfo:
         bucket, key = split_url(url)
         if not key:
@@ -133,17 +168,32 @@ class S3Transport:
         # Checksum mode only when asked: it needs kms:Decrypt on KMS-encrypted objects.
         extra = {"ChecksumMode": "ENABLED"} if self.config.verify_checksums else {}
         head = await self._call(url, "head_object", Bucket=bucket, Key=key, **extra)
-        client = await self.client()
-        fetch_url = client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.config.s3.presign_expiry_s)
         modified = head.get("LastModified")
         return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
-                          last_modified=format_datetime(modified.astimezone(timezone.utc), usegmt=True) if modified else None,
-                          fetch_url=fetch_url,
-                          checksum=_whole_object_sha256(head))
+                          last_modified=format_datetime(modified.astimezone(timezone.utc), usegmt=True)
+                          if modified else None,
+                          fetch_url=await self._presign(url), checksum=_whole_object_sha256(head))
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
-        return await self.http.read(info, segments, record)
+        if info.url in self._presigned:
+            fetch_url, signed = self._presigned[info.url]
+            if time.monotonic() - signed > 0.8 * self.config.s3.presign_expiry_s:
+                # A load (or a stream read slowly) that outlives its GET URLs: sign again before S3 says 403.
+                fetch_url = await self._presign(info.url)
+            if fetch_url != info.fetch_url:
+                info = replace(info, fetch_url=fetch_url)
+        try:
+            return await self.http.read(info, segments, record)
+        except SourcePermissionError:
+            if info.url not in self._presigned:
+                raise
+        # S3 refused a URL it took before: expired early (temporary credentials end with their session),
+        # or its signature went stale. Once more with a URL signed now (botocore refreshes credentials).
+        try:
+            return await self.http.read(replace(info, fetch_url=await self._presign(info.url)), segments, record)
+        except SourcePermissionError as exc:
+            raise SourcePermissionError(f"access denied to the presigned GET, signed again: {info.url} (expired "
+                                        "credentials, or no s3:GetObject on it?)", url=info.url) from exc
 
     async def list(self, url: str) -> list[str] | None:
         return [key_url for key_url, _ in await self.objects(url)]
@@ -165,6 +215,6 @@ class S3Transport:
             params["ContinuationToken"] = token
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
