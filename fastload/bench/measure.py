@@ -285,7 +285,6 @@ def child_main(spec_path: str, result_path: str) -> None:
     for i in range(spec["warmup"] + spec["runs"]):
         rec: dict = {"warmup": i < spec["warmup"]}
         if i > 0:
-            first_peak = first_peak or proc_status_bytes("VmHWM")
             prefault(spec.get("prefault_bytes", 0))
         if spec["cold"] and paths:
             evict(paths)
@@ -303,6 +302,8 @@ def child_main(spec_path: str, result_path: str) -> None:
         wall = time.perf_counter() - t0
         busy1 = cpu_busy_s()
         flt1, maj1, cpu1 = _rusage()
+        if i == 0:  # the peak of one load in a fresh process: before the check, which maps the files
+            first_peak = proc_status_bytes("VmHWM")
         check_result(out, source)
         del out
         gc.collect()
