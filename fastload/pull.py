@@ -43,9 +43,9 @@ from .config import LoadConfig
 from .errors import ConfigError, FastloadError, FormatError, IntegrityError, SourceNotFoundError, TransferError
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
+from .integrity import git_blob_id, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .runner import gather
-from .integrity import git_blob_id, verify_file
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, repo_cache_dir,

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import http.client
 import json
 import re
 import shutil
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Callable
 
 import pytest

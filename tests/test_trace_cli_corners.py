@@ -6,8 +6,6 @@ Every test here uses real files in tmp_path and the real servers from conftest.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +19,7 @@ import safetensors.torch
 import torch
 
 import fastload
-from checkpoints import chunky_tensors, llama_like_tensors, random_tensor, write_sharded, write_single
+from checkpoints import chunky_tensors, random_tensor, write_sharded, write_single
 from fastload.cli import main
 
 CHUNK = 64 * 1024
