@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 import fastload
 from fastload.sources.hub_refs import HubRef, HubSettings, cached_snapshot, parse_hub_url
 from hub_server import HubServer, hub, hub_session, minilm_dir, repo_name  # noqa: F401 -- fixtures
+from servers.faults import FailWith
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -175,3 +177,28 @@ def test_lfs_files_carry_their_sha256(hub: HubServer, llama_sharded_checkpoint: 
     for f in plan.files:
         data = (llama_sharded_checkpoint / f.info.url.rsplit("/", 1)[-1]).read_bytes()
         assert f.info.checksum == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(eq=False)
+class RefuseAfter(FailWith):
+    """Answer ``status`` once the first ``after`` matching GETs went through (a signed URL that expired)."""
+
+    after: int = 2
+
+    def wants_to_fire(self) -> bool:
+        return self.seen > self.after
+
+
+def test_an_expired_cdn_url_is_resolved_again(hub: HubServer, minilm_dir: Path) -> None:
+    """The Hub's CDN URLs are signed and expire (about an hour): a load that outlives one asks the Hub
+    where the file is again, once, instead of failing with 403."""
+    repo = repo_name("expiry")
+    hub.add_repo(repo, minilm_dir)
+    rule = hub.faults._add(RefuseAfter(pattern="/lfs/*", times=1, status=403, after=2))  # the probe, the header
+    got = fastload.load(f"hf://{repo}")
+    assert_same(got, reference(minilm_dir))
+    assert rule.fired == 1
+    assert len([r for r in hub.log if "/resolve/" in r.path and r.path.endswith("/model.safetensors")]) == 2
+    hub.faults._add(RefuseAfter(pattern="/lfs/*", status=403, after=0))  # a CDN that refuses every time
+    with pytest.raises(fastload.SourcePermissionError, match=repo):
+        fastload.load(f"hf://{repo}")

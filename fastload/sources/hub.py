@@ -61,6 +61,7 @@ class HubTransport:
         self.cdn = HttpTransport(without_authorization(config), policy, trace)  # credentials stay with the Hub
         self._origin = _origin(self.settings.endpoint)
         self._infos: dict[tuple[str, str], RepoInfo] = {}
+        self._cdn_urls: dict[str, str] = {}  # hf:// URL -> the CDN URL last handed out for it
 
     def resolve_url(self, ref: HubRef, path: str | None = None) -> str:
         path = ref.path if path is None else path
@@ -108,10 +109,21 @@ class HubTransport:
             raise SourcePermissionError(f"{exc}{hint}", url=shown) from exc
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
-        http = self._http(info.fetch_url or "")
-        if record is None:
-            return await http.read(info, segments)
-        return await http.read(info, segments, record=record)
+        latest = self._cdn_urls.get(info.url)
+        if latest is not None and latest != info.fetch_url:
+            info = replace(info, fetch_url=latest)
+        try:
+            return await self._http(info.fetch_url or "").read(info, segments, record)
+        except SourcePermissionError:
+            if not info.fetch_url or _origin(info.fetch_url) == self._origin:
+                raise
+        # The CDN refused its own signed URL: they expire (about an hour), and a long load outlives them.
+        # Ask the Hub where the file is again (the URL is pinned to the commit) and read from there once.
+        ref = parse_hub_url(info.url)
+        target, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
+                                          byte_range=None)
+        self._cdn_urls[info.url] = target
+        return await self._http(target).read(replace(info, fetch_url=target), segments, record)
 
     async def list(self, url: str) -> list[str] | None:
         ref = parse_hub_url(url)
