@@ -106,6 +106,9 @@ class CudaOps:
     def copy_async(self, copies: list[Copy], lane: int) -> torch.cuda.Event:
         stream = self.streams[lane]
         try:
+            # The destinations were allocated on the caller's stream: the caching allocator may have handed
+            # out a block that kernels still queued there use. Copy only after them.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
