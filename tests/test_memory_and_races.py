@@ -55,8 +55,7 @@ def test_direct_io_file_renamed_over_mid_load_never_mixes_versions(tmp_path):
     newer = tmp_path / "newer.safetensors"
     save_file({"w": torch.zeros(8 * MiB, dtype=torch.uint8)}, str(path))
     save_file({"w": torch.full((8 * MiB,), 7, dtype=torch.uint8)}, str(newer))
-    if not o_direct_works(path):
-        pytest.skip("no O_DIRECT on this filesystem")
+    # Without O_DIRECT here, direct_io reads through the page cache: the same promise holds.
     path.read_bytes()  # the first chunk is in the page cache, the rest is cold
     evict(path, 2 * MiB + 4096)
     evict(newer)
@@ -202,9 +201,7 @@ def f32_checkpoint(tmp_path_factory):
 ])
 def test_staged_conversion_peak_memory_within_budget(f32_checkpoint, tmp_path, mode):
     """Memory beyond the outputs stays within host_buffer_bytes (+16 MiB for allocator noise)."""
-    kind, direct = mode
-    if direct and not o_direct_works(f32_checkpoint):
-        pytest.skip("no O_DIRECT on this filesystem")
+    kind, direct = mode  # (without O_DIRECT here, direct_io falls back to the page cache: same bound)
     budget = 64 * MiB
     script = tmp_path / "child.py"
     script.write_text(CHILD)
