@@ -15,6 +15,7 @@ import base64
 import dataclasses
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -145,13 +146,16 @@ def checkpoint(tmp_path: Path) -> tuple[Path, dict]:
     return directory, tensors
 
 
+def serve_copy(directory: Path, served: Path) -> Path:
+    """A copy of the checkpoint directory under the HTTP server's root."""
+    shutil.copytree(directory, served)
+    return served
+
+
 def test_quickstart_block_runs(checkpoint, s3_server, http_server, http_dir, tmp_path, capsys):
     directory, tensors = checkpoint
     s3_server.upload_dir("my-bucket", "llama-3-8b", directory)
-    served = http_dir / "llama"
-    served.mkdir()
-    for f in directory.iterdir():
-        (served / f.name).write_bytes(f.read_bytes())
+    served = serve_copy(directory, http_dir / "llama")
     code = python_blocks()[0]
     assert 'fastload.load("s3://my-bucket/llama-3-8b/"' in code
     code = (code.replace("https://models.example.com/llama/", http_server.url_for(served) + "/")
@@ -247,10 +251,7 @@ def test_readme_pull_commands_run(checkpoint, s3_server, http_server, http_dir, 
 
     directory, _ = checkpoint
     s3_server.upload_dir("bucket", "models/llama", directory)
-    served = http_dir / "llama"
-    served.mkdir()
-    for f in directory.iterdir():
-        (served / f.name).write_bytes(f.read_bytes())
+    served = serve_copy(directory, http_dir / "llama")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

@@ -42,6 +42,14 @@ def make_src(tmp_path: Path, files: dict[str, bytes]) -> Path:
     return src
 
 
+def served_random_file(http_server: RangeHTTPServer, http_dir: Path, tmp_path: Path) -> tuple[bytes, str, Path]:
+    """1 MiB of random bytes served as model.safetensors: its bytes, its URL, a destination to pull into."""
+    path = http_dir / "model.safetensors"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    return data, http_server.url_for(path), tmp_path / "out"
+
+
 def weights(n: int = 1 << 20, seed: int = 0) -> bytes:
     return hashlib.sha256(str(seed).encode()).digest() * (n // 32)
 
@@ -206,10 +214,7 @@ def test_verify_checks_a_git_stored_file_by_its_git_object_id(hub: HubServer, tm
 def test_stale_journal_for_other_object_restarts(http_server: RangeHTTPServer, http_dir: Path,
                                                  tmp_path: Path) -> None:
     """A temporary file whose journal claims chunks of an object with another ETag is started afresh."""
-    path = http_dir / "model.safetensors"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    url, out = http_server.url_for(path), tmp_path / "out"
+    data, url, out = served_random_file(http_server, http_dir, tmp_path)
     temp = out / ".fastload" / "incomplete" / "model.safetensors"
     temp.parent.mkdir(parents=True)
     temp.write_bytes(b"\0" * len(data))
@@ -235,10 +240,7 @@ class CutAfterFirst(CutAfter):
 
 def test_connection_dropped_mid_file_then_rerun(http_server: RangeHTTPServer, http_dir: Path,
                                                tmp_path: Path) -> None:
-    path = http_dir / "model.safetensors"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    url, out = http_server.url_for(path), tmp_path / "out"
+    data, url, out = served_random_file(http_server, http_dir, tmp_path)
     # the size probe and the first two 256 KiB chunks arrive; every later read dies at once
     http_server.faults._add(CutAfterFirst(pattern="*/model.safetensors", nbytes=0, after=3))
     config = ONE.replace(retry=RetryConfig(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.01))
@@ -353,10 +355,7 @@ def test_destination_under_a_regular_file_is_a_typed_error(tmp_path: Path) -> No
 
 def test_progress_of_a_resumed_pull(http_server: RangeHTTPServer, http_dir: Path, tmp_path: Path) -> None:
     """The first report of a resumed pull counts what was already on disk; reports rise to the total."""
-    path = http_dir / "model.safetensors"
-    data = os.urandom(1 << 20)
-    path.write_bytes(data)
-    url, out = http_server.url_for(path), tmp_path / "out"
+    data, url, out = served_random_file(http_server, http_dir, tmp_path)
 
     def stop_after_two(done: int, total: int, calls: list = []) -> None:  # noqa: B006
         calls.append(done)
