@@ -28,11 +28,13 @@ async def aload(source, **kwargs) -> dict[str, torch.Tensor]:
     return await _collect(make_request(source, **kwargs))
 
 
-async def _collect(request) -> dict[str, torch.Tensor]:
+async def _collect(request, on_plan=None) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-    await produce(request, got.__setitem__, on_plan=lambda p: order.extend(t.name for t in p.tensors))
-    return {name: got[name] for name in order}
+    plans: list[LoadPlan] = []
+    await produce(request, got.__setitem__, on_plan=plans.append)
+    if on_plan is not None:
+        on_plan(plans[0])
+    return {t.name: got[t.name] for t in plans[0].tensors}
 
 
 def plan(source, *, names=None, shard=None, config=None, trace=None) -> LoadPlan:

@@ -33,6 +33,9 @@ class LoadRequest:
     config: LoadConfig
     trace: Trace
     progress: Callable[[int, int], None] | None
+    # Internal (from_pretrained): given the plan of every tensor, the names to load instead (None: all of them),
+    # so that a load can choose by what the headers say without reading them twice.
+    select: Callable[[LoadPlan], Sequence[str] | None] | None = None
 
 
 def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
@@ -77,8 +80,12 @@ async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
     with trace.span("header"):
         headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
     with trace.span("plan"):
-        return build_plan(headers, resolved.files, config=request.config, names=request.names,
+        plan = build_plan(headers, resolved.files, config=request.config, names=request.names,
                           shard=request.shard, index=resolved.index)
+        if request.select is not None and (names := request.select(plan)) is not None:
+            plan = build_plan(headers, resolved.files, config=request.config, names=names,
+                              shard=request.shard, index=resolved.index)
+        return plan
 
 
 def make_sink(plan: LoadPlan, request: LoadRequest) -> Sink:

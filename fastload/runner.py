@@ -4,7 +4,8 @@ Each sync call runs its own event loop: in the calling thread when it has none
 running, else (Jupyter, an async server) in a private thread. There is no
 global loop thread. A stream runs its loop in a private thread and hands
 tensors over a thread-safe queue; closing it cancels the load and joins the
-thread, so nothing is left running.
+thread, so nothing is left running. ``start`` runs one coroutine that way while
+the caller goes on with other work, and collects its result later.
 """
 
 from __future__ import annotations
@@ -50,17 +51,42 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
 
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
     # thread. Ctrl-C or any other exception while waiting cancels it and joins the thread.
-    async def produce_one(put: Callable[[Any], None]) -> None:
-        await main()
-        put(None)
+    return start(factory).result()
 
-    stream = ThreadedStream(produce_one).start()
-    try:
-        for _ in stream:
-            return box.pop("value")
-        raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
-    finally:
-        stream.close()
+
+class Pending:
+    """A coroutine already running in a private loop thread, for sync code that has other work to do
+    meanwhile (``from_pretrained`` imports and builds the model while its weights stream in).
+
+    ``result()`` waits for the value (or raises the coroutine's error); ``cancel()`` stops it and joins
+    the thread. Either way nothing is left running: call ``cancel()`` in a ``finally``.
+    """
+
+    def __init__(self, factory: Callable[[], Awaitable[T]]):
+        self._box: dict[str, Any] = {}
+
+        async def produce_one(put: Callable[[Any], None]) -> None:
+            self._box["value"] = await factory()  # kept out of the queue and the task (see run)
+            put(None)
+
+        self._stream = ThreadedStream(produce_one).start()
+
+    def result(self) -> Any:
+        try:
+            for _ in self._stream:
+                return self._box.pop("value")
+            raise RuntimeError("the coroutine ended without a result")  # pragma: no cover - it always puts
+        finally:
+            self._stream.close()
+
+    def cancel(self) -> None:
+        self._stream.close()
+        self._box.clear()
+
+
+def start(factory: Callable[[], Awaitable[T]]) -> Pending:
+    """Start the coroutine made by ``factory`` now, in a private loop thread; see :class:`Pending`."""
+    return Pending(factory)
 
 
 class ThreadedStream:

@@ -161,11 +161,15 @@ def test_llama_dtypes_ties_and_generation_config(llama_dir: Path, dtype) -> None
     assert ours.generation_config.temperature == 0.7 and ours.generation_config.top_k == 5
 
 
+@pytest.mark.parametrize("stored", ["float32", "same"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_weights_kept_in_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_weights_kept_in_float32(tmp_path: Path, dtype: torch.dtype, stored: str) -> None:
+    """T5 keeps "wo" in float32 under float16. Stored in float32, fastload reads it as float32 (never through
+    float16); stored in the dtype asked for, it is widened after the load, which is exact."""
     torch.manual_seed(2)
     config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)  # float32; T5 keeps "wo" in fp32
+    model = transformers.T5ForConditionalGeneration(config)
+    (model if stored == "float32" else model.to(dtype)).save_pretrained(tmp_path)
     ours = fastload.from_pretrained(tmp_path, dtype=dtype)
     theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)
     inputs = {"input_ids": TOKENS["input_ids"], "decoder_input_ids": TOKENS["input_ids"][:, :3]}
@@ -244,3 +248,118 @@ def test_errors(tmp_path: Path, llama_dir: Path, minilm_dir: Path) -> None:
         fastload.from_pretrained(llama_dir, dtype="int8")
     with pytest.raises(fastload.ConfigError, match="hf://"):
         fastload.from_pretrained(llama_dir, revision="v1")
+
+
+# -- the weights stream while transformers imports ----------------------------------------------------
+
+_OVERLAP_CHILD = r"""
+import importlib.abc, json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from servers import RangeHTTPServer
+import fastload
+
+root = Path(sys.argv[2])
+want = fastload.plan(root).total_bytes
+seen = {}
+
+
+class WaitForTheWeights(importlib.abc.MetaPathFinder):
+    # Holds the first import of transformers until the server has sent every weight byte (at most 30 s).
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and "sent" not in seen:
+            seen["sent"] = 0
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and seen["sent"] < want:
+                time.sleep(0.01)
+                seen["sent"] = server.bytes_sent("*.safetensors")
+        return None
+
+
+assert "transformers" not in sys.modules
+sys.meta_path.insert(0, WaitForTheWeights())
+with RangeHTTPServer(root.parent) as server:
+    model = fastload.from_pretrained(server.url_for(root) + "/")
+print(json.dumps({"sent": seen["sent"], "want": want, "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def test_weights_stream_while_transformers_imports(llama_dir: Path) -> None:
+    """A fresh process spends seconds importing transformers' config and model modules: the weights are on
+    their way meanwhile. Here the first import of transformers waits until the server has sent every weight
+    byte, which only happens if the load started before it."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _OVERLAP_CHILD, str(Path(__file__).parent), str(llama_dir)],
+                           capture_output=True, text=True, timeout=180)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["sent"] >= result["want"] > 0, result
+    assert result["params"] > 0
+
+
+@pytest.mark.parametrize("config_json", [
+    {"dtype": "float16"},
+    {"torch_dtype": "float16"},
+    {"dtype": "float16", "torch_dtype": "bfloat16"},
+    {"dtype": None, "torch_dtype": "bfloat16"},
+    {},
+    {"dtype": "bfloat16", "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}},
+])
+@pytest.mark.parametrize("dtype", [None, "auto", "float32"])
+def test_config_dtype_read_as_transformers_reads_it(tmp_path: Path, config_json: dict, dtype) -> None:
+    """The dtype the weights stream in is read from config.json before transformers is imported; it must be the
+    one transformers' parsed config gives (a mismatch would cost a second load)."""
+    from fastload.integrations.transformers import _dtypes, _raw_config
+
+    doc = transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2).to_dict()
+    doc.pop("dtype", None), doc.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps({**doc, **config_json}))
+    parsed = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert _dtypes(dtype, _raw_config(tmp_path)) == _dtypes(dtype, parsed)
+
+
+class _Float32Config(transformers.LlamaConfig):
+    """A config class that settles the dtype itself, whatever config.json says (as some remote configs do)."""
+
+    model_type = "fastload-test-float32"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dtype = torch.float32
+
+
+class _Float32Llama(transformers.LlamaForCausalLM):
+    config_class = _Float32Config
+
+
+def test_config_that_overrides_its_dtype_loads_again(llama_dir: Path, tmp_path: Path) -> None:
+    """config.json says bfloat16, the parsed config float32: the streamed weights do not match what transformers
+    keeps, so they are loaded again in float32 and the model equals transformers' own load."""
+    transformers.AutoConfig.register(_Float32Config.model_type, _Float32Config, exist_ok=True)
+    shutil.copytree(llama_dir, tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert doc.get("dtype", doc.get("torch_dtype")) == "bfloat16"
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**doc, "model_type": _Float32Config.model_type}))
+    trace = fastload.Trace()
+    ours = fastload.from_pretrained(tmp_path / "m", model_class=_Float32Llama, trace=trace)
+    theirs = _Float32Llama.from_pretrained(tmp_path / "m")
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert_equal_models(ours, theirs, inputs=TOKENS)
+    assert trace.summary().bytes_fetched > 2 * sum(p.stat().st_size for p in (tmp_path / "m").glob("*.safetensors")) * 0.9
+
+
+def test_failed_config_cancels_the_streaming_load(llama_dir: Path, tmp_path: Path) -> None:
+    """transformers refusing the config (an unknown model type) stops the load already streaming: the error is
+    transformers' own, and no fastload thread is left running."""
+    import threading
+
+    shutil.copytree(llama_dir, tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**doc, "model_type": "no-such-model-type"}))
+    before = set(threading.enumerate())
+    with pytest.raises(ValueError, match="no-such-model-type"):
+        fastload.from_pretrained(tmp_path / "m")
+    assert [t for t in threading.enumerate() if t not in before] == []

@@ -10,21 +10,33 @@ ties weights, builds non-persistent buffers, reports missing and unexpected
 keys (and returns them with ``output_loading_info=True``) exactly as it does
 for a local checkpoint.
 
+The weights stream while ``transformers`` imports: a fresh process spends a
+second or more importing its config and model modules, which is the time a
+cold read of the weights takes. The dtype the weights are created in is read
+from ``config.json`` itself before the load starts, and checked against the
+config ``transformers`` parsed before anything is handed to it (a mismatch
+loads again, in the dtype it keeps).
+
 No double copies: the tensors are created in the dtype ``transformers`` will
 keep (the ``dtype`` asked for; for ``"auto"``, the default, the config's) and
 on ``device``, so the ``.to(device, dtype)`` ``transformers`` applies is a
-no-op and the model's parameters are fastload's tensors. Weights the model
-keeps in float32 while the rest is converted (``_keep_in_fp32_modules``) are
-created in float32. Fusions (stacking MoE experts) copy, as they do in
-``transformers``.
+no-op and the model's parameters are fastload's tensors. Weights stored in
+another dtype wait for the model: those it keeps in float32 (its dtype plan,
+sub-models included) are created in float32, and checkpoint keys it renames
+stay as stored for it to convert. Fusions (stacking MoE experts) copy, as they
+do in ``transformers``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
+from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 from .. import runner
 from ..errors import ConfigError, SourceNotFoundError
@@ -40,6 +52,17 @@ from ..trace import NULL_TRACE
 MODEL_FILES = ("config.json", "generation_config.json")
 MAX_MODEL_FILE_BYTES = 64 << 20
 _OURS = ("state_dict", "pretrained_model_name_or_path")
+
+
+def _check_transformers() -> None:
+    """transformers is installed, version 5 or later: asked of its metadata, without importing it (which takes
+    seconds, spent while the weights stream)."""
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        raise ConfigError("fastload.from_pretrained needs transformers: pip install fastload[transformers]") from None
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 5:
+        raise ConfigError(f"fastload.from_pretrained needs transformers >= 5 (found {version})")
 
 
 def _transformers():
@@ -83,8 +106,8 @@ def _variant_name(name: str, variant: str) -> str:
 
 
 async def _stage(source: str, folder: Path, config, variant: str | None = None) -> str:
-    """Fetch the non-weight model files into ``folder``; return where the weights are: the model directory,
-    or with ``variant`` its variant's index or single file."""
+    """Fetch the non-weight model files into ``folder``; return where the weights are: the index or the single
+    file (of ``variant`` when given)."""
     transports = Transports(config, NULL_TRACE)
     try:
         base = await _model_dir(source, transports)
@@ -101,17 +124,15 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None) 
             if info.size > MAX_MODEL_FILE_BYTES:
                 raise ConfigError(f"{url}: {info.size} bytes is too large for a model file")
             (folder / name).write_bytes(await read_bytes(transport, info, 0, info.size))
-        if not variant:
-            return base
-        names = [_variant_name(n, variant) for n in (INDEX_NAME, SINGLE_NAME)]
-        for name in names:
+        names = [_variant_name(n, variant) if variant else n for n in (INDEX_NAME, SINGLE_NAME)]
+        for name in names:  # transformers' rule: the index, else the single file (other *.safetensors are not its)
             try:
                 await transports.for_url(join(base, name)).stat(join(base, name))
             except SourceNotFoundError:
                 continue
             return join(base, name)
-        raise SourceNotFoundError(f"no {names[1]} or {names[0]} in {source} (variant={variant!r})",
-                                  url=join(base, names[1]))
+        raise SourceNotFoundError(f"no {names[1]} or {names[0]} in {source}"
+                                  + (f" (variant={variant!r})" if variant else ""), url=join(base, names[1]))
     finally:
         await transports.aclose()
 
@@ -159,36 +180,82 @@ def _dtypes(dtype, hf_config):
     return want, dtype
 
 
-def _kept_in_float32(cls, dtype) -> re.Pattern | None:
-    """Which weights ``cls`` keeps in float32 when the rest is in ``dtype`` (its ``dtype_plan``), as a regex
-    searched the way ``transformers`` searches it (``*`` is ``.*``)."""
+def _raw_config(folder: Path) -> SimpleNamespace:
+    """The config's ``dtype`` and ``quantization_config`` as ``transformers`` will read them (``dtype`` before the
+    legacy ``torch_dtype``), from ``config.json`` alone: known before ``transformers`` is imported."""
+    try:
+        doc = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None  # transformers will say what is wrong with it
+    doc = doc if isinstance(doc, dict) else {}
+    dtype = doc.get("dtype") if doc.get("dtype") is not None else doc.get("torch_dtype")
+    return SimpleNamespace(dtype=dtype, quantization_config=doc.get("quantization_config"))
+
+
+def _converted(plan, create) -> list[str]:
+    """The floating tensors that creating in ``create`` would convert (none when ``create`` is None)."""
     import torch
 
-    def listed(value) -> list[str]:
-        return [p for p in value if isinstance(p, str)] if isinstance(value, (list, tuple, set)) else []
-
-    patterns = listed(getattr(cls, "_keep_in_fp32_modules", None)) if dtype == torch.float16 else []
-    if dtype in (torch.float16, torch.bfloat16):
-        patterns += listed(getattr(cls, "_keep_in_fp32_modules_strict", None))
-    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
+    return [] if create is None else [t.name for t in plan.tensors
+                                      if t.spec.dtype.is_float and getattr(torch, t.spec.dtype.torch_name) != create]
 
 
-def _load_weights(base: str, request, create, kept: re.Pattern | None) -> dict:
-    """The state dict, each tensor created in the dtype the model keeps it in."""
-    from ..api import load, plan
+async def _stream_weights(base: str, request, create):
+    """(the plan of every tensor, the state dict of those that need no conversion to ``create``). They can stream
+    before transformers is imported; the converted ones wait for the model (see ``_targets``)."""
+    from ..api import _collect
 
-    load_as = dict(device=request.device, config=request.config)
-    if create is None or kept is None:
-        return load(base, dtype=create, trace=request.trace, **load_as)
-    names = [t.name for t in plan(base, config=request.config, trace=request.trace).tensors]
-    rest = [n for n in names if not kept.search(n)]
-    state_dict = load(base, names=rest, dtype=create, trace=request.trace, **load_as) if rest else {}
-    fp32 = [n for n in names if kept.search(n)]
-    if fp32:
-        import torch
+    plans: list = []
 
-        state_dict.update(load(base, names=fp32, dtype=torch.float32, trace=request.trace, **load_as))
-    return state_dict
+    def select(plan):
+        plans.append(plan)
+        converted = set(_converted(plan, create))
+        return [t.name for t in plan.tensors if t.name not in converted] if converted else None
+
+    state_dict = await _collect(replace(request, source=base, dtype=create, select=select))
+    return plans[0], state_dict
+
+
+def _targets(cls, hf_config, create, names: list[str]) -> dict:
+    """{dtype: names} for tensors stored in another floating dtype than ``create``, as transformers would end them:
+    ``create``, unless the model keeps the weight in float32 (``_keep_in_fp32_modules``, its sub-models' too) or
+    builds it in another dtype, which it is read in directly: never through a narrower dtype. A checkpoint key
+    that is not one of the model's (transformers renames, fuses or drops it) stays as stored, and transformers
+    converts it after its renames, as it would from the file."""
+    import torch
+
+    if create not in (torch.float16, torch.bfloat16):  # transformers' dtype plans exist for these only
+        return {create: names}
+    default = torch.get_default_dtype()
+    try:  # how transformers builds it: default dtype set, parameters on the meta device (no memory)
+        torch.set_default_dtype(create)
+        with torch.device("meta"):
+            model = cls(hf_config)
+    finally:
+        torch.set_default_dtype(default)
+    plan = model._get_dtype_plan(create)
+    if plan:
+        from transformers.core_model_loading import build_glob_alternation
+
+        pattern, groups, _ = build_glob_alternation(list(plan))
+    params = model.state_dict()
+    targets: dict = {}
+    for name in names:
+        if name not in params:
+            target = None
+        elif plan and (found := pattern.search(name)):
+            target = plan[groups[found.lastgroup]]
+        else:
+            target = params[name].dtype
+        targets.setdefault(target if target is None or target.is_floating_point else None, []).append(name)
+    return targets
+
+
+def _reading_order(state_dict: dict, plan) -> dict:
+    """``state_dict`` in the order transformers reads checkpoint files (shards by name, keys sorted): with
+    ``dtype="auto"`` and no dtype in the config it takes the first floating tensor's."""
+    names = {t.name: os.path.basename(plan.files[t.spec.file].info.url) for t in plan.tensors}
+    return dict(sorted(state_dict.items(), key=lambda item: (names.get(item[0], ""), item[0])))
 
 
 def _generation_config(transformers, folder: Path):
@@ -210,7 +277,7 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     ``Trace``: the trace covers the weights). Other keyword arguments go to ``transformers``' ``from_pretrained``
     (``output_loading_info=True``, ``attn_implementation=...``, config overrides, ...).
     """
-    transformers = _transformers()
+    _check_transformers()
     taken = [k for k in _OURS if k in hf_kwargs]
     if taken:
         raise ConfigError(f"from_pretrained sets {taken[0]!r} itself")
@@ -232,10 +299,26 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
         base = runner.run(lambda: _stage(model_dir, folder, request.config, variant))
-        hf_config = transformers.AutoConfig.from_pretrained(folder)
-        cls = _model_class(transformers, hf_config, model_class)
-        create, dtype = _dtypes(dtype, hf_config)
-        state_dict = _load_weights(base, request, create, _kept_in_float32(cls, create))
+        guess = _dtypes(dtype, _raw_config(folder))[0]
+        weights = runner.start(lambda: _stream_weights(base, request, guess))
+        try:
+            transformers = _transformers()
+            hf_config = transformers.AutoConfig.from_pretrained(folder)
+            cls = _model_class(transformers, hf_config, model_class)
+            create, dtype = _dtypes(dtype, hf_config)
+            plan, state_dict = weights.result()
+        finally:
+            weights.cancel()
+        if create != guess:  # transformers read the config otherwise: load again, in the dtype it keeps
+            del state_dict
+            plan, state_dict = runner.run(lambda: _stream_weights(base, request, create))
+        if converted := _converted(plan, create):
+            from ..api import _collect
+
+            for target, names in _targets(cls, hf_config, create, converted).items():
+                part = replace(request, source=base, names=names, dtype=target)
+                state_dict.update(runner.run(lambda: _collect(part)))
+        state_dict = _reading_order(state_dict, plan)
         kwargs = dict(hf_kwargs, dtype=dtype)
         if request.device.type != "cpu":
             kwargs.setdefault("device_map", {"": request.device})
