@@ -41,24 +41,13 @@ from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from .base import ObjectInfo, Segment, http_range, span_of
 from .http_threads import BodyOverrun, ThreadedBodies
-from .retry import RetryPolicy, Transient
+from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-# 5xx is the server's trouble and worth a retry (CDNs add 52x: origin down, timed out), except the
-# answers that will never change: 501 Not Implemented, 505 HTTP Version Not Supported, 511 a captive portal.
-_RETRY_STATUSES = {408, 429} | set(range(500, 600)) - {501, 505, 511}
-
-
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _int_header(headers, name: str) -> int | None:
@@ -85,8 +74,8 @@ def check_status(status: int, reason: str, *, url: str, byte_range=None, headers
         raise SourceChangedError(f"object changed during the load ({text})", url=url, byte_range=byte_range)
     if status == 416:
         raise SourceChangedError(f"range no longer satisfiable ({text}); object shrank?", url=url, byte_range=byte_range)
-    if status in _RETRY_STATUSES:
-        raise Transient(text, retry_after=_retry_after(headers or {}))
+    if status in RETRY_STATUSES:
+        raise Transient(text, retry_after=retry_after(headers or {}))
     raise TransferError(text, url=url, byte_range=byte_range)
 
 
@@ -247,11 +236,12 @@ class HttpTransport:
 
     async def stat(self, url: str) -> ObjectInfo:
         display = redact_url(url)  # a presigned or user:password URL is fetched, never shown
-        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=None)
+        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=(0, PROBE_BYTES))
 
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
         display = redact_url(display)
-        return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display, byte_range=None)
+        return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display,
+                                     byte_range=(0, PROBE_BYTES))
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from typing import Awaitable, Callable, TypeVar
 
 from ..config import RetryConfig
@@ -20,8 +22,34 @@ from ..trace import Trace
 T = TypeVar("T")
 
 
+# 5xx is the server's trouble and worth a retry (CDNs add 52x: origin down, timed out), except the
+# answers that will never change: 501 Not Implemented, 505 HTTP Version Not Supported, 511 a captive portal.
+RETRY_STATUSES = {408, 429} | set(range(500, 600)) - {501, 505, 511}
+
+
+def retry_after(headers) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait: delta-seconds or an HTTP-date (RFC 9110); None if absent
+    or unreadable. Header names are matched without regard to case."""
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 class Transient(Exception):
-    """Raised inside a transport for a failure worth retrying (never escapes fastload)."""
+    """Raised inside a transport for a failure worth retrying. Never raised to the caller: when the budget is
+    spent, ``TransferError`` chains its underlying error, or the Transient itself when there is none (a server's
+    answer, such as a 503: its message says which)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
@@ -75,18 +103,17 @@ class RetryPolicy:
                 now_progress = progress()
                 if now_progress > last_progress:
                     attempts, last_progress = 1, now_progress
-                now = time.monotonic()
-                out_of_time = deadline is not None and now >= deadline
+                delay = self.backoff(attempts)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, cfg.backoff_max_s))
+                # Out of time when the next attempt could not start before the deadline: say so now, with
+                # this attempt's cause, rather than sleep to the deadline and fail an attempt never made.
+                out_of_time = deadline is not None and time.monotonic() + delay >= deadline
                 if attempts >= cfg.max_attempts or out_of_time:
                     why = f"deadline of {cfg.deadline_s:g} s reached" if out_of_time else "retries exhausted"
                     raise TransferError(f"{why}: {exc}", url=url, byte_range=byte_range,
                                         attempts=total) from (exc.__cause__ or exc)
                 self.trace.count("retries")
-                delay = self.backoff(attempts)
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, cfg.backoff_max_s))
-                if deadline is not None:
-                    delay = min(delay, max(deadline - now, 0.0))
                 await asyncio.sleep(delay)
 
     @staticmethod

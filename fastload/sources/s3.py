@@ -27,12 +27,13 @@ from ..integrity import checksum_from_base64
 from ..redact import describe, scrub
 from .base import ObjectInfo, Segment
 from .http import HttpTransport
-from .retry import RetryPolicy, Transient
+from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "401"}
-_TRANSIENT = {"500", "502", "503", "504", "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
-              "Throttling", "ThrottlingException", "RequestLimitExceeded", "429"}
+# Error codes worth a retry; any status HTTP retries is too (408, 429, 5xx but 501/505/511).
+_TRANSIENT = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling",
+              "ThrottlingException", "RequestLimitExceeded"}
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -83,8 +84,10 @@ def _translate(exc: Exception, url: str) -> Exception:
             return SourceNotFoundError(f"no such object: {url}", url=url)
         if code in _DENIED or status == "403":
             return SourcePermissionError(f"access denied ({code}): {url}", url=url)
-        if code in _TRANSIENT or status in _TRANSIENT:
-            return Transient(f"S3 {code or status}")
+        if code in _TRANSIENT or (status.isdigit() and int(status) in RETRY_STATUSES) \
+                or (code.isdigit() and int(code) in RETRY_STATUSES):
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
+            return Transient(f"S3 {code or status}", retry_after=retry_after(headers))
         return TransferError(f"S3 error {code or status}", url=url)
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return SourcePermissionError(
