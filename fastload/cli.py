@@ -9,6 +9,7 @@ through ``config.from_env``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NamedTuple
 
@@ -40,10 +41,21 @@ def config_from_args(args: argparse.Namespace):
 
 # -- inspect ---------------------------------------------------------------------------------------
 
+def _count(text: str) -> int:
+    """A whole number >= 0, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="path, file://, http(s)://, s3:// or hf:// source")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("--top", type=int, default=10, help="how many of the largest tensors to list (default 10)")
+    parser.add_argument("--top", type=_count, default=10, help="how many of the largest tensors to list (default 10)")
     parser.add_argument("--all", action="store_true", help="also list every tensor")
     add_config_arguments(parser)
 
@@ -185,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastload: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (| head): no message, the status of a tool SIGPIPE ended
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 128 + 13
     except (FastloadError, OSError) as exc:  # OSError: e.g. a destination that cannot be written
         if args.debug:
             raise

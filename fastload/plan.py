@@ -45,7 +45,11 @@ class Shard:
             raise ConfigError(f"Shard.rank must be an int in [0, {self.world_size}), got {self.rank!r}")
         if isinstance(self.rules, (str, bytes)):
             raise ConfigError("Shard.rules must map patterns to dims, e.g. {r'q_proj': 0}, not a string")
-        rules = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
+        try:
+            rules = tuple(self.rules.items()) if isinstance(self.rules, Mapping) else tuple(self.rules)
+        except TypeError:
+            raise ConfigError(f"Shard.rules must map patterns to dims, e.g. {{r'q_proj': 0}}, got {self.rules!r}") \
+                from None
         for rule in rules:
             if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
                 raise ConfigError(f"Shard rule {rule!r} is not a (pattern, dim) pair")

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from concurrent.futures import Executor, Future
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 _DONE = object()
+_CANCELLED = object()  # the load was cancelled (closed from another thread, or its caller's task cancelled)
+_POLL_S = 0.05  # how often a sync call made from a coroutine checks whether its task was asked to cancel
 
 
 async def gather(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -50,8 +53,48 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         return box.pop("value")
 
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
-    # thread. Ctrl-C or any other exception while waiting cancels it and joins the thread.
-    return start(factory).result()
+    # thread. Ctrl-C or any other exception while waiting cancels it and joins the thread; so does a
+    # request to cancel the coroutine that called us (asyncio.run's Ctrl-C handler makes one).
+    return start(factory, stop=_cancel_requested()).result()
+
+
+def _cancel_requested() -> Callable[[], bool] | None:
+    """For a sync call made from a coroutine: whether that coroutine's task has been asked to cancel.
+    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees."""
+    task = asyncio.current_task()
+    if task is None or not hasattr(task, "cancelling"):  # Python 3.10 cannot tell
+        return None
+    already = task.cancelling()
+    return lambda: task.cancelling() > already
+
+
+async def detached(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` awaited from a daemon thread of its own, for a blocking call that cannot be
+    interrupted but ends by its own timeout (botocore's HEAD and LIST, bounded by ``stall_timeout_s``).
+
+    Cancelling returns at once: the thread finishes the call by itself and its result is dropped.
+    ``asyncio.to_thread`` would instead hold the loop's shutdown, and with it Ctrl-C, until the call
+    returned (30 s against a server that never answers).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            (future.set_result if ok else future.set_exception)(value)
+
+    def body() -> None:
+        try:
+            ok, value = True, fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            ok, value = False, exc
+        try:
+            loop.call_soon_threadsafe(settle, ok, value)
+        except RuntimeError:  # the loop is closed: nobody waits for it any more
+            pass
+
+    threading.Thread(target=body, name="fastload-detached", daemon=True).start()
+    return await future
 
 
 class Pending:
@@ -62,14 +105,14 @@ class Pending:
     the thread. Either way nothing is left running: call ``cancel()`` in a ``finally``.
     """
 
-    def __init__(self, factory: Callable[[], Awaitable[T]]):
+    def __init__(self, factory: Callable[[], Awaitable[T]], stop: Callable[[], bool] | None = None):
         self._box: dict[str, Any] = {}
 
         async def produce_one(put: Callable[[Any], None]) -> None:
             self._box["value"] = await factory()  # kept out of the queue and the task (see run)
             put(None)
 
-        self._stream = ThreadedStream(produce_one).start()
+        self._stream = ThreadedStream(produce_one, stop=stop).start()
 
     def result(self) -> Any:
         try:
@@ -84,16 +127,82 @@ class Pending:
         self._box.clear()
 
 
-def start(factory: Callable[[], Awaitable[T]]) -> Pending:
-    """Start the coroutine made by ``factory`` now, in a private loop thread; see :class:`Pending`."""
-    return Pending(factory)
+def start(factory: Callable[[], Awaitable[T]], stop: Callable[[], bool] | None = None) -> Pending:
+    """Start the coroutine made by ``factory`` now, in a private loop thread; see :class:`Pending`. While
+    waiting for its result, ``stop()`` turning true cancels it and raises ``asyncio.CancelledError``."""
+    return Pending(factory, stop)
+
+
+class DaemonThreadPool(Executor):
+    """``ThreadPoolExecutor``'s behaviour with daemon threads, which the interpreter does not wait for at exit.
+
+    ``ThreadPoolExecutor`` joins its threads when the interpreter exits: a load abandoned without being closed
+    (a stream dropped half-read) whose threads sit in a blocking ``recv`` held up exit until its stall timeout.
+    ``shutdown`` joins the threads as usual.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str):
+        self._max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future = Future()
+            self._work.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+                thread = threading.Thread(target=self._worker, name=f"{self._prefix}_{len(self._threads)}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+            return future
+
+    def _worker(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args, kwargs = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn, args, kwargs  # nothing of the job outlives it in this frame
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
 
 
 class ThreadedStream:
     """Runs ``producer(put)`` in a private loop thread; iterate to receive what it puts."""
 
-    def __init__(self, producer: Callable[[Callable[[Any], None]], Awaitable[None]]):
+    def __init__(self, producer: Callable[[Callable[[Any], None]], Awaitable[None]],
+                 stop: Callable[[], bool] | None = None):
         self._producer = producer
+        self._stop = stop
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -120,7 +229,8 @@ class ThreadedStream:
             try:
                 await self._producer(self._queue.put)
             except asyncio.CancelledError:
-                pass
+                self._queue.put((_DONE, _CANCELLED))  # not an end: a thread still iterating must not think so
+                return
             except BaseException as exc:
                 self._queue.put((_DONE, exc))
                 return
@@ -131,12 +241,26 @@ class ThreadedStream:
         finally:
             self._ready.set()
 
+    def _get(self) -> Any:
+        if self._stop is None:
+            return self._queue.get()
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self._stop():
+                    self.close()
+                    raise asyncio.CancelledError from None
+
     def __iter__(self) -> Iterator[Any]:
         while not self._finished:
-            item = self._queue.get()
+            item = self._get()
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                self._finished = self._complete = True
+                self._finished = True
                 self._thread.join()
+                if item[1] is _CANCELLED:
+                    raise RuntimeError("the load was cancelled (closed) before it finished")
+                self._complete = True
                 if item[1] is not None:
                     raise item[1]
                 return

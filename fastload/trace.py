@@ -194,7 +194,8 @@ class TraceSummary:
                      f"{_first(self.counters, STAGE_BYTES['copy']) / 1e6:.1f} MB, retries {self.counters.get('retries', 0)}")
         if self.bottleneck:
             share = pct(self.exclusive.get(self.bottleneck, self.breakdown.get(self.bottleneck, 0.0)))
-            cat = CATEGORY_LABELS.get(CATEGORY.get(self.bottleneck, "overhead"), "")
+            kind = "unattributed" if self.bottleneck == "unattributed" else CATEGORY.get(self.bottleneck, "overhead")
+            cat = CATEGORY_LABELS.get(kind, "")
             lines.append(f"  bottleneck: {self.bottleneck} ({cat}, {share:.1f}% of wall)")
         if self.counters.get("cancelled"):
             lines.append("  cancelled before the end (a stream left early, or interrupted)")

@@ -27,11 +27,11 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, scrub
+from ..runner import DaemonThreadPool
 from .retry import Transient
 
 MAX_REDIRECTS = 10
@@ -77,7 +77,7 @@ class ThreadedBodies:
 
     def __init__(self, *, threads: int, connect_timeout_s: float, stall_timeout_s: float, headers: dict[str, str],
                  ssl_context: Callable[[], ssl.SSLContext]):
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-http")
+        self._pool = DaemonThreadPool(threads, "fastload-http")  # exit never waits on a socket
         self._connect_timeout = connect_timeout_s
         self._stall_timeout = stall_timeout_s
         self._headers = headers

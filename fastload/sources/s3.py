@@ -25,6 +25,7 @@ from ..config import LoadConfig
 from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..integrity import checksum_from_base64
 from ..redact import describe, scrub
+from ..runner import detached
 from .base import ObjectInfo, Segment
 from .http import HttpTransport
 from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
@@ -127,7 +128,7 @@ class S3Transport:
     async def client(self, region: str | None = None):
         async with self._client_lock:
             if region not in self._clients:
-                client = await asyncio.to_thread(
+                client = await detached(
                     partial(make_client, self.config.s3, connect_timeout=self.config.connect_timeout_s,
                             read_timeout=self.config.stall_timeout_s, region=region))
                 client.meta.events.register("after-call.s3.HeadObject", self._note_redirect)
@@ -146,7 +147,7 @@ class S3Transport:
 
         async def once():
             try:
-                return await asyncio.to_thread(getattr(client, method), **params)
+                return await detached(getattr(client, method), **params)  # a cancel never waits for botocore
             except Exception as exc:  # botocore raises many types; all are translated
                 # Without its traceback: botocore's frames hold the response, and with it a pooled
                 # connection that stays open for as long as the caller keeps our exception.
