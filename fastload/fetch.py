@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from .buffers import BufferPool, as_bytes_view
+from .buffers import BufferPool
 from .plan import ChunkRead, LoadPlan
 from .runner import gather
-from .sinks import Sink, staged_segments
+from .sinks import Sink
 from .sources import Transports
 from .trace import ReadRecord, Trace
 
@@ -42,7 +42,7 @@ async def run_plan(
         if sink.staged(chunk):
             buf = await pool.acquire()
             trace.interval("wait", taken, trace.now())
-            segments = staged_segments(chunk, buf, as_bytes_view(buf))
+            segments = sink.staging(chunk, buf)
         else:
             segments = sink.targets(chunk)
         requested = trace.now()
@@ -65,7 +65,7 @@ async def run_plan(
             record.staged = buf is not None
             trace.add_read(record)
         if progress is not None:
-            progress(chunk.nbytes)
+            progress(sum(p.nbytes for p in chunk.pieces))  # bytes of the result, whatever the read spanned
         if done:
             emit(done)
 

@@ -245,7 +245,8 @@ class Verification:
 def reads_whole(plan, file: int) -> bool:
     """True when the plan's pieces cover the data section of ``file`` without a gap."""
     planned = plan.files[file]
-    spans = sorted((p.src, p.src + p.length) for c in plan.chunks if c.file == file for p in c.pieces)
+    spans = sorted((src, src + p.length) for c in plan.chunks if c.file == file for p in c.pieces
+                   for src in p.row_starts())
     pos = planned.data_start
     for start, end in spans:
         if start > pos:

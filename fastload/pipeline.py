@@ -139,7 +139,7 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
 
         emit(sink.initially_complete())
         done = 0
-        total = plan.total_bytes
+        total = plan.output_bytes  # progress counts the result's bytes (stored dtype), not the spans read
 
         def progress(n: int) -> None:
             nonlocal done

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .config import LoadConfig
 from .errors import ConfigError, FormatError
@@ -84,10 +84,31 @@ def split_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Piece:
+    """Bytes of one output tensor in one file: ``rows`` runs of ``length`` bytes, ``stride`` apart in the file
+    from ``src`` and back to back in the output from ``dst``. A tensor split on a dimension other than its first
+    is one strided piece (a row per index of the dimensions before it), not one piece per row."""
+
     tensor: int  # index into LoadPlan.tensors
     src: int  # absolute offset in the file
-    length: int
+    length: int  # bytes of one row
     dst: int  # byte offset in the output tensor (stored dtype)
+    rows: int = 1
+    stride: int = 0  # file bytes from one row's start to the next (rows > 1 only)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this piece puts in its tensor."""
+        return self.rows * self.length
+
+    @property
+    def end(self) -> int:
+        """End of the file span the piece lies in (its last row's end)."""
+        return self.src + (self.rows - 1) * self.stride + self.length
+
+    def row_starts(self) -> range:
+        """File offset of each row."""
+        return range(self.src, self.src + self.rows * self.stride, self.stride) if self.rows > 1 \
+            else range(self.src, self.src + 1)
 
 
 @dataclass(frozen=True)
@@ -140,11 +161,14 @@ class LoadPlan:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes the chunk reads take from the sources."""
+        """Bytes the chunk reads span in the sources: gaps inside a sharded tensor's span included, which
+        streams read across. A local file skips them where a tensor's rows lie more than 64 KiB apart
+        (``sinks.base.SPAN_STRIDE``), and then reads less."""
         return sum(c.nbytes for c in self.chunks)
 
     @property
     def output_bytes(self) -> int:
+        """Bytes of the loaded tensors as stored (what ``progress`` counts up to)."""
         return sum(t.nbytes for t in self.tensors)
 
     def to_dict(self) -> dict:
@@ -155,7 +179,8 @@ class LoadPlan:
                          "stored_shape": list(t.spec.shape), "split_dim": t.split_dim, "file": t.spec.file,
                          "start": t.spec.start, "end": t.spec.end} for t in self.tensors],
             "chunks": [{"id": c.id, "file": c.file, "start": c.start, "end": c.end,
-                        "pieces": [[p.tensor, p.src, p.length, p.dst] for p in c.pieces]} for c in self.chunks],
+                        "pieces": [[p.tensor, p.src, p.length, p.dst] + ([p.rows, p.stride] if p.rows > 1 else [])
+                                   for p in c.pieces]} for c in self.chunks],
             "chunk_bytes": self.chunk_bytes,
             "total_bytes": self.total_bytes,
             "output_bytes": self.output_bytes,
@@ -192,8 +217,9 @@ def _runs(index: int, t: PlannedTensor, shard: Shard | None) -> list[Piece]:
     width = (hi - lo) * inner
     if width == spec.shape[d] * inner:  # the whole dim: one run
         return [Piece(index, spec.start, spec.nbytes, 0)]
-    stride = spec.shape[d] * inner
-    return [Piece(index, spec.start + o * stride + lo * inner, width, o * width) for o in range(outer)]
+    if outer == 1:
+        return [Piece(index, spec.start + lo * inner, width, 0)]
+    return [Piece(index, spec.start + lo * inner, width, 0, rows=outer, stride=spec.shape[d] * inner)]
 
 
 def _planned(spec: TensorSpec, shard: Shard | None) -> PlannedTensor:
@@ -208,29 +234,40 @@ def _planned(spec: TensorSpec, shard: Shard | None) -> PlannedTensor:
     return PlannedTensor(spec, spec.shape[:dim] + (hi - lo,) + spec.shape[dim + 1:], dim)
 
 
+def _cut(run: Piece, chunk_bytes: int) -> Iterator[Piece]:
+    """``run`` in pieces whose file span fits in a chunk: a long row in chunk-size parts, a strided run in groups
+    of as many rows as fit."""
+    if run.rows > 1 and run.stride + run.length <= chunk_bytes:  # two rows or more fit: groups of rows
+        per = (chunk_bytes - run.length) // run.stride + 1
+        for first in range(0, run.rows, per):
+            rows = min(per, run.rows - first)
+            yield Piece(run.tensor, run.src + first * run.stride, run.length, run.dst + first * run.length,
+                        rows=rows, stride=run.stride if rows > 1 else 0)
+        return
+    for row, src in enumerate(run.row_starts()):  # each row alone, a long one in parts
+        dst = run.dst + row * run.length
+        for offset in range(0, run.length, chunk_bytes):
+            yield Piece(run.tensor, src + offset, min(chunk_bytes, run.length - offset), dst + offset)
+
+
 def _chunks(runs: list[Piece], file: int, chunk_bytes: int, first_id: int) -> list[ChunkRead]:
     chunks: list[ChunkRead] = []
     pieces: list[Piece] = []
 
     def close() -> None:
         if pieces:
-            chunks.append(ChunkRead(first_id + len(chunks), file, pieces[0].src,
-                                    pieces[-1].src + pieces[-1].length, tuple(pieces)))
+            chunks.append(ChunkRead(first_id + len(chunks), file, pieces[0].src, pieces[-1].end, tuple(pieces)))
             pieces.clear()
 
     for run in runs:
-        offset = 0
-        while offset < run.length:  # a run longer than a chunk is split at chunk-size boundaries
-            n = min(chunk_bytes, run.length - offset)
-            piece = Piece(run.tensor, run.src + offset, n, run.dst + offset)
+        for piece in _cut(run, chunk_bytes):
             if pieces:
                 prev = pieces[-1]
-                gap = piece.src - (prev.src + prev.length)
+                gap = piece.src - prev.end
                 same_tensor_gap = gap == 0 or prev.tensor == piece.tensor  # gaps only inside one tensor's span
-                if not same_tensor_gap or piece.src + n - pieces[0].src > chunk_bytes:
+                if not same_tensor_gap or piece.end - pieces[0].src > chunk_bytes:
                     close()
             pieces.append(piece)
-            offset += n
     close()
     return chunks
 
@@ -271,7 +308,7 @@ def build_plan(
     tensors = tuple(_planned(s, shard) for s in chosen)
     runs_of = [[r for i, t in enumerate(tensors) if t.spec.file == file for r in _runs(i, t, shard)]
                for file in range(len(files))]
-    chunk_bytes = chunk_size(sum(r.length for runs in runs_of for r in runs), config)
+    chunk_bytes = chunk_size(sum(r.end - r.src for runs in runs_of for r in runs), config)  # the spans read
     chunks: list[ChunkRead] = []
     for file, runs in enumerate(runs_of):
         chunks += _chunks(runs, file, chunk_bytes, len(chunks))

@@ -51,17 +51,29 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("http_root")
 
 
+_HTTP_SERVER = pytest.StashKey[RangeHTTPServer]()
+
+
 @pytest.fixture(scope="session")
-def http_server(http_root: Path) -> Iterator[RangeHTTPServer]:
+def http_server(request: pytest.FixtureRequest, http_root: Path) -> Iterator[RangeHTTPServer]:
     """A ranged file server over ``http_root``; log and faults are reset before each test."""
     with RangeHTTPServer(http_root) as server:
-        yield server
+        request.config.stash[_HTTP_SERVER] = server
+        try:
+            yield server
+        finally:
+            del request.config.stash[_HTTP_SERVER]
 
 
 @pytest.fixture(autouse=True)
 def _reset_http_server(request: pytest.FixtureRequest) -> None:
-    # Only touch the server if this test uses it (directly or through a fixture).
-    if "http_server" in request.fixturenames:
+    # Every test starts with a clean server once one runs, also when a test reaches it lazily
+    # (``request.getfixturevalue``, the ``serve`` fixture): a fault rule left by the test before
+    # would otherwise hang this one until its stall timeout.
+    server = request.config.stash.get(_HTTP_SERVER, None)
+    if server is not None:
+        server.reset()
+    elif "http_server" in request.fixturenames:
         request.getfixturevalue("http_server").reset()
 
 

@@ -267,12 +267,14 @@ def test_plan_reads_exactly_the_wanted_bytes(case):
         assert 0 < c.nbytes <= chunk and c.start >= header.data_start and c.end <= len(blob)
         pos = c.start
         for p in c.pieces:
-            assert c.start <= p.src and p.src + p.length <= c.end and p.src >= pos  # sorted, inside the chunk
+            assert c.start <= p.src and p.end <= c.end and p.src >= pos  # sorted, inside the chunk
             spec = plan.tensors[p.tensor].spec
-            assert spec.start <= p.src and p.src + p.length <= spec.end  # only this tensor's bytes
-            outputs[p.tensor][p.dst:p.dst + p.length] = blob[p.src:p.src + p.length]
-            filled[p.tensor] += p.length
-            pos = p.src + p.length
+            assert spec.start <= p.src and p.end <= spec.end  # only this tensor's bytes
+            for row, src in enumerate(p.row_starts()):  # a strided piece: rows back to back in the output
+                at = p.dst + row * p.length
+                outputs[p.tensor][at:at + p.length] = blob[src:src + p.length]
+            filled[p.tensor] += p.nbytes
+            pos = p.end
     assert {t.name for t in plan.tensors} == set(names or tensors)
     for i, planned in enumerate(plan.tensors):
         assert filled[i] == planned.nbytes  # every output byte written exactly once (with the checks above)

@@ -146,13 +146,31 @@ def test_other_dims_fetch_at_most_the_tensor_span(wide, http_server, serve, dim)
 
 
 @pytest.mark.parametrize("dim", [1, 2])
-def test_local_files_read_only_the_needed_strides(wide, dim):
+def test_local_narrow_strides_are_read_with_their_gaps(wide, dim):
+    """Rows a few KiB apart: one read of the whole span and one copy per piece beat a read per row."""
+    full = safetensors.torch.load_file(wide)
     data_start = fastload.plan(wide).files[0].data_start
     for rank in range(3):
         shard = fastload.Shard(rank, 3, {"cube": dim})
         trace = fastload.Trace()
         got = fastload.load(wide, names=["cube"], shard=shard, trace=trace, config=SMALL)
-        assert trace.summary().bytes_fetched == data_start + got["cube"].nbytes
+        assert torch.equal(got["cube"], expected(full["cube"], shard, dim))
+        plan = fastload.plan(wide, names=["cube"], shard=shard, config=SMALL)
+        assert trace.summary().bytes_fetched == data_start + plan.total_bytes > data_start + got["cube"].nbytes
+
+
+def test_local_wide_strides_are_read_alone(wide):
+    """Rows 160 KB apart (over SPAN_STRIDE): each rank's part of each row is read alone, nothing between."""
+    full = safetensors.torch.load_file(wide)
+    data_start = fastload.plan(wide).files[0].data_start
+    for rank in range(3):
+        shard = fastload.Shard(rank, 3, {"long_rows": 1})
+        for dtype in (None, torch.float64):  # straight into the tensor, and staged for conversion
+            trace = fastload.Trace()
+            got = fastload.load(wide, names=["long_rows"], shard=shard, trace=trace, config=SMALL, dtype=dtype)
+            want = expected(full["long_rows"], shard, 1)
+            assert torch.equal(got["long_rows"], want if dtype is None else want.to(dtype))
+            assert trace.summary().bytes_fetched == data_start + want.nbytes
 
 
 def test_s3_bytes_per_rank_counted_by_a_proxy(wide, s3_server, s3_bucket, s3_proxy):
@@ -307,15 +325,18 @@ def test_plan_pieces_rebuild_every_rank_slice(case):
     written = [0] * len(plan.tensors)
     for chunk in plan.chunks:
         assert chunk.nbytes <= chunk_bytes and chunk.pieces[0].src == chunk.start
-        assert chunk.pieces[-1].src + chunk.pieces[-1].length == chunk.end
+        assert chunk.pieces[-1].end == chunk.end
         for prev, piece in zip(chunk.pieces, chunk.pieces[1:]):
-            gap = piece.src - (prev.src + prev.length)
+            gap = piece.src - prev.end
             assert gap >= 0 and (gap == 0 or prev.tensor == piece.tensor)  # gaps only inside one tensor
         for p in chunk.pieces:
             spec = plan.tensors[p.tensor].spec
-            assert spec.start <= p.src and p.src + p.length <= spec.end
-            outputs[p.tensor][p.dst:p.dst + p.length] = data[p.src:p.src + p.length]
-            written[p.tensor] += p.length
+            assert spec.start <= p.src and p.end <= spec.end
+            assert p.rows == 1 or p.stride > p.length  # a strided piece skips bytes between its rows
+            for row, src in enumerate(p.row_starts()):  # rows back to back in the output
+                at = p.dst + row * p.length
+                outputs[p.tensor][at:at + p.length] = data[src:src + p.length]
+            written[p.tensor] += p.nbytes
     for t, out, count in zip(plan.tensors, outputs, written):
         dim = shard.dim_for(t.name)
         want = expected(tensors[t.name], shard, dim).contiguous()

@@ -30,12 +30,13 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from ..buffers import as_bytes_view
 from ..errors import DeviceError
 from ..format import torch_dtype
 from ..plan import ChunkRead, LoadPlan
 from ..sources import Segment
 from ..trace import Trace
-from .base import Completion
+from .base import Completion, staged_segments
 from .host import output_dtype
 
 #: CUDA streams the copies are spread over.
@@ -151,6 +152,9 @@ class CudaSink:
     def initially_complete(self) -> list[int]:
         return self.completion.initially_complete()
 
+    def staging(self, chunk: ChunkRead, buf: torch.Tensor) -> list[Segment]:
+        return staged_segments(chunk, buf, as_bytes_view(buf))
+
     def staged(self, chunk: ChunkRead) -> bool:
         return True  # device memory is not a preadv target: every chunk goes through a pinned buffer
 
@@ -230,13 +234,13 @@ class CudaSink:
         """One copy per run of pieces that are adjacent in the buffer and in the same output tensor."""
         runs: list[list[int]] = []  # [tensor, dst, length, buffer offset]
         offset = 0
-        for p in chunk.pieces:
+        for p in chunk.pieces:  # a strided piece's rows are back to back in the buffer and in the output
             last = runs[-1] if runs else None
             if last is not None and last[0] == p.tensor and last[1] + last[2] == p.dst:
-                last[2] += p.length
+                last[2] += p.nbytes
             else:
-                runs.append([p.tensor, p.dst, p.length, offset])
-            offset += p.length
+                runs.append([p.tensor, p.dst, p.nbytes, offset])
+            offset += p.nbytes
         return [(self._bytes(t)[dst:dst + n], buf[at:at + n]) for t, dst, n, at in runs]
 
     async def _until_done(self, event: Any) -> None:
@@ -260,4 +264,4 @@ class CudaSink:
 
 
 def chunk_payload(chunk: ChunkRead) -> int:
-    return sum(p.length for p in chunk.pieces)
+    return sum(p.nbytes for p in chunk.pieces)

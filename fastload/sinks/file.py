@@ -27,6 +27,7 @@ from ..integrity import verify_file
 from ..plan import ChunkRead
 from ..sources import ObjectInfo, Segment
 from ..trace import Trace
+from .base import staged_segments
 
 Range = tuple[int, int]
 
@@ -121,6 +122,9 @@ class FileSink:
 
     def initially_complete(self) -> list[int]:
         return [i for i, n in enumerate(self.remaining) if n == 0]
+
+    def staging(self, chunk: ChunkRead, buf: torch.Tensor) -> list[Segment]:
+        return staged_segments(chunk, buf, as_bytes_view(buf))
 
     def staged(self, chunk: ChunkRead) -> bool:
         return True

@@ -17,7 +17,7 @@ from ..format import torch_dtype
 from ..plan import ChunkRead, LoadPlan
 from ..sources import Segment
 from ..trace import Trace
-from .base import Completion
+from .base import Completion, row_segments, spanned, staged_segments
 
 
 def output_dtype(stored: torch.dtype, is_float: bool, wanted: torch.dtype | None) -> torch.dtype:
@@ -46,25 +46,36 @@ class HostSink:
         return self.completion.initially_complete()
 
     def staged(self, chunk: ChunkRead) -> bool:
-        return any(self.converts[p.tensor] for p in chunk.pieces)
+        return spanned(chunk) or any(self.converts[p.tensor] for p in chunk.pieces)
+
+    def staging(self, chunk: ChunkRead, buf: torch.Tensor) -> list[Segment]:
+        view = as_bytes_view(buf)
+        return [Segment(chunk.start, view[:chunk.nbytes])] if spanned(chunk) else staged_segments(chunk, buf, view)
 
     def targets(self, chunk: ChunkRead) -> list[Segment]:
-        return [Segment(p.src, self._view(p.tensor)[p.dst:p.dst + p.length]) for p in chunk.pieces]
+        return [seg for p in chunk.pieces for seg in row_segments(p, self._view(p.tensor), p.dst)]
 
     def _convert(self, chunk: ChunkRead, buf: torch.Tensor) -> None:
-        offset = converted = 0
-        for p in chunk.pieces:
-            src = buf[offset:offset + p.length]
-            offset += p.length
+        span = spanned(chunk)
+        offset = copied = converted = 0
+        for p in chunk.pieces:  # a strided piece's rows are back to back in the output (and packed, in the buffer)
+            n = p.nbytes
+            if span:  # the rows picked out of the chunk's whole span: one strided copy per piece
+                at = p.src - chunk.start
+                src = buf[at:at + p.end - p.src].as_strided((p.rows, p.length), (p.stride or p.length, 1))
+            else:
+                src = buf[offset:offset + n].view(p.rows, p.length)
+                offset += n
             out = self.outputs[p.tensor].view(-1)
-            stored = self.stored[p.tensor]
             if self.converts[p.tensor]:
                 size = self.plan.tensors[p.tensor].spec.dtype.itemsize
-                out[p.dst // size:(p.dst + p.length) // size].copy_(src.view(stored))
-                converted += p.length
+                out[p.dst // size:(p.dst + n) // size].view(p.rows, p.length // size).copy_(
+                    src.view(self.stored[p.tensor]))
+                converted += n
             else:
-                out.view(torch.uint8)[p.dst:p.dst + p.length].copy_(src)
-        self.trace.count("bytes_copied", offset)  # staging -> output, converted or not
+                out.view(torch.uint8)[p.dst:p.dst + n].view(p.rows, p.length).copy_(src)
+            copied += n
+        self.trace.count("bytes_copied", copied)  # staging -> output, converted or not
         self.trace.count("bytes_converted", converted)
 
     async def consume(self, chunk: ChunkRead, buf: torch.Tensor | None, release: Callable[[], None]) -> list[int]:

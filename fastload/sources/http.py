@@ -87,6 +87,7 @@ class _Cursor:
         self.pos = segments[0].offset
         self.end = segments[-1].end
         self._i = 0
+        self._gap: memoryview | None = None  # where gap bytes land (one buffer: a strided shard has many gaps)
 
     def write(self, data: bytes | memoryview) -> None:
         mv = memoryview(data)
@@ -114,7 +115,9 @@ class _Cursor:
             self._i += 1
         seg = self.segments[self._i]
         if self.pos < seg.offset:
-            return memoryview(bytearray(min(seg.offset - self.pos, limit, GAP_BUFFER)))
+            if self._gap is None:
+                self._gap = memoryview(bytearray(GAP_BUFFER))
+            return self._gap[:min(seg.offset - self.pos, limit)]
         at = self.pos - seg.offset
         return seg.view[at:at + limit]
 
