@@ -295,12 +295,13 @@ def build_plan(
         missing = [n for n, fname in index.weight_map.items()
                    if n not in specs or file_of.get(specs[n].file) != fname]
         if missing:
-            raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]}")
+            raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]} "
+                              f"(checkpoint {_where(files)})")
     if names is not None:
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in specs]
         if unknown:
-            raise ConfigError(f"{len(unknown)} unknown tensor name(s): {unknown[:20]}")
+            raise ConfigError(f"{len(unknown)} unknown tensor name(s): {unknown[:20]} (checkpoint {_where(files)})")
         chosen = [specs[n] for n in wanted]
     else:
         chosen = list(specs.values())
@@ -314,6 +315,14 @@ def build_plan(
         chunks += _chunks(runs, file, chunk_bytes, len(chunks))
     planned_files = tuple(PlannedFile(f, h.data_start, h.metadata) for f, h in zip(files, headers))
     return LoadPlan(planned_files, tensors, tuple(chunks), chunk_bytes, dict(index.metadata) if index else {})
+
+
+def _where(files: Sequence[ObjectInfo]) -> str:
+    """The checkpoint a message is about: its file, or its first file and how many more."""
+    if not files:
+        return "with no files"
+    first = redact_url(files[0].url)
+    return first if len(files) == 1 else f"{first} and {len(files) - 1} more file(s)"
 
 
 def chunk_size(total_bytes: int, config: LoadConfig) -> int:

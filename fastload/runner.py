@@ -98,8 +98,8 @@ async def detached(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 
 class Pending:
-    """A coroutine already running in a private loop thread, for sync code that has other work to do
-    meanwhile (``from_pretrained`` imports and builds the model while its weights stream in).
+    """A coroutine already running in a private loop thread, for sync code that waits for it (``run`` inside
+    a running loop) or has other work to do meanwhile.
 
     ``result()`` waits for the value (or raises the coroutine's error); ``cancel()`` stops it and joins
     the thread. Either way nothing is left running: call ``cancel()`` in a ``finally``.

@@ -15,6 +15,7 @@ import threading
 import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -445,11 +446,17 @@ def test_probe_exhausted_names_its_byte_range(http_server, http_dir):
 
 # -- S3 metadata: the statuses the README says are retried --------------------------------------
 
+def s3_checkpoint(s3_server, bucket: str, key: str, path: Path) -> tuple[Path, dict]:
+    """A two-tensor checkpoint written at ``path`` and put at ``s3://bucket/key``."""
+    file, tensors = write_checkpoint(path, count=2)
+    s3_server.put(bucket, key, file.read_bytes())
+    return file, tensors
+
+
 @pytest.mark.parametrize("status", [408, 429, 503])
 def test_s3_head_transient_statuses_are_retried(s3_server, s3_proxy, s3_bucket, tmp_path, status):
     """README: 408/429/5xx are retried, S3 HEAD included."""
-    file, tensors = write_checkpoint(tmp_path / "model.safetensors", count=2)
-    s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                          times=1, status=status))
     config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), retry=retry())
@@ -463,8 +470,7 @@ def test_s3_head_transient_statuses_are_retried(s3_server, s3_proxy, s3_bucket, 
 
 def test_s3_head_retry_after_is_honoured(s3_server, s3_proxy, s3_bucket, tmp_path):
     """503 + Retry-After: 1 on HEAD, backoff_max_s=3: the retry waits for it (README: Retry-After honoured)."""
-    file, tensors = write_checkpoint(tmp_path / "model.safetensors", count=2)
-    s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                   times=1, status=503, retry_after=1))
     config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), retry=retry(backoff_max_s=3.0))
@@ -476,8 +482,7 @@ def test_s3_head_retry_after_is_honoured(s3_server, s3_proxy, s3_bucket, tmp_pat
 
 def test_s3_list_503_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
     """A prefix with no index is listed: a 503 on LIST is retried, then the shard loads."""
-    file, tensors = write_checkpoint(tmp_path / "part.safetensors", count=2)
-    s3_server.put(s3_bucket, "pre/part.safetensors", file.read_bytes())
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "pre/part.safetensors", tmp_path / "part.safetensors")
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}", times=2, status=503))
     trace = Trace()
     config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url, addressing_style="path"),
@@ -489,8 +494,7 @@ def test_s3_list_503_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
 
 def test_s3_list_reply_cut_short_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
     """README: bodies cut short are retried; a LIST reply that breaks off mid-XML is one."""
-    file, tensors = write_checkpoint(tmp_path / "part.safetensors", count=2)
-    s3_server.put(s3_bucket, "pre/part.safetensors", file.read_bytes())
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "pre/part.safetensors", tmp_path / "part.safetensors")
     rule = s3_proxy.faults.cut_after(60, times=1, path=f"/{s3_bucket}")
     config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url, addressing_style="path"),
                            retry=retry())
@@ -504,8 +508,7 @@ def test_s3_list_reply_cut_short_is_retried(s3_server, s3_proxy, s3_bucket, tmp_
 
 def test_s3_get_body_stalling_midway_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
     """Presigned GETs through the proxy stall after 5 kB twice: cut by the stall timeout, resumed, exact."""
-    file, tensors = write_checkpoint(tmp_path / "model.safetensors", count=2)
-    s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     raw = file.read_bytes()
     # GETs 1 and 2 are the size probe and the header read (shorter than 5 kB): stall the 3rd and 4th.
     rule = s3_proxy.faults._add(StallNth(pattern=f"/{s3_bucket}/m.safetensors", nbytes=5_000, stall=True))

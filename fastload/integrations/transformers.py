@@ -12,10 +12,12 @@ for a local checkpoint.
 
 The weights stream while ``transformers`` imports: a fresh process spends a
 second or more importing its config and model modules, which is the time a
-cold read of the weights takes. The dtype the weights are created in is read
-from ``config.json`` itself before the load starts, and checked against the
-config ``transformers`` parsed before anything is handed to it (a mismatch
-loads again, in the dtype it keeps).
+cold read of the weights takes. The imports and the config run in a thread of
+their own; the load runs where ``fastload.load`` would, so the tensors come from
+the caller's thread (and its malloc arena). The dtype the weights are created
+in is read from ``config.json`` itself before the load starts, and checked
+against the config ``transformers`` parsed before anything is handed to it (a
+mismatch loads again, in the dtype it keeps).
 
 No double copies: the tensors are created in the dtype ``transformers`` will
 keep (the ``dtype`` asked for; for ``"auto"``, the default, the config's) and
@@ -300,15 +302,17 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         folder = Path(tmp)
         base = runner.run(lambda: _stage(model_dir, folder, request.config, variant))
         guess = _dtypes(dtype, _raw_config(folder))[0]
-        weights = runner.start(lambda: _stream_weights(base, request, guess))
-        try:
+
+        def model_parts():  # in a thread of its own: transformers' imports take seconds, the weights stream meanwhile
             transformers = _transformers()
             hf_config = transformers.AutoConfig.from_pretrained(folder)
-            cls = _model_class(transformers, hf_config, model_class)
-            create, dtype = _dtypes(dtype, hf_config)
-            plan, state_dict = weights.result()
-        finally:
-            weights.cancel()
+            return (transformers, hf_config, _model_class(transformers, hf_config, model_class),
+                    *_dtypes(dtype, hf_config))
+
+        async def both():  # all or nothing: a config transformers refuses stops the load at once
+            return await runner.gather([runner.detached(model_parts), _stream_weights(base, request, guess)])
+
+        (transformers, hf_config, cls, create, dtype), (plan, state_dict) = runner.run(both)
         if create != guess:  # transformers read the config otherwise: load again, in the dtype it keeps
             del state_dict
             plan, state_dict = runner.run(lambda: _stream_weights(base, request, create))
