@@ -51,6 +51,24 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), name
 
 
+def data_start(raw: bytes) -> int:
+    """Where a safetensors file's data section begins: 8 + the header length."""
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+def load_checked(url: str, ports: set[int], config, bound_s: float = 6.0, **kwargs):
+    """``(result or the FastloadError, seconds)`` of ``fastload.load``, checked to end within ``bound_s`` and to
+    leave no thread, socket or file behind."""
+    with Leaks(ports) as leaks, Timer() as timer:
+        try:
+            result = fastload.load(url, config=config, **kwargs)
+        except fastload.FastloadError as exc:
+            result = exc
+    assert timer.s < bound_s, f"took {timer.s:.1f} s"
+    leaks.check(grace_s=0.5)
+    return result, timer.s
+
+
 def _thread_is_ours(thread: threading.Thread) -> bool:
     # The in-process test servers' per-connection handlers are not the loader's threads.
     return thread.is_alive() and "process_request" not in thread.name

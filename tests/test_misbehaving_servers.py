@@ -26,7 +26,8 @@ import torch
 
 import fastload
 from fastload.trace import Trace
-from reliability_helpers import QUICK, Leaks, Timer, assert_bit_exact, private_tmp, write_checkpoint  # noqa: F401
+from reliability_helpers import (QUICK, Leaks, Timer, assert_bit_exact, data_start, load_checked,  # noqa: F401
+                                 private_tmp, write_checkpoint)
 from servers import FaultProxy, Faults
 from servers.faults import FailWith, FaultPlan
 
@@ -161,26 +162,10 @@ class Scripted:
             h.close_connection = True
 
 
-def data_start(raw: bytes) -> int:
-    return 8 + int.from_bytes(raw[:8], "little")
-
-
 @pytest.fixture
 def ckpt(tmp_path):
     file, tensors = write_checkpoint(tmp_path / "model.safetensors", count=3)
     return file.read_bytes(), tensors
-
-
-def load_checked(url: str, ports: set[int], config, bound_s: float = 6.0, **kwargs):
-    """fastload.load with time and leak checks: returns the result or the FastloadError."""
-    with Leaks(ports) as leaks, Timer() as timer:
-        try:
-            result = fastload.load(url, config=config, **kwargs)
-        except fastload.FastloadError as exc:
-            result = exc
-    assert timer.s < bound_s, f"took {timer.s:.1f} s"
-    leaks.check(grace_s=0.5)
-    return result
 
 
 # -- content encoding ----------------------------------------------------------------------------
@@ -200,7 +185,7 @@ def test_gzip_encoded_ranged_reply_never_reaches_a_tensor(ckpt, engine):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        got = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
+        got, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
     assert isinstance(got, fastload.FastloadError), "a gzip body was accepted as tensor bytes"
     assert "m.safetensors" in str(got)
 
@@ -218,7 +203,7 @@ def test_chunked_range_that_runs_on_past_its_end_is_refused(ckpt, engine):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        got = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
+        got, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
     assert isinstance(got, fastload.TransferError), got
     assert "more than" in str(got) and "m.safetensors" in str(got)
 
@@ -239,7 +224,7 @@ def test_transient_5xx_from_a_cdn_is_retried(ckpt, status):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        got = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
+        got, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
     assert fired
     assert not isinstance(got, Exception), f"{type(got).__name__}: {got}"
     assert_bit_exact(got, tensors)
@@ -249,7 +234,7 @@ def test_401_is_a_permission_error_not_retried(http_server, http_dir):
     file, _ = write_checkpoint(http_dir / "model.safetensors", count=2)
     rule = http_server.faults.fail_first(1, 401)
     trace = Trace()
-    err = load_checked(http_server.url_for(file), {http_server.port}, CFG, trace=trace)
+    err, _ = load_checked(http_server.url_for(file), {http_server.port}, CFG, trace=trace)
     assert isinstance(err, fastload.SourcePermissionError) and isinstance(err, PermissionError), err
     assert "model.safetensors" in str(err) and rule.fired == 1
     assert not trace.summary().counters.get("retries")
@@ -266,7 +251,7 @@ def test_416_mid_load_is_source_changed(ckpt):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        err = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
+        err, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
     assert isinstance(err, fastload.SourceChangedError), err
     assert "m.safetensors" in str(err) and "bytes [" in str(err)
 
@@ -282,7 +267,7 @@ def test_206_naming_another_total_size_is_source_changed(ckpt):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        err = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
+        err, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG)
     assert isinstance(err, fastload.SourceChangedError), err
     assert "size changed" in str(err) and "m.safetensors" in str(err) and "bytes [" in str(err)
 
@@ -307,7 +292,7 @@ def test_validator_change_mid_load_is_detected(ckpt, engine, validator):
         return ans
 
     with Scripted({"/m.safetensors": raw}, script, etag='W/"v1"' if weak else None) as srv:
-        err = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
+        err, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, CFG.replace(http_engine=engine))
     assert isinstance(err, fastload.SourceChangedError), err
     assert "m.safetensors" in str(err)
 
@@ -329,7 +314,7 @@ def test_body_stalling_midway_hits_the_stall_timeout_and_resumes(ckpt, engine):
     trace = Trace()
     config = CFG.replace(http_engine=engine, stall_timeout_s=0.3)
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        got = load_checked(srv.url("/m.safetensors"), {srv.port}, config, trace=trace)
+        got, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, config, trace=trace)
     assert not isinstance(got, Exception), f"{type(got).__name__}: {got}"
     assert_bit_exact(got, tensors)
     assert len(stalled) == 3 and trace.summary().counters.get("retries", 0) >= 3
@@ -347,7 +332,7 @@ def test_body_stalling_every_time_fails_with_transfer_error(ckpt, engine):
 
     config = CFG.replace(http_engine=engine, stall_timeout_s=0.3)
     with Scripted({"/m.safetensors": raw}, script) as srv:
-        err = load_checked(srv.url("/m.safetensors"), {srv.port}, config)
+        err, _ = load_checked(srv.url("/m.safetensors"), {srv.port}, config)
     assert isinstance(err, fastload.TransferError), err
     assert "m.safetensors" in str(err) and "bytes [" in str(err) and err.attempts == FAST_RETRY.max_attempts
 
@@ -362,7 +347,7 @@ def test_redirect_loop_fails_with_transfer_error(ckpt, engine):
         return Answer(302, {"Location": "/a" if req.path == "/b" else "/b"})
 
     with Scripted({"/a": raw}, script) as srv:
-        err = load_checked(srv.url("/a"), {srv.port}, CFG.replace(http_engine=engine))
+        err, _ = load_checked(srv.url("/a"), {srv.port}, CFG.replace(http_engine=engine))
     assert isinstance(err, fastload.TransferError), err
     assert srv.url("/a") in str(err)
 
@@ -412,7 +397,7 @@ def test_index_naming_a_missing_shard_is_not_found(http_server, http_dir, llama_
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     missing = sorted(set(index["weight_map"].values()))[1]
     (directory / missing).unlink()
-    err = load_checked(http_server.url_for(directory) + "/", {http_server.port}, CFG)
+    err, _ = load_checked(http_server.url_for(directory) + "/", {http_server.port}, CFG)
     assert isinstance(err, fastload.SourceNotFoundError), err
     assert missing in str(err) and err.url.endswith(missing)
     assert not any(r.path.endswith(missing) and r.status == 404 and r.range is None for r in http_server.log)
@@ -441,7 +426,7 @@ def test_s3_store_without_etag_loads(s3_server, s3_bucket, tmp_path):
     s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
     with FaultProxy(s3_server.endpoint_url, NoEtag()) as proxy:
         config = CFG.replace(s3=fastload.S3Options(endpoint_url=proxy.url))
-        got = load_checked(f"s3://{s3_bucket}/m.safetensors", {proxy.port}, config)
+        got, _ = load_checked(f"s3://{s3_bucket}/m.safetensors", {proxy.port}, config)
     assert not isinstance(got, Exception), f"{type(got).__name__}: {got}"
     assert_bit_exact(got, tensors)
 
@@ -488,7 +473,7 @@ def test_s3_access_denied_on_head_is_a_permission_error(s3_server, s3_proxy, s3_
                                          status=403))
     trace = Trace()
     config = CFG.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url))
-    err = load_checked(f"s3://{s3_bucket}/m.safetensors", {s3_proxy.port}, config, trace=trace)
+    err, _ = load_checked(f"s3://{s3_bucket}/m.safetensors", {s3_proxy.port}, config, trace=trace)
     assert isinstance(err, fastload.SourcePermissionError), err
     assert f"s3://{s3_bucket}/m.safetensors" in str(err)
     assert rule.fired == 1 and not trace.summary().counters.get("retries")

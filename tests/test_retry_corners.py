@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from email.utils import formatdate
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,8 @@ import pytest
 
 import fastload
 from fastload.trace import Trace
-from reliability_helpers import QUICK, Leaks, Timer, assert_bit_exact, private_tmp, write_checkpoint  # noqa: F401
+from reliability_helpers import (QUICK, Leaks, Timer, assert_bit_exact, data_start, load_checked,  # noqa: F401
+                                 private_tmp, write_checkpoint)
 from servers.faults import CutAfter, FailWith
 
 ENGINES = ["threads", "aiohttp"]
@@ -39,10 +41,6 @@ def retry(**kw) -> fastload.RetryConfig:
     base = dict(max_attempts=4, backoff_base_s=0.001, backoff_max_s=0.01, deadline_s=10.0)
     base.update(kw)
     return fastload.RetryConfig(**base)
-
-
-def data_start(raw: bytes) -> int:
-    return 8 + int.from_bytes(raw[:8], "little")
 
 
 # -- a small scripted ranged server: what the fault rules cannot express -------------------------
@@ -159,15 +157,7 @@ def ckpt(tmp_path):
     return file.read_bytes(), tensors
 
 
-def load_checked(url: str, ports: set[int], config, bound_s: float = 8.0, **kwargs):
-    with Leaks(ports) as leaks, Timer() as timer:
-        try:
-            result = fastload.load(url, config=config, **kwargs)
-        except fastload.FastloadError as exc:
-            result = exc
-    assert timer.s < bound_s, f"took {timer.s:.1f} s"
-    leaks.check(grace_s=0.5)
-    return result, timer.s
+load_checked = partial(load_checked, bound_s=8.0)  # retries with backoff: a little more time
 
 
 # -- Retry-After ----------------------------------------------------------------------------------
