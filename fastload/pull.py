@@ -47,7 +47,7 @@ from .integrity import git_blob_id, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .runner import gather
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
-from .sources import ObjectInfo, Transports, read_bytes, scheme_of
+from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, repo_cache_dir,
                                with_revision)
 from .sources.local import to_path
@@ -385,6 +385,7 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"source must be a path or URL, got {source!r}")
+    source = normalize_url(source)
     if progress is not None and not callable(progress):
         raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
     config = config or LoadConfig()

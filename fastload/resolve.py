@@ -18,7 +18,7 @@ from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_len
                      parse_header, parse_index)
 from .redact import redact_url
 from .runner import gather
-from .sources import ObjectInfo, Transports, read_bytes, scheme_of
+from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.local import to_path
 
 MAX_INDEX_BYTES = 64 << 20
@@ -120,6 +120,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
     url = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(url, str) or not url:
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
+    url = normalize_url(url)
     _check_url(url)
     if scheme_of(url) == "hf":  # the local hub cache when it holds the checkpoint, else pinned to one commit
         url = await transports.for_url(url).locate(url)

@@ -283,6 +283,19 @@ def test_http_index_url_with_a_query_string_is_read_as_an_index(http_server, htt
     assert set(got) == set(tensors)
 
 
+def test_url_schemes_are_case_insensitive(http_server, http_dir, s3_server, s3_bucket, tmp_path):
+    """RFC 3986: a scheme is case-insensitive. ``S3://``, ``HTTP://`` and ``File://`` load like their lower-case
+    forms (they were refused as unsupported schemes)."""
+    path = write_single(tmp_path / "m.safetensors", {"a": torch.arange(5, dtype=torch.int64)})
+    (http_dir / "m.safetensors").write_bytes(path.read_bytes())
+    s3_server.put(s3_bucket, "m.safetensors", path.read_bytes())
+    http = http_server.url_for(http_dir / "m.safetensors")
+    for url in ("HTTP" + http[4:], f"S3://{s3_bucket}/m.safetensors", "File://" + str(path)):
+        assert torch.equal(fastload.load(url, config=SMALL)["a"], torch.arange(5)), url
+    with pytest.raises(fastload.ConfigError, match="unsupported source scheme"):
+        fastload.load("FTP://host/m.safetensors")
+
+
 # -- names= ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("transport", ["local", "http"])

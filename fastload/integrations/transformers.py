@@ -45,7 +45,7 @@ from ..errors import ConfigError, SourceNotFoundError
 from ..format import INDEX_NAME, SINGLE_NAME
 from ..pipeline import make_request
 from ..resolve import join
-from ..sources import Transports, read_bytes, scheme_of
+from ..sources import Transports, normalize_url, read_bytes, scheme_of
 from ..sources.hub_refs import with_revision
 from ..sources.local import to_path
 from ..trace import NULL_TRACE
@@ -290,6 +290,7 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
         raise ConfigError(f"from_pretrained needs one model directory (path or URL), got {source!r}")
+    source = normalize_url(source)
     if "revision" in hf_kwargs:  # a Hub revision: part of an hf:// source
         if scheme_of(source) != "hf":
             raise ConfigError("revision applies to hf:// sources only")
