@@ -65,7 +65,7 @@ async def run_plan(
             record.staged = buf is not None
             trace.add_read(record)
         if progress is not None:
-            progress(sum(p.nbytes for p in chunk.pieces))  # bytes of the result, whatever the read spanned
+            progress(chunk.payload)  # bytes of the result, whatever the read spanned
         if done:
             emit(done)
 

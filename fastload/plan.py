@@ -121,7 +121,13 @@ class ChunkRead:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the file span the chunk reads (gaps between its pieces included)."""
         return self.end - self.start
+
+    @property
+    def payload(self) -> int:
+        """Bytes the chunk puts in tensors (stored dtype)."""
+        return sum(p.nbytes for p in self.pieces)
 
 
 @dataclass(frozen=True)

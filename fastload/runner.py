@@ -4,8 +4,7 @@ Each sync call runs its own event loop: in the calling thread when it has none
 running, else (Jupyter, an async server) in a private thread. There is no
 global loop thread. A stream runs its loop in a private thread and hands
 tensors over a thread-safe queue; closing it cancels the load and joins the
-thread, so nothing is left running. ``start`` runs one coroutine that way while
-the caller goes on with other work, and collects its result later.
+thread, so nothing is left running.
 """
 
 from __future__ import annotations
@@ -55,7 +54,17 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
     # thread. Ctrl-C or any other exception while waiting cancels it and joins the thread; so does a
     # request to cancel the coroutine that called us (asyncio.run's Ctrl-C handler makes one).
-    return start(factory, stop=_cancel_requested()).result()
+    async def produce_one(put: Callable[[Any], None]) -> None:
+        await main()
+        put(None)
+
+    stream = ThreadedStream(produce_one, stop=_cancel_requested()).start()
+    try:
+        for _ in stream:
+            return box.pop("value")
+        raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
+    finally:
+        stream.close()
 
 
 def _cancel_requested() -> Callable[[], bool] | None:
@@ -95,42 +104,6 @@ async def detached(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
     threading.Thread(target=body, name="fastload-detached", daemon=True).start()
     return await future
-
-
-class Pending:
-    """A coroutine already running in a private loop thread, for sync code that waits for it (``run`` inside
-    a running loop) or has other work to do meanwhile.
-
-    ``result()`` waits for the value (or raises the coroutine's error); ``cancel()`` stops it and joins
-    the thread. Either way nothing is left running: call ``cancel()`` in a ``finally``.
-    """
-
-    def __init__(self, factory: Callable[[], Awaitable[T]], stop: Callable[[], bool] | None = None):
-        self._box: dict[str, Any] = {}
-
-        async def produce_one(put: Callable[[Any], None]) -> None:
-            self._box["value"] = await factory()  # kept out of the queue and the task (see run)
-            put(None)
-
-        self._stream = ThreadedStream(produce_one, stop=stop).start()
-
-    def result(self) -> Any:
-        try:
-            for _ in self._stream:
-                return self._box.pop("value")
-            raise RuntimeError("the coroutine ended without a result")  # pragma: no cover - it always puts
-        finally:
-            self._stream.close()
-
-    def cancel(self) -> None:
-        self._stream.close()
-        self._box.clear()
-
-
-def start(factory: Callable[[], Awaitable[T]], stop: Callable[[], bool] | None = None) -> Pending:
-    """Start the coroutine made by ``factory`` now, in a private loop thread; see :class:`Pending`. While
-    waiting for its result, ``stop()`` turning true cancels it and raises ``asyncio.CancelledError``."""
-    return Pending(factory, stop)
 
 
 class DaemonThreadPool(Executor):

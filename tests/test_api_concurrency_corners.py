@@ -518,7 +518,7 @@ def test_ctrl_c_while_an_s3_head_hangs(sigint_child, s3_server, s3_bucket, s3_pr
 def test_ctrl_c_during_sync_load_inside_asyncio_run(sigint_child, http_server, http_dir):
     """``asyncio.run(main())`` whose coroutine calls the sync ``fastload.load`` (README: the sync calls work
     inside a running event loop). Ctrl-C there: asyncio.run's SIGINT handler only cancels the main task, and
-    runner.run blocks the loop's thread in Pending.result's ``for _ in self._stream`` (runner.py:74-79)
+    runner.run blocks the loop's thread in its ``for _ in stream`` wait
     without ever looking at that cancellation, so the load goes on, each hung read until stall_timeout_s and through every retry
     (minutes with the defaults). README: 'Ctrl-C stops all I/O'. It should notice the task's cancellation
     (e.g. poll the queue and check ``asyncio.current_task().cancelling()``) and stop the load."""

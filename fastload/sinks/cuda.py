@@ -178,7 +178,7 @@ class CudaSink:
         release()
         self.trace.interval("copy", start, self.trace.now())
         self.trace.count("h2d_copies", len(copies))
-        self.trace.count("h2d_bytes", chunk_payload(chunk))
+        self.trace.count("h2d_bytes", chunk.payload)
         for piece in chunk.pieces:
             if not self.events[piece.tensor] or self.events[piece.tensor][-1] is not event:
                 self.events[piece.tensor].append(event)
@@ -261,7 +261,3 @@ class CudaSink:
         self.outputs[index] = out  # the stored-dtype tensor is freed here, its last reader complete
         self.events[index].append(event)
         self.trace.interval("convert", start, self.trace.now())
-
-
-def chunk_payload(chunk: ChunkRead) -> int:
-    return sum(p.nbytes for p in chunk.pieces)

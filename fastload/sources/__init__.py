@@ -17,7 +17,7 @@ def normalize_url(url: str) -> str:
     """``url`` with its scheme in lower case (``S3://b/k`` is ``s3://b/k``: schemes are case-insensitive);
     anything else unchanged."""
     scheme, sep, rest = url.partition("://")
-    return scheme.lower() + sep + rest if sep and scheme.lower() in _SCHEMES and scheme != scheme.lower() else url
+    return scheme.lower() + sep + rest if sep and scheme.lower() in _SCHEMES else url
 
 
 def scheme_of(url: str) -> str:

@@ -85,8 +85,7 @@ def _translate(exc: Exception, url: str) -> Exception:
             return SourceNotFoundError(f"no such object: {url}", url=url)
         if code in _DENIED or status == "403":
             return SourcePermissionError(f"access denied ({code}): {url}", url=url)
-        if code in _TRANSIENT or (status.isdigit() and int(status) in RETRY_STATUSES) \
-                or (code.isdigit() and int(code) in RETRY_STATUSES):
+        if code in _TRANSIENT or any(v.isdigit() and int(v) in RETRY_STATUSES for v in (code, status)):
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
             return Transient(f"S3 {code or status}", retry_after=retry_after(headers))
         return TransferError(f"S3 error {code or status}", url=url)
