@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -49,6 +50,46 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
         a, b = got[name], tensor
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+class ScriptedHTTP:
+    """A threaded HTTP/1.1 server on 127.0.0.1 whose GETs go to ``self._handle(handler)``: the skeleton of
+    the tests' scripted servers (each decides its replies in ``_handle``). ``stopping`` is set on exit."""
+
+    def __init__(self, name: str = "scripted-server") -> None:
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                owner._handle(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name=name, daemon=True)
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def data_start(raw: bytes) -> int:

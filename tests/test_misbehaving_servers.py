@@ -15,10 +15,9 @@ import gzip
 import json
 import re
 import shutil
-import threading
 from dataclasses import dataclass
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 
 import pytest
@@ -26,8 +25,8 @@ import torch
 
 import fastload
 from fastload.trace import Trace
-from reliability_helpers import (QUICK, Leaks, Timer, assert_bit_exact, data_start, load_checked,  # noqa: F401
-                                 private_tmp, write_checkpoint)
+from reliability_helpers import (QUICK, Leaks, ScriptedHTTP, Timer, assert_bit_exact, data_start,  # noqa: F401
+                                 load_checked, private_tmp, write_checkpoint)
 from servers import FaultProxy, Faults
 from servers.faults import FailWith, FaultPlan
 
@@ -56,49 +55,20 @@ class Answer:
     stall_after: int | None = None  # send this many body bytes, then nothing until the client leaves
 
 
-class Scripted:
+class Scripted(ScriptedHTTP):
     """Serves ``files`` (path -> bytes) with single byte ranges; ``script(req, default)`` may rewrite a reply."""
 
     def __init__(self, files: dict[str, bytes], script: Callable[[Req, Answer], Answer] | None = None,
                  etag: str | None = '"v1"', last_modified: str | None = None):
+        super().__init__()
         self.files = files
         self.script = script or (lambda req, ans: ans)
         self.etag = etag
         self.last_modified = last_modified if last_modified is not None else formatdate(1_700_000_000, usegmt=True)
         self.requests: list[Req] = []
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # noqa: N802
-                owner._handle(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="scripted-server", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-    def __enter__(self) -> "Scripted":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def default(self, path: str, rng: tuple[int, int] | None) -> Answer:
         data = self.files.get(path)

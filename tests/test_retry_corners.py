@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 from email.utils import formatdate
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable
 
@@ -23,8 +22,8 @@ import pytest
 
 import fastload
 from fastload.trace import Trace
-from reliability_helpers import (QUICK, Leaks, Timer, assert_bit_exact, data_start, load_checked,  # noqa: F401
-                                 private_tmp, write_checkpoint)
+from reliability_helpers import (QUICK, Leaks, ScriptedHTTP, Timer, assert_bit_exact, data_start,  # noqa: F401
+                                 load_checked, private_tmp, write_checkpoint)
 from servers.faults import CutAfter, FailWith
 
 ENGINES = ["threads", "aiohttp"]
@@ -56,43 +55,17 @@ class Act:
         self.trickle = trickle  # (pieces, pause): the body in this many pieces with a pause before each
 
 
-class Server:
+class Server(ScriptedHTTP):
     def __init__(self, raw: bytes, plan: Callable[[int, tuple[int, int] | None], Act | None]):
+        super().__init__()
         self.raw = raw
         self.plan = plan
         self.log: list[tuple[float, tuple[int, int] | None, int]] = []  # (time, range, status)
-        self.lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # noqa: N802
-                owner._handle(self)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
         self.httpd.handle_error = lambda *a: None  # resets we make ourselves are expected
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/m.safetensors"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
     def tensor_requests(self) -> list:
         start = data_start(self.raw)
