@@ -50,6 +50,8 @@ async def run_plan(
             await (transport.read(info, segments) if record is None
                    else transport.read(info, segments, record=record))
         except BaseException as exc:
+            # Waiting on a read that failed or was cancelled (a stream left early) was still I/O wait.
+            trace.interval("fetch", requested, trace.now())
             if buf is not None:
                 pool.release(buf)
             if record is not None:

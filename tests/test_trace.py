@@ -340,6 +340,23 @@ def test_stream_writes_its_trace_when_closed_early(ckpt, tmp_path):
     assert summary["errors"] == [] and summary["chunks"] == len(fastload.plan(ckpt, config=SMALL).chunks)
 
 
+def test_reads_in_flight_when_a_stream_is_left_count_as_io_wait(http_server, http_dir):
+    """Leaving a stream while its reads wait on a stalled server: that time was I/O wait, not unattributed."""
+    path = write_single(http_dir / "stalled.safetensors", chunky_tensors(3, 4, (256, 256)))
+    http_server.faults.stall_after(CHUNK // 2)  # headers are smaller; every 64 KiB data reply stalls midway
+    trace = Trace(otel=False)
+    config = SMALL.replace(stall_timeout_s=30.0)
+    with fastload.stream(http_server.url_for(path), config=config, trace=trace) as s:
+        timer = threading.Timer(0.6, s.close)
+        timer.start()
+        with pytest.raises(RuntimeError, match="cancelled"):  # closed from another thread
+            list(s)
+        timer.join()
+    summary = trace.summary()
+    assert summary.counters.get("cancelled") == 1
+    assert summary.breakdown["io_wait"] > 0.5 and summary.breakdown["unattributed"] < 0.1, summary.breakdown
+
+
 @pytest.mark.parametrize("bad", ["trace.txt", "no/such/dir/t.json", 42])
 def test_bad_trace_argument_fails_before_any_io(tmp_path, monkeypatch, bad):
     monkeypatch.chdir(tmp_path)
