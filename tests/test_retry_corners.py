@@ -416,15 +416,20 @@ def s3_checkpoint(s3_server, bucket: str, key: str, path: Path) -> tuple[Path, d
     return file, tensors
 
 
+def through(s3_proxy, *, path_style: bool = False, **changes) -> fastload.LoadConfig:
+    """QUICK with retries, reaching S3 through the fault proxy (path-style for LIST rules on ``/bucket``)."""
+    s3 = fastload.S3Options(endpoint_url=s3_proxy.url, **({"addressing_style": "path"} if path_style else {}))
+    return QUICK.replace(s3=s3, **{"retry": retry(), **changes})
+
+
 @pytest.mark.parametrize("status", [408, 429, 503])
 def test_s3_head_transient_statuses_are_retried(s3_server, s3_proxy, s3_bucket, tmp_path, status):
     """README: 408/429/5xx are retried, S3 HEAD included."""
     file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                          times=1, status=status))
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), retry=retry())
     try:
-        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=config)
+        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy))
     except fastload.FastloadError as exc:
         pytest.fail(f"HEAD {status} once was not retried: {type(exc).__name__}: {exc}")
     assert_bit_exact(got, tensors)
@@ -436,9 +441,8 @@ def test_s3_head_retry_after_is_honoured(s3_server, s3_proxy, s3_bucket, tmp_pat
     file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                   times=1, status=503, retry_after=1))
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), retry=retry(backoff_max_s=3.0))
     with Timer() as timer:
-        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=config)
+        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy, retry=retry(backoff_max_s=3.0)))
     assert_bit_exact(got, tensors)
     assert timer.s >= 0.9, f"HEAD retried after {timer.s:.2f} s despite Retry-After: 1"
 
@@ -448,9 +452,7 @@ def test_s3_list_503_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
     file, tensors = s3_checkpoint(s3_server, s3_bucket, "pre/part.safetensors", tmp_path / "part.safetensors")
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}", times=2, status=503))
     trace = Trace()
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url, addressing_style="path"),
-                           retry=retry())
-    got = fastload.load(f"s3://{s3_bucket}/pre/", config=config, trace=trace)
+    got = fastload.load(f"s3://{s3_bucket}/pre/", config=through(s3_proxy, path_style=True), trace=trace)
     assert_bit_exact(got, tensors)
     assert rule.fired == 2 and trace.summary().counters.get("retries", 0) >= 2
 
@@ -459,10 +461,8 @@ def test_s3_list_reply_cut_short_is_retried(s3_server, s3_proxy, s3_bucket, tmp_
     """README: bodies cut short are retried; a LIST reply that breaks off mid-XML is one."""
     file, tensors = s3_checkpoint(s3_server, s3_bucket, "pre/part.safetensors", tmp_path / "part.safetensors")
     rule = s3_proxy.faults.cut_after(60, times=1, path=f"/{s3_bucket}")
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url, addressing_style="path"),
-                           retry=retry())
     try:
-        got = fastload.load(f"s3://{s3_bucket}/pre/", config=config)
+        got = fastload.load(f"s3://{s3_bucket}/pre/", config=through(s3_proxy, path_style=True))
     except fastload.FastloadError as exc:
         pytest.fail(f"a LIST reply cut once failed the load: {type(exc).__name__}: {exc!r} <- {exc.__cause__!r}")
     assert_bit_exact(got, tensors)
@@ -476,7 +476,7 @@ def test_s3_get_body_stalling_midway_is_retried(s3_server, s3_proxy, s3_bucket, 
     # GETs 1 and 2 are the size probe and the header read (shorter than 5 kB): stall the 3rd and 4th.
     rule = s3_proxy.faults._add(StallNth(pattern=f"/{s3_bucket}/m.safetensors", nbytes=5_000, stall=True))
     trace = Trace()
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), stall_timeout_s=0.4, retry=retry())
+    config = through(s3_proxy, stall_timeout_s=0.4)
     with Leaks({s3_proxy.port}) as leaks:
         got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=config, trace=trace)
     leaks.check(grace_s=0.5)
