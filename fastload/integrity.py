@@ -78,31 +78,37 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algorithm, digest.lower()
 
 
+GIT_BLOB = "git-blob"  # checksum prefix of a git object id (the Hub's id of files not stored in LFS)
+
+
 def verify_file(path: str | os.PathLike, checksum: str, *, url: str | None = None,
                 block: int = 8 << 20) -> None:
-    """Hash a whole local file (one sequential pass) and compare; ``IntegrityError`` on mismatch."""
-    algorithm, want = parse_checksum(checksum)
-    h = hashlib.new(ALGORITHMS[algorithm])
-    buf = bytearray(block)
-    view = memoryview(buf)
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
-    got = h.hexdigest()
+    """Hash a whole local file (one sequential pass) and compare; ``IntegrityError`` on mismatch.
+
+    ``checksum`` is ``"sha256:<hex>"`` or ``"git-blob:<hex>"`` (see :func:`git_blob_id`)."""
+    if checksum.startswith(GIT_BLOB + ":"):
+        algorithm, want = GIT_BLOB, checksum.partition(":")[2].lower()
+        got = git_blob_id(path, block)
+    else:
+        algorithm, want = parse_checksum(checksum)
+        got = _file_digest(path, hashlib.new(ALGORITHMS[algorithm]), block)
     if got != want:
         raise IntegrityError(f"{algorithm} mismatch: published {want}, got {got}", url=url or os.fspath(path),
-                             byte_range=(0, size))
+                             byte_range=(0, os.path.getsize(path)))
 
 
 def git_blob_id(path: str | os.PathLike, block: int = 8 << 20) -> str:
     """The git object id of a file's content (``sha1("blob <size>\\0" + content)``): what the Hub publishes
     for files not stored in LFS."""
-    h = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    return _file_digest(path, hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode()), block)
+
+
+def _file_digest(path: str | os.PathLike, h: Any, block: int) -> str:
+    buf = bytearray(block)
+    view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while data := f.read(block):
-            h.update(data)
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

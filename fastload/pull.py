@@ -40,16 +40,17 @@ except ImportError:  # pragma: no cover - Windows: pulls into one destination ar
 
 from .buffers import BufferPool
 from .config import LoadConfig
-from .errors import ConfigError, FastloadError, FormatError, IntegrityError, SourceNotFoundError, TransferError
+from .errors import (ConfigError, FastloadError, FormatError, IntegrityError, SourceChangedError, SourceNotFoundError,
+                     TransferError)
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
-from .integrity import git_blob_id, verify_file
+from .integrity import GIT_BLOB, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .runner import gather
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
-from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, repo_cache_dir,
-                               with_revision)
+from .sources.hub_refs import (HubRef, HubSettings, cached_commit, cached_snapshot, check_revision, parse_hub_url,
+                               repo_cache_dir, with_revision)
 from .sources.local import to_path
 from .trace import Trace, as_trace
 
@@ -67,6 +68,7 @@ FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".p
                  ".gguf") + OTHER_WEIGHTS
 META_DIR = ".fastload"
 INCOMPLETE = ".fastload-incomplete"
+PULLED = "pulled"  # <repo>/.fastload/pulled/<commit>.json: the folders of a commit that pulls completed
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,16 @@ class PullResult:
     present: tuple[str, ...]  # files that were already there, complete
     bytes_fetched: int
     total_bytes: int
+
+
+def _published(e: Entry) -> str | None:
+    """The checksum a pulled file is checked against: its source's, the Hub's sha256 of an LFS file, or the
+    Hub's git object id of any other (the listing's content id, ``etag``, is set for Hub files only)."""
+    if e.info is not None and e.info.checksum:
+        return e.info.checksum
+    if e.sha256:
+        return f"sha256:{e.sha256}"
+    return f"{GIT_BLOB}:{e.etag}" if e.etag else None
 
 
 def _names_file(url: str) -> bool:
@@ -225,7 +237,7 @@ class PlainLayout:
             return False
         same = (saved.get("source") == record and st.st_size == record["size"]
                 and saved.get("mtime_ns") == st.st_mtime_ns)
-        checksum = (info.checksum if info else None) or (f"sha256:{e.sha256}" if e.sha256 else None)
+        checksum = _published(e if info is None else Entry(e.rel, e.url, e.size, e.etag, e.sha256, info))
         return same and not (verify and checksum and not _holds(self.root / e.rel, checksum))
 
     def complete(self, e: Entry, info: ObjectInfo) -> None:
@@ -234,6 +246,9 @@ class PlainLayout:
         meta = {"source": self._record(e, info), "mtime_ns": temp.stat().st_mtime_ns}  # rename keeps the mtime
         _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
         os.replace(temp, final)
+
+    def prepare(self) -> None:
+        pass
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         return self.root / entries[0].rel if single else self.root
@@ -263,14 +278,15 @@ class HubLayout:
                 return False
         except OSError:
             return False
-        if not verify:
-            return True
-        if e.sha256:  # an LFS file: its blob is named by the content's sha256
-            return _holds(self.blob(e), f"sha256:{e.sha256}")
-        return git_blob_id(self.blob(e)) == e.etag  # a git-stored file: named by its git object id
+        return not verify or _holds(self.blob(e), _published(e))  # named by its sha256 (LFS) or git id
 
     def complete(self, e: Entry, info: ObjectInfo) -> None:
         os.replace(self.temp(e), self.blob(e))
+
+    def prepare(self) -> None:
+        """The snapshot folder exists from the start, as huggingface_hub makes it: a cache holding only the
+        blobs of an interrupted pull is one that ``hf cache scan`` reads (and ``hf cache delete`` cleans)."""
+        (self.repo / "snapshots" / self.commit).mkdir(parents=True, exist_ok=True)
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         snapshot = self.repo / "snapshots" / self.commit
@@ -285,7 +301,40 @@ class HubLayout:
                 os.replace(tmp, link)
         if self.revision and self.revision != self.commit:
             _write_atomic(self.repo / "refs" / check_revision(self.revision, str(self.repo)), self.commit)
+        if not single:  # what an offline pull of this folder finds complete (see pulled_snapshot)
+            record = self.repo / META_DIR / PULLED / f"{self.commit}.json"
+            try:
+                folders = json.loads(record.read_text())
+            except (OSError, ValueError):
+                folders = {}
+            folders = folders if isinstance(folders, dict) else {}
+            folders[self.subpath.strip("/")] = sorted(e.rel for e in entries)
+            _write_atomic(record, json.dumps(folders, sort_keys=True))
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
+
+
+def pulled_snapshot(cache_dir: Path, ref: HubRef) -> Path | None:
+    """Offline, where an earlier pull left ``ref`` complete: a whole checkpoint (as a load would find it), or
+    every file a finished pull of this folder (or of one above it) wrote, still there. None: not in the cache."""
+    found = cached_snapshot(cache_dir, ref)
+    commit = cached_commit(cache_dir, ref)
+    if found is not None or commit is None or not ref.is_dir:
+        return found
+    repo = repo_cache_dir(cache_dir, ref.repo_id)
+    try:
+        folders = json.loads((repo / META_DIR / PULLED / f"{commit}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = ref.path.strip("/")
+    snapshot = repo / "snapshots" / commit
+    for folder, files in (folders.items() if isinstance(folders, dict) else ()):
+        if folder and want != folder and not want.startswith(folder + "/"):
+            continue
+        below = [f"{folder}/{f}".lstrip("/") for f in files if isinstance(f, str)]
+        below = [f for f in below if not want or f.startswith(want + "/")]
+        if below and all((snapshot / f).is_file() for f in below):
+            return snapshot / want if want else snapshot
+    return None
 
 
 def _holds(path: Path, checksum: str) -> bool:
@@ -406,7 +455,7 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 ref = parse_hub_url(source)
                 cache = Path(cache_dir).expanduser() if cache_dir is not None else settings.cache_dir
                 if settings.offline:
-                    found = cached_snapshot(cache, ref) if plain is None else None
+                    found = pulled_snapshot(cache, ref) if plain is None else None
                     if found is None:
                         raise SourceNotFoundError(f"HF_HUB_OFFLINE is set and {source} is not in the cache at {cache}",
                                                   url=source)
@@ -426,6 +475,8 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
         async with _exclusive(layout.lock, source, trace):
+            with _writing(layout.dest, source):
+                layout.prepare()
             with trace.span("resolve"):
                 judged = await _stat_all(entries, layout, transports, config.max_concurrency, verify)
             return await _fetch(judged, layout, single, transports, config, trace, progress, verify)
@@ -452,6 +503,11 @@ async def _stat_all(entries: list[Entry], layout, transports: Transports, limit:
         if e.info is None:
             async with gate:
                 info = await transports.for_url(e.url).stat(e.url)
+            if e.size is not None and info.size != e.size:
+                # The Hub's listing names the content (size and id): another size is other bytes. Elsewhere the
+                # object changed between the listing and now.
+                kind = IntegrityError if e.etag else SourceChangedError
+                raise kind(f"the listing says {e.size} bytes, the server has {info.size}", url=e.url)
             e = Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
         if here is None:
             here = await asyncio.to_thread(layout.present, e, e.info, verify)
@@ -470,8 +526,7 @@ async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transpo
         if not here:
             (shared if layout.temp(e) in temps else todo).append(e)
             temps.add(layout.temp(e))
-    targets = [FileTarget(layout.temp(e), e.info, e.info.checksum or (f"sha256:{e.sha256}" if e.sha256 else None))
-               for e in todo]
+    targets = [FileTarget(layout.temp(e), e.info, _published(e)) for e in todo]
     for t in targets:
         t.done = resume_ranges(t.temp, t.info)
     total = sum((e.info.size if e.info else e.size or 0) for e in entries)

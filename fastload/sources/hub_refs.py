@@ -45,7 +45,7 @@ class HubSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "HubSettings":
         env = os.environ if environ is None else environ
         home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-        cache = env.get("HF_HUB_CACHE") or os.path.join(home, "hub")
+        cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
         offline = (env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or "").strip().lower() in _TRUE
         endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         if not endpoint.startswith(("http://", "https://")):
