@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -18,6 +19,39 @@ from typing import Any
 from .errors import ConfigError
 
 MiB = 1 << 20
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer than any wait makes sense for; sockets and timers overflow far beyond
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 token)
+
+
+class Headers(Mapping):
+    """``LoadConfig.http_headers``: a read-only copy of the caller's mapping, checked (names are HTTP tokens,
+    values carry no CR, LF or NUL), hashable with the config, and shown without its values."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str]):
+        _check(isinstance(items, Mapping), f"http_headers must be a mapping of names to values, got {items!r}")
+        for name, value in items.items():
+            _check(isinstance(name, str) and _TOKEN.fullmatch(name) is not None,
+                   f"http_headers: {name!r} is not an HTTP header name")
+            _check(isinstance(value, str) and not any(c in value for c in "\r\n\0"),
+                   f"http_headers[{name!r}] must be a str without CR, LF or NUL")
+        self._items = dict(items)
+
+    def __getitem__(self, name: str) -> str:
+        return self._items[name]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:  # values are credentials more often than not
+        return "{" + ", ".join(f"{name!r}: '***'" for name in self._items) + "}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,9 @@ class RetryConfig:
                "retry.deadline_s must be a number > 0, or None")
         _check(_is_int(self.max_concurrent_retries) and self.max_concurrent_retries >= 1,
                "retry.max_concurrent_retries must be an int >= 1")
+        _check(self.backoff_max_s <= MAX_TIMEOUT_S and (self.deadline_s is None or self.deadline_s <= MAX_TIMEOUT_S),
+               "retry.backoff_max_s and retry.deadline_s must be at most 7 days")
+        _plain(self)
 
 
 @dataclass(frozen=True)
@@ -72,6 +109,7 @@ class S3Options:
         _check(isinstance(self.anonymous, bool), f"s3.anonymous must be True or False, got {self.anonymous!r}")
         _check(_is_int(self.presign_expiry_s) and 60 <= self.presign_expiry_s <= 7 * 24 * 3600,
                "s3.presign_expiry_s must be an int between 60 s and 7 days")
+        _plain(self)
 
 
 @dataclass(frozen=True)
@@ -92,7 +130,7 @@ class LoadConfig:
     verify_checksums: bool = False  # check published sha256 of files read whole (integrity.py: one in-order hash pass)
     retry: RetryConfig = field(default_factory=RetryConfig)
     s3: S3Options = field(default_factory=S3Options)
-    http_headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Authorization; never logged
+    http_headers: Mapping[str, str] = field(default_factory=lambda: Headers({}))  # e.g. Authorization; never logged
 
     def __post_init__(self) -> None:
         _check(_is_int(self.chunk_bytes) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
@@ -111,10 +149,13 @@ class LoadConfig:
             value = getattr(self, name)
             _check(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         _check(self.http_engine in ("threads", "aiohttp"), "http_engine must be 'threads' or 'aiohttp'")
-        _check(all(_is_num(t) and t > 0 for t in (self.connect_timeout_s, self.stall_timeout_s)),
-               "timeouts must be numbers of seconds > 0")
+        _check(all(_is_num(t) and 0 < t <= MAX_TIMEOUT_S for t in (self.connect_timeout_s, self.stall_timeout_s)),
+               "timeouts must be numbers of seconds > 0 and at most 7 days")
         _check(isinstance(self.retry, RetryConfig), "retry must be a RetryConfig")
         _check(isinstance(self.s3, S3Options), "s3 must be an S3Options")
+        if not isinstance(self.http_headers, Headers):
+            object.__setattr__(self, "http_headers", Headers(self.http_headers))
+        _plain(self)
 
     def replace(self, **changes: Any) -> LoadConfig:
         return replace(self, **changes)
@@ -130,6 +171,18 @@ def without_authorization(config: "LoadConfig") -> "LoadConfig":
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _plain(config: Any) -> None:
+    """Checked numbers as Python's own int and float: numpy's are accepted, but would reach plans, traces and
+    JSON files (``json`` cannot write an ``np.int64``)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if _is_int(value) and type(value) is not int:
+            object.__setattr__(config, f.name, int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+                and type(value) is not float:
+            object.__setattr__(config, f.name, float(value))
 
 
 def _is_int(value: Any) -> bool:

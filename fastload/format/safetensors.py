@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 import struct
 from dataclasses import dataclass
@@ -130,13 +131,29 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# JSON that Python reads and the reference (serde_json) refuses, looked for only where the text may hold it:
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: lone ones are not text
+_NEGATIVE_ZERO = re.compile(r"[\[,:]\s*-0")  # -0 is a float to serde_json, never a size or an offset
+
+
+def _no_negative_zero(digits: str) -> int:
+    if digits == "-0":
+        raise FormatError("-0 where an integer is expected")
+    return int(digits)
+
+
 def _load_json(raw: bytes, what: str) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FormatError(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        value = json.loads(text, object_pairs_hook=_reject_duplicates)
+        value = json.loads(text, object_pairs_hook=_reject_duplicates,
+                           parse_int=_no_negative_zero if "-0" in text and _NEGATIVE_ZERO.search(text) else None)
+        if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate does not encode
+    except UnicodeEncodeError:
+        raise FormatError(f"{what}: a \\u escape names a lone UTF-16 surrogate, not a character") from None
     except FormatError as exc:
         raise FormatError(f"{what}: {exc}") from None
     except RecursionError:

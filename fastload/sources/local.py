@@ -53,7 +53,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def to_path(url: str) -> Path:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise SourceNotFoundError(f"file URL names another host: {url}", url=url)
-        return Path(unquote(parsed.path))
+        return Path(os.fsdecode(unquote_to_bytes(parsed.path)))  # %FF: the file system's bytes, as as_uri wrote
     return Path(url)
 
 
