@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from .errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
 from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_length,
@@ -32,10 +32,27 @@ class Resolved:
 
 
 def join(base: str, name: str) -> str:
-    """``name`` (already checked not to escape) relative to directory ``base``."""
-    if scheme_of(base) == "local":
+    """``name`` (already checked not to escape) relative to directory ``base``. An HTTP(S) base keeps its
+    query (a token such as an Azure SAS goes with every file) and gets the name percent-encoded into its path."""
+    scheme = scheme_of(base)
+    if scheme == "local":
         return os.path.join(str(to_path(base)), name)
-    return base if not name else (base if base.endswith("/") else base + "/") + name
+    if scheme == "http":
+        parts = urlsplit(base)
+        path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        return urlunsplit(parts._replace(path=path + quote(name, safe="/~!$&'()*+,;=:@"), fragment=""))
+    return (base if base.endswith("/") else base + "/") + name
+
+
+def parent(url: str) -> str:
+    """The directory ``url`` names a file in (an HTTP(S) URL keeps its query, as in :func:`join`)."""
+    scheme = scheme_of(url)
+    if scheme == "local":
+        return os.path.dirname(str(to_path(url)))
+    if scheme == "http":
+        parts = urlsplit(url)
+        return urlunsplit(parts._replace(path=parts.path.rpartition("/")[0] + "/", fragment=""))
+    return url.rpartition("/")[0] + "/"
 
 
 def _check_url(url: str) -> None:
@@ -79,23 +96,24 @@ async def _try_stat(transports: Transports, url: str) -> ObjectInfo | None:
         return None
 
 
-async def _from_index(transports: Transports, info: ObjectInfo) -> Resolved:
+async def _from_index(transports: Transports, info: ObjectInfo, url: str) -> Resolved:
+    """The shards of the index ``info``, found at ``url`` (the URL as given: ``info.url`` is what messages
+    show, with any password or token hidden, and the shards need them)."""
     if info.size > MAX_INDEX_BYTES:
         raise FormatError(f"{info.url}: index of {info.size} bytes is larger than the {MAX_INDEX_BYTES}-byte cap")
     raw = await read_bytes(transports.for_url(info.url), info, 0, info.size)
     index = parse_index(raw, url=info.url)
-    base = info.url[: len(info.url) - len(os.path.basename(info.url))] if scheme_of(info.url) != "local" \
-        else os.path.dirname(str(to_path(info.url)))
+    base = parent(url)
     urls = [join(base, name) for name in index.files]
     files = await gather(transports.for_url(u).stat(u) for u in urls)
     return Resolved(tuple(files), index, info.url)
 
 
 async def _resolve_dir(transports: Transports, url: str) -> Resolved:
-    base = url if scheme_of(url) == "local" or url.endswith("/") else url + "/"
+    base = url if scheme_of(url) in ("local", "http") or url.endswith("/") else url + "/"
     index = await _try_stat(transports, join(base, INDEX_NAME))
     if index is not None:
-        return await _from_index(transports, index)
+        return await _from_index(transports, index, join(base, INDEX_NAME))
     single = await _try_stat(transports, join(base, SINGLE_NAME))
     if single is not None:
         return Resolved((single,))
@@ -135,7 +153,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         return await _resolve_dir(transports, url)
     info = await transports.for_url(url).stat(url)
     if _url_path(url).endswith(".json"):
-        return await _from_index(transports, info)
+        return await _from_index(transports, info, url)
     return Resolved((info,))
 
 

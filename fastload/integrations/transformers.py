@@ -88,7 +88,7 @@ async def _model_dir(source: str, transports: Transports) -> str:
         if not path.is_dir():
             raise SourceNotFoundError(f"from_pretrained needs a model directory, and {source} is not one", url=source)
         return str(path)
-    return source if source.endswith("/") else source + "/"
+    return join(source, "")
 
 
 def _in_subfolder(source: str, subfolder: str) -> str:
@@ -98,7 +98,7 @@ def _in_subfolder(source: str, subfolder: str) -> str:
         raise ConfigError(f"subfolder must be a relative path inside the model directory, got {subfolder!r}")
     if scheme_of(source) == "local":
         return os.path.join(str(to_path(source)), *parts)
-    return source.rstrip("/") + "/" + "/".join(parts) + "/"
+    return join(source, "/".join(parts) + "/")
 
 
 def _variant_name(name: str, variant: str) -> str:

@@ -50,9 +50,16 @@ GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and drop
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+def _value(headers, name: str) -> str | None:
+    """A header's value without the whitespace around it (RFC 9112 5.1: not part of the value; aiohttp strips
+    it, http.client does not), None when absent."""
+    value = headers.get(name)
+    return None if value is None else value.strip()
+
+
 def _int_header(headers, name: str) -> int | None:
     """An integer header, or None when absent; garbage is a lie worth a retry."""
-    value = headers.get(name)
+    value = _value(headers, name)
     if value is None:
         return None
     try:
@@ -251,16 +258,16 @@ class HttpTransport:
         # brings a safetensors file's header length, so reading the header takes one request, not two.
         prefix = b""
         async with await self._request("GET", fetch_url, display, {"Range": f"bytes=0-{PROBE_BYTES - 1}"}) as resp:
-            if resp.status == 416 and resp.headers.get("Content-Range", "").strip() == "bytes */0":
-                return ObjectInfo(url=display, size=0, etag=resp.headers.get("ETag"),  # an empty object
-                                  last_modified=resp.headers.get("Last-Modified"),
+            if resp.status == 416 and _value(resp.headers, "Content-Range") == "bytes */0":
+                return ObjectInfo(url=display, size=0, etag=_value(resp.headers, "ETag"),  # an empty object
+                                  last_modified=_value(resp.headers, "Last-Modified"),
                                   fetch_url=None if fetch_url == display else fetch_url)
             check_status(resp.status, resp.reason, url=display, headers=resp.headers)
             _check_identity(resp, display, (0, PROBE_BYTES))
             if resp.status != 206:
                 self._no_ranges.add(display)
             if resp.status == 206:
-                match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+                match = _CONTENT_RANGE.fullmatch(_value(resp.headers, "Content-Range") or "")
                 if not match or match.group(3) == "*":
                     raise TransferError("206 reply without a usable Content-Range", url=display)
                 size = int(match.group(3))
@@ -279,9 +286,9 @@ class HttpTransport:
                 if length is None:
                     raise TransferError("server sent neither Content-Range nor Content-Length", url=display)
                 size = length
-            etag = resp.headers.get("ETag")
-            modified = resp.headers.get("Last-Modified")
-            checksum = checksum_from_repr_digest(resp.headers.get("Repr-Digest"))
+            etag = _value(resp.headers, "ETag")
+            modified = _value(resp.headers, "Last-Modified")
+            checksum = checksum_from_repr_digest(_value(resp.headers, "Repr-Digest"))
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
                           fetch_url=None if fetch_url == display else fetch_url, checksum=checksum, prefix=prefix)
 
@@ -355,7 +362,7 @@ class HttpTransport:
     def _check_reply(self, resp, info: ObjectInfo, start: int, end: int) -> None:
         byte_range = (start, end)
         _check_identity(resp, info.url, byte_range)
-        etag, modified = resp.headers.get("ETag"), resp.headers.get("Last-Modified")
+        etag, modified = _value(resp.headers, "ETag"), _value(resp.headers, "Last-Modified")
         if info.etag and etag and etag != info.etag:
             raise SourceChangedError(f"object changed during the load (ETag {info.etag} -> {etag})",
                                      url=info.url, byte_range=byte_range)
@@ -368,9 +375,10 @@ class HttpTransport:
                 raise TransferError(f"{why}; it cannot serve parallel ranged reads", url=info.url,
                                     byte_range=byte_range)
             raise Transient(why)  # a server that honoured Range before: a glitch worth a retry
-        match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
+        content_range = _value(resp.headers, "Content-Range") or ""
+        match = _CONTENT_RANGE.fullmatch(content_range)
         if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):
-            raise Transient(f"server answered with Content-Range {resp.headers.get('Content-Range', '')[:80]!r}")
+            raise Transient(f"server answered with Content-Range {content_range[:80]!r}")
         if match.group(3) != "*" and int(match.group(3)) != info.size:
             raise SourceChangedError(f"object size changed from {info.size} to {match.group(3)}",
                                      url=info.url, byte_range=byte_range)

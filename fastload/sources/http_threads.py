@@ -27,7 +27,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, scrub
@@ -181,6 +181,7 @@ class ThreadedBodies:
                                                    context=self._ssl_context())
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+            conn.response_class = _FinalResponse
             conns[key] = conn
             with self._lock:
                 self._open.add(conn)
@@ -208,9 +209,25 @@ class ThreadedBodies:
             conn.close()
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """A reply past any interim 1xx (103 Early Hints...), which a client must accept before the final one
+    (RFC 9110 15.2); http.client itself skips only 100 Continue. 101 is final: we never ask to switch."""
+
+    def begin(self) -> None:
+        super().begin()
+        while 100 < self.status < 200 and self.status != 101:  # no body; the next status line follows
+            self.headers = self.msg = None
+            super().begin()
+
+
+_PATH_SAFE = "/%:@!$&'()*+,;=~"  # what may stand in a path as is (RFC 3986); "%" keeps escapes as sent
+
+
 def _target(parts) -> str:
-    path = parts.path or "/"
-    return f"{path}?{parts.query}" if parts.query else path
+    """The request target, percent-encoded as aiohttp (yarl) sends it: spaces and non-ASCII as UTF-8 escapes,
+    escapes already there kept (http.client refuses both as they are)."""
+    path = quote(parts.path or "/", safe=_PATH_SAFE)
+    return f"{path}?{quote(parts.query, safe=_PATH_SAFE + '?')}" if parts.query else path
 
 
 def _with_basic_auth(headers: dict[str, str], parts) -> dict[str, str]:
