@@ -35,7 +35,7 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return _redact_unparsable(url)
-    if parts.scheme == "file":
+    if parts.scheme in ("file", "s3"):  # an S3 key is literal: "?" and "#" in it are not a query or fragment
         return url
     netloc = parts.netloc
     if "@" in netloc:

@@ -89,10 +89,17 @@ def _is_dir_url(url: str) -> bool | None:
     return False
 
 
-async def _try_stat(transports: Transports, url: str) -> ObjectInfo | None:
+async def _try_stat(transports: Transports, url: str, denied: list[SourcePermissionError]) -> ObjectInfo | None:
+    """The object at ``url``, or None when there is none. S3 answers 403 for a missing key to a caller without
+    ListBucket (a common read-only policy): that counts as none too, noted in ``denied``."""
     try:
         return await transports.for_url(url).stat(url)
     except SourceNotFoundError:
+        return None
+    except SourcePermissionError as exc:
+        if scheme_of(url) != "s3":
+            raise
+        denied.append(exc)
         return None
 
 
@@ -111,12 +118,15 @@ async def _from_index(transports: Transports, info: ObjectInfo, url: str) -> Res
 
 async def _resolve_dir(transports: Transports, url: str) -> Resolved:
     base = url if scheme_of(url) in ("local", "http") or url.endswith("/") else url + "/"
-    index = await _try_stat(transports, join(base, INDEX_NAME))
+    denied: list[SourcePermissionError] = []
+    index = await _try_stat(transports, join(base, INDEX_NAME), denied)
     if index is not None:
         return await _from_index(transports, index, join(base, INDEX_NAME))
-    single = await _try_stat(transports, join(base, SINGLE_NAME))
+    single = await _try_stat(transports, join(base, SINGLE_NAME), denied)
     if single is not None:
         return Resolved((single,))
+    if denied:  # neither found, one refused: wrong credentials say 403 too, and a listing would be refused
+        raise denied[0]
     listed = await transports.for_url(url).list(base)
     names = sorted(u for u in (listed or []) if u.endswith(".safetensors"))
     if not names:
@@ -146,8 +156,13 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
     if is_dir is None:  # an object of that name if there is one, else a prefix
         try:
             info = await transports.for_url(url).stat(url)
-        except (SourceNotFoundError, SourcePermissionError):  # S3 says 403 for a missing key without ListBucket
+        except SourceNotFoundError:
             return await _resolve_dir(transports, url)
+        except SourcePermissionError as denied:  # S3 says 403 for a missing key without ListBucket
+            try:
+                return await _resolve_dir(transports, url)
+            except (SourceNotFoundError, SourcePermissionError):
+                raise denied from None  # not a prefix either: the object named was refused
         return Resolved((info,))
     if is_dir:
         return await _resolve_dir(transports, url)

@@ -346,7 +346,10 @@ def test_wrong_credentials_fail_at_once_naming_the_object(stored, front, iam_key
     message = str(info.value)
     assert source.rstrip("/") in message or source in message
     assert info.value.url and info.value.url.startswith(f"s3://{bucket}/")
-    assert len(front.requests()) == 1, [(m, t) for m, t, _ in front.requests()]  # not retried
+    sent = [(m, t) for m, t, _ in front.requests()]
+    # Not retried. A prefix probes the index, then model.safetensors: a caller without ListBucket gets 403 for
+    # a missing index too, so one denial alone does not decide.
+    assert len(sent) == len(set(sent)) == (1 if shape == "object" else 2), sent
     assert_clean(everything_said(info.value, trace, debug_logs), (SECRET_KEY, key_id))
 
 

@@ -19,7 +19,6 @@ from dataclasses import replace
 from datetime import timezone
 from email.utils import format_datetime
 from functools import partial
-from urllib.parse import urlparse
 
 from ..config import LoadConfig
 from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
@@ -38,10 +37,12 @@ _TRANSIENT = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout
 
 
 def split_url(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/key`` -> (bucket, key). The key is everything after the bucket's slash, as the AWS CLI
+    reads it: ``?``, ``#`` and a leading ``/`` are part of it, not a query, fragment or separator."""
+    bucket, _, key = url[5:].partition("/") if url[:5].lower() == "s3://" else ("", "", "")
+    if not bucket:
         raise ConfigError(f"not an s3://bucket/key URL: {url!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 60, region: str | None = None):
@@ -64,9 +65,11 @@ def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 6
         connect_timeout=connect_timeout, read_timeout=read_timeout,
     )
     # AWS_REGION is the SDKs' newer name (botocore itself reads only AWS_DEFAULT_REGION and the profile).
-    region = region or options.region or os.environ.get("AWS_REGION") or None
     try:
         session = options.session or botocore.session.Session(profile=options.profile)
+        # A region set on the caller's session is an override too; the environment's comes after it.
+        region = (region or options.region or session.instance_variables().get("region")
+                  or os.environ.get("AWS_REGION") or None)
         return session.create_client("s3", region_name=region, endpoint_url=options.endpoint_url, config=cfg)
     except bx.ProfileNotFound as exc:
         raise ConfigError(f"AWS profile {exc.kwargs.get('profile')!r} is not in the AWS config or credentials "
@@ -96,6 +99,8 @@ def _translate(exc: Exception, url: str) -> Exception:
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                         bx.ConnectTimeoutError)):
         return Transient(f"{type(exc).__name__}")
+    if isinstance(exc, bx.ParamValidationError):  # e.g. a bucket name S3 cannot have
+        return ConfigError(f"invalid S3 request for {url}: {describe(scrub(exc))}")
     return TransferError(f"S3 request failed: {type(exc).__name__}", url=url)
 
 
