@@ -371,10 +371,18 @@ class LocalTransport:
                                                                 record)
 
     async def list(self, url: str) -> list[str] | None:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._list_blocking, url)
+
+    def _list_blocking(self, url: str) -> list[str] | None:
+        """What is in the directory, sub-directories aside. A dangling link stays in: the shard it names is
+        missing, and its stat says so (dropping it would load part of a checkpoint as the whole)."""
         path = to_path(url)
-        if not path.is_dir():
-            return None
-        return [str(p) for p in sorted(path.iterdir()) if p.is_file()]
+        try:
+            if not path.is_dir():
+                return None
+            return [str(p) for p in sorted(path.iterdir()) if not p.is_dir()]
+        except OSError as exc:
+            raise _os_error(exc, url) from exc
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
