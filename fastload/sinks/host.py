@@ -69,6 +69,8 @@ class HostSink:
             out = self.outputs[p.tensor].view(-1)
             if self.converts[p.tensor]:
                 size = self.plan.tensors[p.tensor].spec.dtype.itemsize
+                if src.storage_offset() % size:  # safetensors does not align offsets: torch views need it
+                    src = src.clone()  # one piece, at most a chunk; contiguous at offset 0
                 out[p.dst // size:(p.dst + n) // size].view(p.rows, p.length // size).copy_(
                     src.view(self.stored[p.tensor]))
                 converted += n
