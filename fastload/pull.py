@@ -49,7 +49,7 @@ from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_
 from .runner import gather
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
-from .sources.hub_refs import (HubRef, HubSettings, cached_commit, cached_snapshot, check_revision, parse_hub_url,
+from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
 from .sources.local import to_path
 from .trace import Trace, as_trace
@@ -68,7 +68,6 @@ FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".p
                  ".gguf") + OTHER_WEIGHTS
 META_DIR = ".fastload"
 INCOMPLETE = ".fastload-incomplete"
-PULLED = "pulled"  # <repo>/.fastload/pulled/<commit>.json: the folders of a commit that pulls completed
 
 
 @dataclass(frozen=True)
@@ -301,8 +300,8 @@ class HubLayout:
                 os.replace(tmp, link)
         if self.revision and self.revision != self.commit:
             _write_atomic(self.repo / "refs" / check_revision(self.revision, str(self.repo)), self.commit)
-        if not single:  # what an offline pull of this folder finds complete (see pulled_snapshot)
-            record = self.repo / META_DIR / PULLED / f"{self.commit}.json"
+        if not single:  # what an offline load or pull of this folder finds complete (hub_refs.cached_snapshot)
+            record = pull_record(self.repo, self.commit)
             try:
                 folders = json.loads(record.read_text())
             except (OSError, ValueError):
@@ -311,30 +310,6 @@ class HubLayout:
             folders[self.subpath.strip("/")] = sorted(e.rel for e in entries)
             _write_atomic(record, json.dumps(folders, sort_keys=True))
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
-
-
-def pulled_snapshot(cache_dir: Path, ref: HubRef) -> Path | None:
-    """Offline, where an earlier pull left ``ref`` complete: a whole checkpoint (as a load would find it), or
-    every file a finished pull of this folder (or of one above it) wrote, still there. None: not in the cache."""
-    found = cached_snapshot(cache_dir, ref)
-    commit = cached_commit(cache_dir, ref)
-    if found is not None or commit is None or not ref.is_dir:
-        return found
-    repo = repo_cache_dir(cache_dir, ref.repo_id)
-    try:
-        folders = json.loads((repo / META_DIR / PULLED / f"{commit}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    want = ref.path.strip("/")
-    snapshot = repo / "snapshots" / commit
-    for folder, files in (folders.items() if isinstance(folders, dict) else ()):
-        if folder and want != folder and not want.startswith(folder + "/"):
-            continue
-        below = [f"{folder}/{f}".lstrip("/") for f in files if isinstance(f, str)]
-        below = [f for f in below if not want or f.startswith(want + "/")]
-        if below and all((snapshot / f).is_file() for f in below):
-            return snapshot / want if want else snapshot
-    return None
 
 
 def _holds(path: Path, checksum: str) -> bool:
@@ -455,7 +430,7 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 ref = parse_hub_url(source)
                 cache = Path(cache_dir).expanduser() if cache_dir is not None else settings.cache_dir
                 if settings.offline:
-                    found = pulled_snapshot(cache, ref) if plain is None else None
+                    found = cached_snapshot(cache, ref) if plain is None else None
                     if found is None:
                         raise SourceNotFoundError(f"HF_HUB_OFFLINE is set and {source} is not in the cache at {cache}",
                                                   url=source)

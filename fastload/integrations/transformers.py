@@ -81,8 +81,12 @@ async def _model_dir(source: str, transports: Transports) -> str:
     """The model directory's URL; for ``hf://``, the local cache snapshot when complete, else a pinned URL."""
     scheme = scheme_of(source)
     if scheme == "hf":
-        source = await transports.for_url(source).locate(source)
-        scheme = scheme_of(source)
+        hub = transports.for_url(source)
+        located = await hub.locate(source)
+        if (scheme_of(located) == "local" and not os.path.isfile(os.path.join(located, "config.json"))
+                and not hub.settings.offline):  # the weights are cached, the config is not: the Hub has both
+            located = await hub.pinned(source)
+        source, scheme = located, scheme_of(located)
     if scheme == "local":
         path = to_path(source)
         if not path.is_dir():

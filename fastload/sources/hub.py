@@ -33,7 +33,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import LoadConfig, without_authorization
-from ..errors import FormatError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import FormatError, IntegrityError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..redact import describe, scrub
 from ..trace import Trace
 from .base import ObjectInfo, Segment
@@ -74,16 +74,19 @@ class HubTransport:
         ref = parse_hub_url(url)
         if ref.is_dir:
             raise SourceNotFoundError(f"{url} names a folder, not a file", url=url)
-        target, linked = await self.policy.run(lambda: self._follow(self.resolve_url(ref), url), url=url,
-                                               byte_range=None)
+        target, linked, linked_size = await self.policy.run(lambda: self._follow(self.resolve_url(ref), url),
+                                                            url=url, byte_range=None)
         info = await self._http(target).stat_fetch_url(target, url)
+        if linked_size is not None and linked_size != info.size:  # the CDN serves other bytes than the Hub names
+            raise IntegrityError(f"the Hub says {linked_size} bytes (X-Linked-Size), the CDN serves {info.size}",
+                                 url=url)
         sha256 = (linked or "").removeprefix("W/").strip('"')
         return replace(info, checksum=f"sha256:{sha256}") if _SHA256.fullmatch(sha256) else info
 
-    async def _follow(self, fetch: str, shown: str) -> tuple[str, str | None]:
+    async def _follow(self, fetch: str, shown: str) -> tuple[str, str | None, int | None]:
         """Where the Hub sends a resolve request -- itself (small files) or the CDN (LFS files) -- and the
-        ``X-Linked-Etag`` it names an LFS file by (its sha256)."""
-        linked = None
+        ``X-Linked-Etag`` and ``X-Linked-Size`` it names an LFS file by (its sha256 and size)."""
+        linked = linked_size = None
         for _ in range(MAX_REDIRECTS):
             try:
                 http = self._http(fetch)
@@ -92,13 +95,15 @@ class HubTransport:
                 raise Transient(describe(scrub(exc))) from exc
             async with resp:
                 linked = resp.headers.get("X-Linked-Etag") or linked
+                size = (resp.headers.get("X-Linked-Size") or "").strip()
+                linked_size = int(size) if size.isdigit() else linked_size
                 location = resp.headers.get("Location")
                 if resp.status not in (301, 302, 303, 307, 308) or not location:
                     self._check(resp, shown)
-                    return fetch, linked
+                    return fetch, linked, linked_size
                 fetch = str(resp.url.join(URL(location)))
             if _origin(fetch) != self._origin:
-                return fetch, linked  # the CDN: its presigned URL is read directly
+                return fetch, linked, linked_size  # the CDN: its presigned URL is read directly
         raise TransferError(f"more than {MAX_REDIRECTS} redirects", url=shown)
 
     def _check(self, resp: aiohttp.ClientResponse, shown: str) -> None:
@@ -120,8 +125,8 @@ class HubTransport:
         # The CDN refused its own signed URL: they expire (about an hour), and a long load outlives them.
         # Ask the Hub where the file is again (the URL is pinned to the commit) and read from there once.
         ref = parse_hub_url(info.url)
-        target, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
-                                          byte_range=None)
+        target, _, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
+                                             byte_range=None)
         self._cdn_urls[info.url] = target
         return await self._http(target).read(replace(info, fetch_url=target), segments, record)
 
@@ -145,8 +150,8 @@ class HubTransport:
         raw = await self.policy.run(lambda: self._get(api, shown), url=shown, byte_range=None)
         try:
             doc = json.loads(raw)
-        except ValueError as exc:
-            raise FormatError(f"{shown}: the Hub's repository listing is not JSON") from exc
+        except (ValueError, RecursionError) as exc:
+            raise FormatError(f"{shown}: the Hub's repository listing is not JSON ({str(exc)[:100]})") from None
         return parse_repo_info(doc, ref.repo_id, shown)
 
     async def _get(self, url: str, shown: str) -> bytes:
@@ -160,13 +165,15 @@ class HubTransport:
             except SourceNotFoundError as exc:
                 raise SourceNotFoundError(f"no such repository or revision on {self.settings.endpoint}: {shown}",
                                           url=shown) from exc
-            try:
-                body = await resp.content.read(MAX_LISTING_BYTES + 1)
+            body = bytearray()
+            try:  # read(n) returns what has arrived, up to n: a listing of many TCP segments takes many
+                while len(body) <= MAX_LISTING_BYTES and (part := await resp.content.read(MAX_LISTING_BYTES + 1)):
+                    body += part
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 raise Transient(f"listing broke off: {describe(scrub(exc))}") from exc
         if len(body) > MAX_LISTING_BYTES:
             raise FormatError(f"{shown}: repository listing larger than {MAX_LISTING_BYTES} bytes")
-        return body
+        return bytes(body)
 
     async def locate(self, url: str) -> str:
         """Where to read ``url`` from: its local cache path when complete, else ``url`` pinned to a commit."""
@@ -178,6 +185,11 @@ class HubTransport:
             raise SourceNotFoundError(
                 f"{url} is not in the Hugging Face cache at {self.settings.cache_dir} and HF_HUB_OFFLINE is set "
                 f"(run `fastload pull {url}` while online)", url=url)
+        return await self.pinned(url)
+
+    async def pinned(self, url: str) -> str:
+        """``url`` on the Hub, its revision resolved to the commit it points to now."""
+        ref = parse_hub_url(url)
         commit = ref.revision if ref.pinned else (await self.repo_info(ref)).commit
         return ref.url(revision=commit)
 

@@ -6,6 +6,7 @@ and ``hub.py``'s transport share them. See ``hub.py`` for how ``hf://`` sources 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -50,7 +51,8 @@ class HubSettings:
         endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         if not endpoint.startswith(("http://", "https://")):
             raise ConfigError(f"HF_ENDPOINT must be an http(s) URL, got {endpoint!r}")
-        token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+        token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or ""
+        token = token.replace("\r", "").replace("\n", "").strip() or None  # as huggingface_hub cleans it
         return cls(Path(os.path.expandvars(cache)).expanduser(), endpoint, token, offline)
 
 
@@ -144,15 +146,42 @@ def cached_commit(cache_dir: Path, ref: HubRef) -> str | None:
     return commit if COMMIT.fullmatch(commit) else None
 
 
-def _complete_checkpoint(folder: Path) -> bool:
-    index = folder / INDEX_NAME
+def pull_record(repo: Path, commit: str) -> Path:
+    """Where ``fastload pull`` notes which folders of a commit it completed, and their files
+    (``{"folder": ["file", ...]}``): a folder with no index or model.safetensors, such as a diffusers ``unet/``,
+    is then known to be whole. (Beside ``refs`` and ``snapshots``, where huggingface_hub looks at nothing.)"""
+    return repo / ".fastload" / "pulled" / f"{commit}.json"
+
+
+def _pulled(repo: Path, commit: str, folder: str) -> bool:
+    """Whether a finished pull of ``folder`` (or of one above it) left every one of its files in the snapshot."""
+    try:
+        folders = json.loads(pull_record(repo, commit).read_text())
+    except (OSError, ValueError):
+        return False
+    want = folder.strip("/")
+    snapshot = repo / "snapshots" / commit
+    for pulled, files in (folders.items() if isinstance(folders, dict) else ()):
+        if pulled and want != pulled and not want.startswith(pulled + "/"):
+            continue
+        below = [f"{pulled}/{f}".lstrip("/") for f in files if isinstance(f, str)] if isinstance(files, list) else []
+        below = [f for f in below if not want or f.startswith(want + "/")]
+        if below and all((snapshot / f).is_file() for f in below):
+            return True
+    return False
+
+
+def _complete_checkpoint(folder: Path, index_name: str | None = None) -> bool:
+    """The folder's whole checkpoint is there: the index ``index_name`` (default: the standard one, else
+    model.safetensors) and every shard it names."""
+    index = folder / (index_name or INDEX_NAME)
     if index.is_file():
         try:
             names = parse_index(index.read_bytes(), url=str(index)).files
         except (OSError, FormatError):
             return False
         return all((folder / name).is_file() for name in names)
-    return (folder / SINGLE_NAME).is_file()
+    return index_name is None and (folder / SINGLE_NAME).is_file()
 
 
 def cached_snapshot(cache_dir: Path, ref: HubRef) -> Path | None:
@@ -160,10 +189,13 @@ def cached_snapshot(cache_dir: Path, ref: HubRef) -> Path | None:
     commit = cached_commit(cache_dir, ref)
     if commit is None:
         return None
-    snapshot = repo_cache_dir(cache_dir, ref.repo_id) / "snapshots" / commit
+    repo = repo_cache_dir(cache_dir, ref.repo_id)
+    snapshot = repo / "snapshots" / commit
     target = snapshot / ref.path if ref.path else snapshot
     if ref.is_dir:
-        return target if _complete_checkpoint(target) else None
+        return target if _complete_checkpoint(target) or _pulled(repo, commit, ref.path) else None
+    if target.name.endswith(".index.json"):  # an index named directly: its shards must be there too
+        return target if _complete_checkpoint(target.parent, target.name) else None
     return target if target.is_file() else None
 
 
@@ -189,7 +221,10 @@ def parse_repo_info(doc: object, repo_id: str, url: str) -> RepoInfo:
     if not isinstance(doc, dict) or not isinstance(doc.get("sha"), str) or not COMMIT.fullmatch(doc["sha"]):
         raise FormatError(f"{url}: the Hub's answer has no commit sha")
     files = []
-    for sibling in doc.get("siblings") or []:
+    siblings = doc.get("siblings") or []
+    if not isinstance(siblings, list):
+        raise FormatError(f"{url}: the Hub's file list is not a list")
+    for sibling in siblings:
         if not isinstance(sibling, dict) or not isinstance(sibling.get("rfilename"), str):
             raise FormatError(f"{url}: malformed file entry {sibling!r}")
         lfs = sibling.get("lfs") if isinstance(sibling.get("lfs"), dict) else None
