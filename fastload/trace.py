@@ -35,7 +35,8 @@ over the stages. Stages map onto the summary's categories by
 :data:`CATEGORY`; the five categories add up to the wall time exactly.
 
 The **bottleneck** is the stage with the most attributed time: the stage that
-the wall clock spent the most time waiting on and nothing else.
+the wall clock spent the most time waiting on and nothing else; or
+``"unattributed"`` when more of the wall clock had no stage active at all.
 
 Local reads land in their destination by ``preadv``: for a checkpoint in the
 page cache, ``fetch`` is the kernel's copy, not a device wait.

@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", default=",".join(SOURCES),
                         help=f"comma list of {','.join(SOURCES)} (default: all)")
     parser.add_argument("--loaders", default="",
-                        help="comma list (default: all): fastload, fastload_from_pretrained, safetensors, "
-                             "transformers, runai, fastsafetensors, tensorizer, download_then_load; each "
-                             "source's raw limit (raw_readinto, cat, curl) and baseline always run")
+                        help="comma list (default: all): fastload, fastload_direct, fastload_from_pretrained, "
+                             "safetensors, transformers, runai, fastsafetensors, tensorizer, download_then_load; "
+                             "each source's raw limit (raw_readinto, raw_direct, cat, curl) and baseline always run")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per loader, after 1 warm-up (default 3)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every loader of a row this many times, in turn, each time in a fresh "
