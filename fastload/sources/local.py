@@ -374,13 +374,14 @@ class LocalTransport:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._list_blocking, url)
 
     def _list_blocking(self, url: str) -> list[str] | None:
-        """What is in the directory, sub-directories aside. A dangling link stays in: the shard it names is
-        missing, and its stat says so (dropping it would load part of a checkpoint as the whole)."""
+        """The regular files in the directory (not sub-directories, FIFOs or devices). A dangling link stays
+        in: the shard it names is missing, and its stat says so (dropping it would load part of a checkpoint
+        as the whole)."""
         path = to_path(url)
         try:
             if not path.is_dir():
                 return None
-            return [str(p) for p in sorted(path.iterdir()) if not p.is_dir()]
+            return [str(p) for p in sorted(path.iterdir()) if p.is_file() or (p.is_symlink() and not p.exists())]
         except OSError as exc:
             raise _os_error(exc, url) from exc
 
