@@ -91,13 +91,12 @@ def _is_dir_url(url: str) -> bool | None:
 
 async def _try_stat(transports: Transports, url: str, denied: list[SourcePermissionError]) -> ObjectInfo | None:
     """The object at ``url``, or None when there is none. S3 answers 403 for a missing key to a caller without
-    ListBucket (a common read-only policy): that counts as none too, noted in ``denied``. A local name that is
-    there but cannot be read (a dangling link into a half-deleted hub cache) is an error, not a reason to load
-    other files in its place."""
+    ListBucket (a common read-only policy): that counts as none too, noted in ``denied``. A local dangling link
+    (into a half-deleted hub cache) is an error, not a reason to load other files in its place."""
     try:
         return await transports.for_url(url).stat(url)
     except SourceNotFoundError:
-        if scheme_of(url) == "local" and os.path.lexists(url):  # a dangling link, a directory: there, not usable
+        if scheme_of(url) == "local" and os.path.islink(url):  # a dangling link: there, its target is not
             raise
         return None
     except SourcePermissionError as exc:
