@@ -8,6 +8,7 @@ pinned when CUDA is present, and are handed back only when whatever reads them
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import torch
 
@@ -27,7 +28,8 @@ class BufferPool:
         self.buffer_bytes = buffer_bytes
         self.count = count
         self.pin = pin and torch.cuda.is_available()  # without CUDA: ordinary memory, same behaviour
-        self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
+        self._free: deque[torch.Tensor] = deque()
+        self._waiting: deque[asyncio.Future] = deque()
         self._allocated = 0
 
     @property
@@ -35,7 +37,12 @@ class BufferPool:
         return self._allocated
 
     async def acquire(self) -> torch.Tensor:
-        if self._free.empty() and self._allocated < self.count:
+        """A buffer, first come first served: a released buffer goes to the longest waiter, never to a
+        later caller that happens to run first. Checksum verification needs that order: a chunk holding a
+        buffer may wait for the hash of earlier chunks, and those must not be the ones left without one."""
+        if not self._waiting and self._free:
+            return self._free.popleft()
+        if not self._waiting and self._allocated < self.count:
             self._allocated += 1
             try:
                 return torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=self.pin)
@@ -44,8 +51,20 @@ class BufferPool:
                 if self.pin:  # cudaHostAlloc failed: a device-side resource, reported like one
                     raise DeviceError(f"could not pin a {self.buffer_bytes}-byte staging buffer: {exc}") from exc
                 raise
-        return await self._free.get()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed a buffer as the cancel came: pass it on
+                self.release(waiter.result())
+            raise
 
     def release(self, buf: torch.Tensor) -> None:
         """Return a buffer; from the loop's thread only (sinks that finish elsewhere hop back first)."""
-        self._free.put_nowait(buf)
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():  # a cancelled waiter is done: skipped
+                waiter.set_result(buf)
+                return
+        self._free.append(buf)

@@ -62,11 +62,12 @@ def checksum_from_repr_digest(header: str | None) -> str | None:
     """RFC 9530 ``Repr-Digest: sha-256=:<base64>:`` -> ``"sha256:<hex>"`` (None if absent)."""
     if not header:
         return None
-    for item in header.split(","):
+    found = None
+    for item in header.split(","):  # a dictionary (RFC 8941): a key given twice keeps its last value
         name, _, value = item.strip().partition("=")
-        if name.strip().lower() == "sha-256" and value.startswith(":") and value.endswith(":"):
-            return checksum_from_base64(value[1:-1])
-    return None
+        if name.strip().lower() == "sha-256":
+            found = value.strip()
+    return checksum_from_base64(found[1:-1]) if found and len(found) > 1 and found[0] == found[-1] == ":" else None
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -234,8 +235,13 @@ class Verification:
         return self._verifiers[info.url]
 
     def expect(self, plan) -> None:
-        """Told the plan: verify the files it reads whole, let their reads wait their turn; skip the rest."""
+        """Told the plan: verify the files it reads whole, let their reads wait their turn; skip the rest.
+        A file an earlier read already hashed whole (``pull`` reads an index to list, then fetches it) is
+        hashed again: what the plan writes is what must match."""
         for index, planned in enumerate(plan.files):
+            earlier = self._verifiers.get(planned.info.url)
+            if earlier is not None and earlier.verified:
+                del self._verifiers[planned.info.url]
             verifier = self.verifier(planned.info)
             if verifier is None or not verifier.active:
                 continue

@@ -57,6 +57,12 @@ def _value(headers, name: str) -> str | None:
     return None if value is None else value.strip()
 
 
+def _joined(headers, name: str) -> str | None:
+    """All lines of a field as one comma-joined value (RFC 9110 5.3), None when absent."""
+    lines = headers.getall(name, []) if hasattr(headers, "getall") else headers.get_all(name) or []
+    return ", ".join(v.strip() for v in lines) or None
+
+
 def _int_header(headers, name: str) -> int | None:
     """An integer header, or None when absent; garbage is a lie worth a retry."""
     value = _value(headers, name)
@@ -288,7 +294,7 @@ class HttpTransport:
                 size = length
             etag = _value(resp.headers, "ETag")
             modified = _value(resp.headers, "Last-Modified")
-            checksum = checksum_from_repr_digest(_value(resp.headers, "Repr-Digest"))
+            checksum = checksum_from_repr_digest(_joined(resp.headers, "Repr-Digest"))
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
                           fetch_url=None if fetch_url == display else fetch_url, checksum=checksum, prefix=prefix)
 
