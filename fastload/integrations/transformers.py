@@ -130,15 +130,18 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None) 
             if info.size > MAX_MODEL_FILE_BYTES:
                 raise ConfigError(f"{url}: {info.size} bytes is too large for a model file")
             (folder / name).write_bytes(await read_bytes(transport, info, 0, info.size))
-        names = [_variant_name(n, variant) if variant else n for n in (INDEX_NAME, SINGLE_NAME)]
-        for name in names:  # transformers' rule: the index, else the single file (other *.safetensors are not its)
+        # transformers' rule: the file config.json names, else the single file, else the index (other
+        # *.safetensors files are not its weights)
+        names = _weights_named_by(folder / "config.json") or [
+            _variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
+        for name in names:
             try:
                 await transports.for_url(join(base, name)).stat(join(base, name))
             except SourceNotFoundError:
                 continue
             return join(base, name)
-        raise SourceNotFoundError(f"no {names[1]} or {names[0]} in {source}"
-                                  + (f" (variant={variant!r})" if variant else ""), url=join(base, names[1]))
+        raise SourceNotFoundError(f"no {' or '.join(names)} in {source}"
+                                  + (f" (variant={variant!r})" if variant else ""), url=join(base, names[0]))
     finally:
         await transports.aclose()
 
@@ -184,6 +187,25 @@ def _dtypes(dtype, hf_config):
     if not (isinstance(want, torch.dtype) and want.is_floating_point):
         want = None
     return want, dtype
+
+
+def _weights_named_by(config_file: Path) -> list[str]:
+    """``transformers_weights`` in config.json: the one weights file transformers loads in place of the standard
+    names (checked as transformers checks it: a safetensors file or index, inside the directory)."""
+    try:
+        doc = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    name = doc.get("transformers_weights") if isinstance(doc, dict) else None
+    if name is None:
+        return []
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise ConfigError(f"config.json's transformers_weights is neither *.safetensors nor "
+                          f"*.safetensors.index.json: {name!r}")
+    parts = name.split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"config.json's transformers_weights must name a file inside the model directory: {name!r}")
+    return [name]
 
 
 def _raw_config(folder: Path) -> SimpleNamespace:
@@ -264,13 +286,17 @@ def _reading_order(state_dict: dict, plan) -> dict:
     return dict(sorted(state_dict.items(), key=lambda item: (names.get(item[0], ""), item[0])))
 
 
-def _generation_config(transformers, folder: Path):
-    """What ``transformers`` loads for a local directory: the file, else one made from ``config.json``."""
+def _generation_config(transformers, folder: Path, overrides: dict):
+    """What ``transformers`` loads for a local directory: the file, else one made from ``config.json``; with the
+    caller's keyword arguments that name generation settings (``eos_token_id``...) applied, as transformers
+    applies them when called on a model class (an Auto class absorbs them into the model's config instead)."""
+    known = vars(transformers.GenerationConfig())
+    overrides = {k: v for k, v in overrides.items() if k in known}
     try:
-        return transformers.GenerationConfig.from_pretrained(folder)
+        return transformers.GenerationConfig.from_pretrained(folder, **overrides)
     except OSError:
         return transformers.GenerationConfig.from_pretrained(folder, config_file_name="config.json",
-                                                             _from_model_config=True)
+                                                             _from_model_config=True, **overrides)
 
 
 def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, config=None, trace=None, **hf_kwargs):
@@ -336,5 +362,8 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         model = result[0] if isinstance(result, tuple) else result
         model.config.name_or_path = source
         if model.can_generate() and "generation_config" not in hf_kwargs:
-            model.generation_config = _generation_config(transformers, folder)
+            from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+            auto = isinstance(model_class, type) and issubclass(model_class, _BaseAutoModelClass)
+            model.generation_config = _generation_config(transformers, folder, {} if auto else hf_kwargs)
     return result
