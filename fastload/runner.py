@@ -250,4 +250,16 @@ class ThreadedStream:
                 pass
         if self._thread.ident is not None:
             self._thread.join()
+        # What was produced and never taken goes with the stream (on a GPU: device memory), all but the end
+        # marker, which a thread still iterating waits for.
+        end = None
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] is _DONE:
+                end = item
+        if end is not None:
+            self._queue.put(end)
         self._finished = True

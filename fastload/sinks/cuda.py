@@ -126,10 +126,16 @@ class CudaOps:
             raise device_error(exc, "waiting for a copy", self.device) from exc
 
     def wait(self, event: torch.cuda.Event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+        try:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        except RuntimeError as exc:
+            raise device_error(exc, "ordering the caller's stream after a copy", self.device) from exc
 
     def sync(self, event: torch.cuda.Event) -> None:
-        event.synchronize()
+        try:
+            event.synchronize()
+        except RuntimeError as exc:
+            raise device_error(exc, "waiting for a copy", self.device) from exc
 
 
 class CudaSink:
@@ -261,3 +267,4 @@ class CudaSink:
         self.outputs[index] = out  # the stored-dtype tensor is freed here, its last reader complete
         self.events[index].append(event)
         self.trace.interval("convert", start, self.trace.now())
+        self.trace.count("bytes_converted", stored.numel() * stored.element_size())
