@@ -10,9 +10,10 @@ thread, so nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -48,7 +49,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        asyncio.run(main())
+        asyncio.run(_in_our_loop(main()))
         return box.pop("value")
 
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
@@ -65,6 +66,15 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
     finally:
         stream.close()
+
+
+async def _in_our_loop(aw: Awaitable[T]) -> T:
+    """``aw`` in a loop fastload started, whose ``to_thread`` / ``run_in_executor(None)`` work runs on daemon
+    threads: ``concurrent.futures``' pools refuse work once the interpreter is exiting, so a load made from an
+    ``atexit`` handler (a service saving or loading as it stops) would fail with a bare RuntimeError."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker"))
+    return await aw
 
 
 def _cancel_requested() -> Callable[[], bool] | None:
@@ -106,12 +116,15 @@ async def detached(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     return await future
 
 
-class DaemonThreadPool(Executor):
+class DaemonThreadPool(ThreadPoolExecutor):
     """``ThreadPoolExecutor``'s behaviour with daemon threads, which the interpreter does not wait for at exit.
 
     ``ThreadPoolExecutor`` joins its threads when the interpreter exits: a load abandoned without being closed
     (a stream dropped half-read) whose threads sit in a blocking ``recv`` held up exit until its stall timeout.
-    ``shutdown`` joins the threads as usual.
+    And it refuses work once the interpreter is exiting (a load from an ``atexit`` handler). ``shutdown`` joins
+    the threads as usual. It subclasses ``ThreadPoolExecutor`` only to be accepted as a loop's default executor
+    (``loop.set_default_executor`` requires one); ``submit`` and ``shutdown`` are its own, and none of the base
+    class's state is used.
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str):
@@ -181,7 +194,6 @@ class ThreadedStream:
         self._task: asyncio.Task | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="fastload-stream", daemon=True)
-        self._finished = False
         self._complete = False  # the producer ran to its end (an error included), not cancelled
 
     @property
@@ -200,7 +212,7 @@ class ThreadedStream:
             self._task = asyncio.current_task()
             self._ready.set()
             try:
-                await self._producer(self._queue.put)
+                await _in_our_loop(self._producer(self._queue.put))
             except asyncio.CancelledError:
                 self._queue.put((_DONE, _CANCELLED))  # not an end: a thread still iterating must not think so
                 return
@@ -226,10 +238,13 @@ class ThreadedStream:
                     raise asyncio.CancelledError from None
 
     def __iter__(self) -> Iterator[Any]:
-        while not self._finished:
+        """What the producer put, then its end. Several threads may iterate one stream: each item goes to one
+        of them, and the end marker stays in the queue, so every one of them sees the end (or the error, or
+        that the stream was closed before everything was handed out)."""
+        while True:
             item = self._get()
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                self._finished = True
+                self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
                 self._thread.join()
                 if item[1] is _CANCELLED:
                     raise RuntimeError("the load was cancelled (closed) before it finished")
@@ -242,7 +257,9 @@ class ThreadedStream:
             yield box.pop()
 
     def close(self) -> None:
-        """Cancel whatever is still running and wait for the loop thread to end."""
+        """Cancel whatever is still running and wait for the loop thread to end. What was produced and never
+        handed out goes with the stream (on a GPU: device memory), and a thread still iterating then learns
+        that the stream was closed before its end, not that it ended."""
         if self._thread.is_alive() and self._loop is not None and self._task is not None:
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
@@ -250,16 +267,18 @@ class ThreadedStream:
                 pass
         if self._thread.ident is not None:
             self._thread.join()
-        # What was produced and never taken goes with the stream (on a GPU: device memory), all but the end
-        # marker, which a thread still iterating waits for.
-        end = None
+        end, dropped = None, False
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item[0] is _DONE:
+            if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
                 end = item
-        if end is not None:
-            self._queue.put(end)
-        self._finished = True
+            else:
+                dropped = True
+        if end is None and self._thread.ident is not None:
+            return  # a thread took the end marker this instant: it puts it back (nothing came after it)
+        if end is None or (dropped and end[1] is None):
+            end = (_DONE, _CANCELLED)
+        self._queue.put(end)

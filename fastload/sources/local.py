@@ -50,7 +50,6 @@ import queue
 import stat
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
@@ -59,6 +58,7 @@ import numpy as np
 
 from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..trace import ReadRecord, Trace
+from ..runner import DaemonThreadPool
 from .base import ObjectInfo, Segment
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv call
@@ -134,7 +134,7 @@ class LocalTransport:
         if self._direct:  # one scratch buffer per thread, together the budget (see the module docstring)
             threads = max(threads, direct_budget // DIRECT_READ_BYTES)
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fastload-pread")
+        self._pool = DaemonThreadPool(threads, "fastload-pread")  # works in atexit handlers too (see runner)
         self._fds: dict[str, int] = {}
         # When set, uncached ranges are read by at most this many threads at once (see OrderedGate).
         self._cold_readers = cold_readers
