@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .plan import LoadPlan
-from .redact import redact_url
+from .plan import NAME_COLUMN, LoadPlan
+from .redact import printable, redact_url
 
 
 def human_bytes(n: float) -> str:
@@ -45,10 +45,11 @@ def describe(plan: LoadPlan, *, top: int = 10, every_tensor: bool = False) -> st
 
     largest = sorted(plan.tensors, key=lambda t: (-t.nbytes, t.name))[:top]
     if largest:
-        width = max(len(t.name) for t in largest)
+        names = [printable(t.name) for t in largest]
+        width = min(max(len(n) for n in names), NAME_COLUMN)
         lines += ["", f"largest {len(largest)} tensor(s):"]
-        for t in largest:
-            lines.append(f"  {t.name:<{width}}  {t.spec.dtype.name:<8} {_shape(t.shape):<20} {human_bytes(t.nbytes)}")
+        for name, t in zip(names, largest):
+            lines.append(f"  {name:<{width}}  {t.spec.dtype.name:<8} {_shape(t.shape):<20} {human_bytes(t.nbytes)}")
 
     metadata = {}
     for f in plan.files:
@@ -56,8 +57,8 @@ def describe(plan: LoadPlan, *, top: int = 10, every_tensor: bool = False) -> st
     metadata.update({f"index.{k}": v for k, v in plan.index_metadata.items()})
     lines += ["", "metadata:" if metadata else "metadata: none"]
     for key, value in sorted(metadata.items()):
-        text = str(value)
-        lines.append(f"  {key}: {text if len(text) <= 200 else text[:197] + '...'}")
+        text = printable(str(value))
+        lines.append(f"  {printable(key)}: {text if len(text) <= 200 else text[:197] + '...'}")
 
     if every_tensor:
         lines += ["", "tensors:", str(plan)]

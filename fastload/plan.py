@@ -19,10 +19,11 @@ from typing import Iterator, Mapping, Sequence
 from .config import LoadConfig
 from .errors import ConfigError, FormatError
 from .format import FileHeader, ShardIndex, TensorSpec
-from .redact import redact_url
+from .redact import printable, redact_url
 from .sources import ObjectInfo
 
 
+NAME_COLUMN = 60  # the tensor tables' name column: longer names overflow their row, the others stay aligned
 MIN_SPLIT = 1 << 20  # chunks are not cut finer than this to spread a small load over the readers
 
 
@@ -194,18 +195,19 @@ class LoadPlan:
         }
 
     def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
+        return json.dumps(self.to_dict(), **{"allow_nan": False, **kwargs})  # NaN/Infinity are not JSON
 
     def __str__(self) -> str:
         lines = [f"{len(self.files)} file(s), {len(self.tensors)} tensor(s), {len(self.chunks)} chunk(s), "
                  f"{self.total_bytes / 1e6:.1f} MB to fetch"]
         for f in self.files:
             lines.append(f"  file {redact_url(f.info.url)}  {f.info.size} bytes")
-        width = max([len("name")] + [len(t.name) for t in self.tensors])
+        names = [printable(t.name) for t in self.tensors]
+        width = min(max([len("name")] + [len(n) for n in names]), NAME_COLUMN)  # longer names overflow their row
         lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")
-        for t in self.tensors:
+        for name, t in zip(names, self.tensors):
             shape = "x".join(map(str, t.shape)) or "scalar"
-            lines.append(f"  {t.name:<{width}}  {t.spec.dtype.name:<8} {shape:<20} {t.spec.file:>4} {t.nbytes:>14}")
+            lines.append(f"  {name:<{width}}  {t.spec.dtype.name:<8} {shape:<20} {t.spec.file:>4} {t.nbytes:>14}")
         return "\n".join(lines)
 
 

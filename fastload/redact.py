@@ -56,6 +56,12 @@ def _redact_unparsable(url: str) -> str:
     return head + (f"?{HIDDEN}" if sep else "")
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal line: control characters (escape sequences, newlines) escaped, as ``repr``
+    writes them. Tensor names and metadata come from the file, which anyone may have written."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def redact_text(text: str) -> str:
     """Hide every URL's secrets and any credential-looking ``name=value`` in free text."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)

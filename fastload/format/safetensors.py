@@ -136,6 +136,17 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: 
 _NEGATIVE_ZERO = re.compile(r"[\[,:]\s*-0")  # -0 is a float to serde_json, never a size or an offset
 
 
+def _no_constant(name: str) -> float:
+    raise FormatError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: valid JSON, out of any float's range (serde_json refuses it too)
+        raise FormatError(f"number {text[:40]} out of range")
+    return value
+
+
 def _no_negative_zero(digits: str) -> int:
     if digits == "-0":
         raise FormatError("-0 where an integer is expected")
@@ -148,7 +159,8 @@ def _load_json(raw: bytes, what: str) -> dict:
     except UnicodeDecodeError as exc:
         raise FormatError(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        value = json.loads(text, object_pairs_hook=_reject_duplicates,
+        value = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant,
+                           parse_float=_finite,
                            parse_int=_no_negative_zero if "-0" in text and _NEGATIVE_ZERO.search(text) else None)
         if "\\u" in text and _SURROGATE_ESCAPE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate does not encode
