@@ -32,6 +32,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+from urllib.parse import unquote, urlsplit
 
 try:
     import fcntl
@@ -41,11 +42,12 @@ except ImportError:  # pragma: no cover - Windows: pulls into one destination ar
 from .buffers import BufferPool
 from .config import LoadConfig
 from .errors import (ConfigError, FastloadError, FormatError, IntegrityError, SourceChangedError, SourceNotFoundError,
-                     TransferError)
+                     SourcePermissionError, TransferError)
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .integrity import GIT_BLOB, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
+from .resolve import join
 from .runner import gather
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
@@ -101,8 +103,15 @@ def _published(e: Entry) -> str | None:
     return f"{GIT_BLOB}:{e.etag}" if e.etag else None
 
 
+def _path_of(url: str) -> str:
+    """What names the file or folder: an HTTP(S) URL's path (its query is a token, not part of the name);
+    anything else as it is (an S3 key may hold '?')."""
+    return urlsplit(url).path if scheme_of(url) == "http" else url
+
+
 def _names_file(url: str) -> bool:
-    return not url.endswith("/") and url.rsplit("/", 1)[-1].endswith(FILE_SUFFIXES)
+    path = _path_of(url)
+    return not path.endswith("/") and path.rsplit("/", 1)[-1].endswith(FILE_SUFFIXES)
 
 
 def _check_paths(entries: list[Entry], source: str) -> list[Entry]:
@@ -126,7 +135,7 @@ def _skip_other_formats(entries: list[Entry]) -> list[Entry]:
 
 
 async def _list_local(url: str) -> list[Entry]:
-    root = to_path(url)
+    root = Path(os.path.abspath(to_path(url)))  # one spelling of the source: a later pull finds it the same
     if root.is_file():
         return [Entry(root.name, str(root))]
     if not root.is_dir():
@@ -150,6 +159,13 @@ async def _list_s3(url: str, transports: Transports) -> list[Entry]:
     bucket, key = split_url(url)
     if key and _names_file(url):
         return [Entry(key.rsplit("/", 1)[-1], url)]
+    if key and not key.endswith("/"):  # that object when it exists, else the prefix (as a load reads it)
+        try:
+            info = await transports.for_url(url).stat(url)
+        except (SourceNotFoundError, SourcePermissionError):  # 403: a missing key without ListBucket
+            pass
+        else:
+            return [Entry(key.rsplit("/", 1)[-1], url, info.size, info=info)]
     prefix = key if not key or key.endswith("/") else key + "/"
     start = len(f"s3://{bucket}/{prefix}")
     objects = await transports.for_url(url).objects(url, recursive=True)
@@ -169,17 +185,17 @@ async def _stat_or_none(transports: Transports, url: str) -> ObjectInfo | None:
 async def _list_http(url: str, transports: Transports) -> list[Entry]:
     if _names_file(url):
         info = await transports.for_url(url).stat(url)
-        return [Entry(url.rsplit("/", 1)[-1], url, info.size, info=info)]
-    base = url if url.endswith("/") else url + "/"
+        return [Entry(unquote(_path_of(url).rsplit("/", 1)[-1]), url, info.size, info=info)]
+    base = join(url, "")  # a query string (a token) goes with every file
     names = [INDEX_NAME, SINGLE_NAME, *STANDARD_FILES]
-    infos = dict(zip(names, await gather(_stat_or_none(transports, base + n) for n in names)))
+    infos = dict(zip(names, await gather(_stat_or_none(transports, join(base, n)) for n in names)))
     index = infos[INDEX_NAME]
     if index is not None:  # the index names the weights; a stray model.safetensors beside it is not one
         raw = await read_bytes(transports.for_url(index.url), index, 0, index.size)
         shards = parse_index(raw, url=index.url).files
         infos.pop(SINGLE_NAME)
-        infos.update(zip(shards, await gather(transports.for_url(base + s).stat(base + s) for s in shards)))
-    entries = [Entry(name, base + name, info.size, info=info) for name, info in infos.items() if info is not None]
+        infos.update(zip(shards, await gather(transports.for_url(join(base, s)).stat(join(base, s)) for s in shards)))
+    entries = [Entry(name, join(base, name), info.size, info=info) for name, info in infos.items() if info is not None]
     if not any(e.rel.endswith(".safetensors") for e in entries):
         raise SourceNotFoundError(f"no {INDEX_NAME} or {SINGLE_NAME} under {base} (HTTP sources cannot be listed)",
                                   url=url)
@@ -220,14 +236,16 @@ class PlainLayout:
         return self.root / META_DIR / "meta" / (e.rel + ".json")
 
     def _record(self, e: Entry, info: ObjectInfo | None) -> dict:
-        return {"url": e.url, "size": info.size if info else e.size, "etag": e.etag or (info.etag if info else None)}
+        etag = e.etag or (info.etag if info else None)  # Last-Modified only where there is no ETag (nor content id)
+        return {"url": e.url, "size": info.size if info else e.size, "etag": etag,
+                "last_modified": None if etag or info is None else info.last_modified}
 
     def needs_stat(self, e: Entry) -> bool:
         return e.etag is None or e.size is None
 
     def present(self, e: Entry, info: ObjectInfo | None, verify: bool = False) -> bool:
         record = self._record(e, info)
-        if record["etag"] is None:
+        if record["etag"] is None and record["last_modified"] is None:
             return False  # nothing says the file did not change: fetch it again
         try:
             saved = json.loads(self._meta(e).read_text())
@@ -395,7 +413,8 @@ def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None
         raise ConfigError("a cache directory applies to hf:// sources only (use a destination directory)")
     if to is not None:
         return source, Path(to)
-    name = (str(to_path(source)) if scheme_of(source) == "local" else source).rstrip("/\\").replace("\\", "/")
+    name = (str(to_path(source)) if scheme_of(source) == "local" else unquote(_path_of(source)))
+    name = name.rstrip("/\\").replace("\\", "/")
     name = name.rsplit("/", 1)[-1]
     single = _names_file(source) or (scheme_of(source) == "local" and to_path(source).is_file())
     return source, Path.cwd() if single else Path.cwd() / name
@@ -443,8 +462,8 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 listed = {"local": _list_local, "s3": _list_s3, "http": _list_http}[scheme]
                 entries = await (listed(source) if scheme == "local" else listed(source, transports))
                 layout = PlainLayout(plain)
-            single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (
-                len(entries) == 1 and (_names_file(source) or (scheme == "local" and to_path(source).is_file())))
+            single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (len(entries) == 1 and (
+                _names_file(source) or entries[0].url == source or (scheme == "local" and to_path(source).is_file())))
             entries = _check_paths(entries, source)
             entries = entries if single else _skip_other_formats(entries)
             if not entries:

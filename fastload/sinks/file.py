@@ -67,13 +67,15 @@ def missing_ranges(size: int, done: list[Range]) -> list[Range]:
 
 
 def _header(info: ObjectInfo) -> str:
-    return json.dumps({"url": info.url, "size": info.size, "etag": info.etag}, sort_keys=True)
+    return json.dumps({"url": info.url, "size": info.size, "etag": info.etag, "last_modified": info.last_modified},
+                      sort_keys=True)
 
 
 def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
     """Ranges a previous, interrupted write of the same object left in ``temp`` (none if anything differs)."""
-    if not info.etag:
+    if not info.etag and not info.last_modified:
         return []  # without a validator we cannot tell the object did not change in between
+        # (Last-Modified, with the size, is the one a read pins when there is no ETag: the same rule here)
     try:
         lines = journal_path(temp).read_text().splitlines()
         if temp.stat().st_size != info.size or not lines or lines[0] != _header(info):
