@@ -148,8 +148,9 @@ class _Cursor:
 
 def _untrusted(exc: BaseException, url: str, byte_range) -> TransferError:
     """A certificate that does not verify: a fault of trust, not of the network, so it is not retried."""
-    return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in "
-                         "SSL_CERT_FILE", url=url, byte_range=byte_range)
+    where = "AWS_CA_BUNDLE or the AWS config's ca_bundle" if url.startswith("s3://") else "SSL_CERT_FILE"
+    return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in {where}",
+                         url=url, byte_range=byte_range)
 
 
 def _same_time(a: str, b: str) -> bool:
@@ -176,8 +177,9 @@ def _validator_headers(info: ObjectInfo) -> dict[str, str]:
 
 
 class HttpTransport:
-    def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace):
+    def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace, *, ca_file: str | None = None):
         self.config = config
+        self.ca_file = ca_file  # trust only these CAs (S3's GETs: the bundle botocore was told to trust)
         self.policy = policy
         self.trace = trace
         self._session: aiohttp.ClientSession | None = None
@@ -199,6 +201,8 @@ class HttpTransport:
                 limit=max(2 * cfg.max_concurrency, 8),  # deliberately above our own concurrency cap
                 limit_per_host=0,
                 ttl_dns_cache=300,
+                # a TLS connection cut mid-body (a stream left early) is closed now, not when the GC runs
+                enable_cleanup_closed=True,
             )
             timeout = aiohttp.ClientTimeout(  # no total: long streams are fine while bytes keep flowing
                 total=None, connect=cfg.connect_timeout_s, sock_connect=cfg.connect_timeout_s,
@@ -206,7 +210,7 @@ class HttpTransport:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
-                headers=self._headers(),
+                headers=self._headers(), trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as curl and requests
             )
         return self._session
 
@@ -218,7 +222,7 @@ class HttpTransport:
         """
         with self._ssl_lock:
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                self._ssl = ssl.create_default_context(cafile=self.ca_file)
             return self._ssl
 
     def tls_for(self, url: str) -> ssl.SSLContext | bool:

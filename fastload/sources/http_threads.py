@@ -26,11 +26,12 @@ import http.client
 import socket
 import ssl
 import threading
+import urllib.request
 from collections.abc import Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
-from ..redact import describe, scrub
+from ..redact import describe, redact_url, scrub
 from ..runner import DaemonThreadPool
 from .retry import Transient
 
@@ -86,6 +87,8 @@ class ThreadedBodies:
         self._attempts: set[_Attempt] = set()
         self._lock = threading.Lock()
         self._ssl_context = ssl_context
+        # HTTP(S)_PROXY / NO_PROXY, read once per load as curl, requests and aiohttp (trust_env) read them
+        self._proxies = {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https")}
 
     async def get(self, url: str, headers: dict[str, str], check: Check,
                   receive: Callable[[Callable[[memoryview], int]], None]) -> None:
@@ -164,8 +167,28 @@ class ThreadedBodies:
             conn.connect()
             conn.sock.settimeout(self._stall_timeout)  # a stall, first byte included
         attempt.attach(conn.sock)
-        conn.request("GET", _target(parts), headers=_with_basic_auth(headers, parts))
+        target = _target(parts)
+        if conn.fastload_forward is not None:  # a forward proxy: the absolute URL, with the proxy's credentials
+            host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+            target = f"http://{host}{f':{parts.port}' if parts.port else ''}{target}"
+            headers = {**headers, **conn.fastload_forward}
+        conn.request("GET", target, headers=_with_basic_auth(headers, parts))
         return conn.getresponse()
+
+    def _proxy_for(self, scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
+        """(host, port, Proxy-Authorization header) of the proxy the environment names for ``host``, if any."""
+        proxy = self._proxies.get(scheme)
+        if not proxy or urllib.request.proxy_bypass(host):
+            return None
+        parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ConfigError(f"only http:// proxies are supported by http_engine='threads', got {redact_url(proxy)} "
+                              "(use http_engine='aiohttp')")
+        auth = {}
+        if parts.username is not None:
+            token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+            auth = {"Proxy-Authorization": f"Basic {token}"}
+        return parts.hostname, parts.port or 80, auth
 
     def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
         if scheme not in ("http", "https") or not host:
@@ -176,11 +199,17 @@ class ThreadedBodies:
         key = (scheme, host, port)
         conn = conns.get(key)
         if conn is None:
+            proxy = self._proxy_for(scheme, host)
+            at_host, at_port = (proxy[0], proxy[1]) if proxy else (host, port)
             if scheme == "https":
-                conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
+                conn = http.client.HTTPSConnection(at_host, at_port, timeout=self._connect_timeout,
                                                    context=self._ssl_context())
+                if proxy:  # CONNECT through the proxy; TLS (and the certificate's name) with the server itself
+                    conn.set_tunnel(host, port, headers=proxy[2])
             else:
-                conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+                conn = http.client.HTTPConnection(at_host, at_port, timeout=self._connect_timeout)
+            # Through a plain HTTP proxy: requests name the absolute URL (http.client takes Host from it)
+            conn.fastload_forward = proxy[2] if proxy and scheme == "http" else None
             conn.response_class = _FinalResponse
             conns[key] = conn
             with self._lock:

@@ -46,7 +46,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 60, region: str | None = None):
-    """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it.
+    """A botocore S3 client honouring the AWS chain, with ``S3Options`` overriding it, and the CA bundle that
+    chain names (``AWS_CA_BUNDLE``, a profile's ``ca_bundle``; None: the system's), for the presigned GETs.
 
     The load's timeouts apply to metadata calls too: a HEAD that hangs is a stall,
     retried by fastload's policy like any other (botocore's own retries are off).
@@ -70,7 +71,8 @@ def make_client(options, *, connect_timeout: float = 10, read_timeout: float = 6
         # A region set on the caller's session is an override too; the environment's comes after it.
         region = (region or options.region or session.instance_variables().get("region")
                   or os.environ.get("AWS_REGION") or None)
-        return session.create_client("s3", region_name=region, endpoint_url=options.endpoint_url, config=cfg)
+        client = session.create_client("s3", region_name=region, endpoint_url=options.endpoint_url, config=cfg)
+        return client, session.get_config_variable("ca_bundle")
     except bx.ProfileNotFound as exc:
         raise ConfigError(f"AWS profile {exc.kwargs.get('profile')!r} is not in the AWS config or credentials "
                           "files (S3Options.profile or AWS_PROFILE)") from None
@@ -96,6 +98,9 @@ def _translate(exc: Exception, url: str) -> Exception:
         return SourcePermissionError(
             f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, "
             "or pass LoadConfig(s3=S3Options(anonymous=True)) for a public bucket", url=url)
+    if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):  # trust, not the network
+        return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in "
+                             "AWS_CA_BUNDLE or the AWS config's ca_bundle", url=url)
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                         bx.ConnectTimeoutError)):
         return Transient(f"{type(exc).__name__}")
@@ -128,14 +133,18 @@ class S3Transport:
         self._client_lock = asyncio.Lock()
         self._bucket_regions: dict[str, str] = {}  # buckets found in another region than the client's
         self._presigned: dict[str, tuple[str, float]] = {}  # s3:// URL -> (its GET URL, when it was signed)
+        self._own_http: HttpTransport | None = None  # GETs trusting the CA bundle botocore trusts, if one is set
 
     async def client(self, region: str | None = None):
         async with self._client_lock:
             if region not in self._clients:
-                client = await detached(
+                client, ca_bundle = await detached(
                     partial(make_client, self.config.s3, connect_timeout=self.config.connect_timeout_s,
                             read_timeout=self.config.stall_timeout_s, region=region))
                 client.meta.events.register("after-call.s3.HeadObject", self._note_redirect)
+                if ca_bundle and self._own_http is None:  # HEAD/LIST and GET trust the same CAs
+                    self._own_http = self.http = HttpTransport(self.http.config, self.policy, self.http.trace,
+                                                               ca_file=ca_bundle)
                 self._clients[region] = client
         return self._clients[region]
 
@@ -226,3 +235,5 @@ class S3Transport:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             client.close()
+        if self._own_http is not None:
+            await self._own_http.aclose()
