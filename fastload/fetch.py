@@ -9,6 +9,7 @@ they complete. The first error cancels every worker and propagates.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable, Iterator
 
 from .buffers import BufferPool
@@ -56,7 +57,8 @@ async def run_plan(
                 pool.release(buf)
             if record is not None:
                 record.requested, record.staged, record.failed = requested, buf is not None, trace.now()
-                record.error = type(exc).__name__
+                record.cancelled = isinstance(exc, asyncio.CancelledError)
+                record.error = None if record.cancelled else type(exc).__name__
                 trace.add_read(record)
             raise
         filled = trace.now()

@@ -216,7 +216,7 @@ class ReadRecord:
     """
 
     __slots__ = ("id", "file", "url", "start", "end", "nbytes", "worker", "staged", "attempts", "queued", "taken",
-                 "requested", "started", "first_byte", "filled", "consumed", "failed", "error")
+                 "requested", "started", "first_byte", "filled", "consumed", "failed", "error", "cancelled")
 
     def __init__(self, chunk=None, url: str | None = None, worker: int | None = None, queued: float | None = None,
                  taken: float | None = None) -> None:
@@ -229,6 +229,7 @@ class ReadRecord:
         self.attempts = 0
         self.requested = self.started = self.first_byte = self.filled = self.consumed = self.failed = None
         self.error: str | None = None
+        self.cancelled = False  # stopped with the load (a stream left early): not a failure
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -262,7 +263,7 @@ class Trace:
         self._errors: list[str] = []
         self._begin: float | None = None
         self._end: float | None = None
-        self._emitted = (0, 0)  # spans and chunks already sent to OpenTelemetry
+        self._emitted: dict = {}  # what was already sent to OpenTelemetry (see unsent)
         self.anchor = (time.perf_counter(), time.time_ns())  # maps the trace clock to the epoch
 
     @staticmethod
@@ -331,11 +332,20 @@ class Trace:
             if hasattr(error, "add_note"):  # the load's own error matters more; keep ours as a note
                 error.add_note(f"fastload: trace not written: {exc}")
 
-    def advance_sent(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(spans, chunks) already sent to OpenTelemetry before and after this call; marks all as sent."""
-        with self._lock:
-            before, self._emitted = self._emitted, (len(self._spans), len(self._chunks))
-            return before, self._emitted
+    def unsent(self) -> dict:
+        """A snapshot of what was recorded since the last call (for OpenTelemetry: one span per load of a
+        reused Trace, describing that load alone); marks it all as sent."""
+        snap = self.snapshot()
+        last, self._emitted = self._emitted, snap
+        if not last:
+            return snap
+        counters = {k: v - last["counters"].get(k, 0) for k, v in snap["counters"].items()}
+        keyed = {k: {u: n - last["keyed"].get(k, {}).get(u, 0) for u, n in v.items()} for k, v in snap["keyed"].items()}
+        spans, chunks = snap["spans"][len(last["spans"]):], snap["chunks"][len(last["chunks"]):]
+        starts = [s for _, s, _ in spans] + [c["queued"] for c in chunks if c.get("queued") is not None]
+        return {**snap, "begin": min(starts) if starts else snap["end"], "spans": spans, "chunks": chunks,
+                "counters": {k: v for k, v in counters.items() if v}, "errors": snap["errors"][len(last["errors"]):],
+                "keyed": {k: {u: n for u, n in v.items() if n} for k, v in keyed.items()}}
 
     @property
     def chunks(self) -> list[dict]:
@@ -352,8 +362,9 @@ class Trace:
         snap["chunks"] = [c if isinstance(c, dict) else c.as_dict() for c in snap["chunks"]]
         return snap
 
-    def summary(self) -> TraceSummary:
-        snap = self.snapshot()
+    def summary(self, snap: dict | None = None) -> TraceSummary:
+        """The summary of everything recorded, or of ``snap`` (a :meth:`snapshot` or :meth:`unsent` part)."""
+        snap = self.snapshot() if snap is None else snap
         begin = snap["begin"]
         spans, counters = snap["spans"], snap["counters"]
         by_stage: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -17,7 +17,9 @@ the trace's begin (``null`` when an event did not happen); sizes are bytes::
     spans             [{stage, start, end}] every stage interval recorded
     chunks            [{id, file, url, start, end, nbytes, worker, staged,
                       attempts, queued, taken, requested, started, first_byte,
-                      filled, consumed, failed, error}] one per chunk read
+                      filled, consumed, failed, error, cancelled}] one per chunk
+                      read (cancelled: stopped with its load, e.g. a stream left
+                      early; then error is null)
     counters          {name: total}   (bytes_fetched, bytes_copied,
                       bytes_converted, retries, ...)
     counters_by_key   {name: {key: n}} (bytes_fetched per file URL)
@@ -27,7 +29,8 @@ A new field may be added within version 1; renaming or removing one bumps it.
 
 ``to_chrome(trace)`` -- the Trace Event Format (JSON object form) that Perfetto
 and chrome://tracing open: one track per fetch worker (buffer wait, fetch,
-consume of each chunk), tracks for the pipeline stages and for convert/copy,
+consume of each chunk; a second track for a worker when loads sharing a Trace
+overlap), tracks for the pipeline stages and for convert/copy,
 counters for bytes fetched and chunks in flight; the summary is embedded under
 the top-level key ``fastload`` (viewers ignore it).
 
@@ -138,17 +141,24 @@ def to_chrome(trace: Trace) -> dict:
     for c in chunks:
         by_worker[c.get("worker")].append(c)
     for worker in sorted(by_worker, key=lambda w: (w is None, w if w is not None else 0)):
-        track = f"worker {worker}" if worker is not None else "chunks"
-        for c in sorted(by_worker[worker], key=lambda c: c.get("requested") or 0.0):
+        name = f"worker {worker}" if worker is not None else "chunks"
+        spans = []  # a chunk's life on its worker's track; two loads sharing a Trace each have a worker 0
+        for c in by_worker[worker]:
+            times = [c.get(k) for k in ("taken", "requested", "filled", "failed", "consumed") if c.get(k) is not None]
+            if times:
+                spans.append((min(times), max(times), c))
+        for lane, _, _, c in _lanes(spans):
+            track = name if lane == 0 else f"{name} #{lane + 1}"
             args = {k: c[k] for k in ("id", "url", "start", "end", "nbytes", "attempts", "staged", "error")
-                    if c.get(k) is not None}
+                    if c.get(k) is not None} | ({"cancelled": True} if c.get("cancelled") else {})
             if c.get("taken") is not None and c.get("requested") is not None and c["requested"] > c["taken"]:
                 complete(track, "buffer wait", c["taken"], c["requested"], "wait")
             done = c.get("filled") if c.get("filled") is not None else c.get("failed")
             if c.get("requested") is not None and done is not None:
                 if c.get("first_byte") is not None:
                     args["first_byte_ms"] = (c["first_byte"] - c["requested"]) * 1e3
-                label = f"fetch {c.get('id')}" + (" (failed)" if c.get("filled") is None else "")
+                label = f"fetch {c.get('id')}" + ("" if c.get("filled") is not None
+                                                   else " (cancelled)" if c.get("cancelled") else " (failed)")
                 complete(track, label, c["requested"], done, "fetch", args)
             if c.get("filled") is not None and c.get("consumed") is not None:
                 complete(track, "consume", c["filled"], c["consumed"], "consume")
@@ -207,17 +217,16 @@ def emit_otel(trace: Trace, *, required: bool = False) -> bool:
         if required:
             raise ConfigError("Trace(otel=True) needs the opentelemetry-api package") from exc
         return False
-    (span_from, chunk_from), (span_to, chunk_to) = trace.advance_sent()
+    snap = trace.unsent()  # a reused Trace: each load's span describes that load alone
     if isinstance(otel.get_tracer_provider(), (otel.ProxyTracerProvider, otel.NoOpTracerProvider)):
         return False  # no SDK configured: nobody to send to, and nothing saved up for later
-    if span_from == span_to and chunk_from == chunk_to:
+    spans, chunks = snap["spans"], snap["chunks"]
+    if not spans and not chunks:
         return True
-    snap = trace.snapshot()
-    spans, chunks = snap["spans"][span_from:span_to], snap["chunks"][chunk_from:chunk_to]
     perf0, epoch0 = trace.anchor
     ns = lambda t: epoch0 + int((t - perf0) * 1e9)  # noqa: E731
     starts = [s for _, s, _ in spans] + [c["requested"] for c in chunks if c.get("requested") is not None]
-    summary = trace.summary()
+    summary = trace.summary(snap)
     attrs = {"fastload.wall_s": summary.wall_s, "fastload.bytes_fetched": summary.bytes_fetched,
              "fastload.chunks": summary.chunks, "fastload.bottleneck": summary.bottleneck or "",
              "fastload.retries": summary.counters.get("retries", 0)}

@@ -111,10 +111,12 @@ def _variant_name(name: str, variant: str) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-async def _stage(source: str, folder: Path, config, variant: str | None = None) -> str:
+async def _stage(source: str, folder: Path, config, variant: str | None = None, trace=NULL_TRACE) -> str:
     """Fetch the non-weight model files into ``folder``; return where the weights are: the index or the single
-    file (of ``variant`` when given)."""
+    file (of ``variant`` when given). The probes of the weights' names count in ``trace`` (the load's: it covers
+    the weights); the model files do not."""
     transports = Transports(config, NULL_TRACE)
+    weights = Transports(config, trace)
     try:
         base = await _model_dir(source, transports)
         for name in MODEL_FILES:
@@ -136,7 +138,7 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None) 
             _variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
         for name in names:
             try:
-                await transports.for_url(join(base, name)).stat(join(base, name))
+                await weights.for_url(join(base, name)).stat(join(base, name))
             except SourceNotFoundError:
                 continue
             return join(base, name)
@@ -144,6 +146,7 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None) 
                                   + (f" (variant={variant!r})" if variant else ""), url=join(base, names[0]))
     finally:
         await transports.aclose()
+        await weights.aclose()
 
 
 def _model_class(transformers, hf_config, model_class):
@@ -331,7 +334,7 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     model_dir = _in_subfolder(source, subfolder) if subfolder else source
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
-        base = runner.run(lambda: _stage(model_dir, folder, request.config, variant))
+        base = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
         guess = _dtypes(dtype, _raw_config(folder))[0]
 
         def model_parts():  # in a thread of its own: transformers' imports take seconds, the weights stream meanwhile
