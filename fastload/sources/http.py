@@ -74,6 +74,11 @@ def _int_header(headers, name: str) -> int | None:
         raise Transient(f"unparsable {name} header {value[:40]!r}") from None
 
 
+class BadRequest(TransferError):
+    """HTTP 400: a request the server refuses as it stands (S3 says so for a presigned URL whose temporary
+    credentials expired: ExpiredToken), never retried as it is."""
+
+
 def check_status(status: int, reason: str, *, url: str, byte_range=None, headers=None) -> None:
     """Turn a non-2xx status into the matching fastload error (or a Transient to retry)."""
     if 200 <= status < 300:
@@ -83,6 +88,8 @@ def check_status(status: int, reason: str, *, url: str, byte_range=None, headers
         raise SourceNotFoundError(f"not found ({text}): {url}", url=url)
     if status in (401, 403):
         raise SourcePermissionError(f"access denied ({text}): {url}", url=url)
+    if status == 400:
+        raise BadRequest(text, url=url, byte_range=byte_range)
     if status == 412:
         raise SourceChangedError(f"object changed during the load ({text})", url=url, byte_range=byte_range)
     if status == 416:
@@ -187,6 +194,7 @@ class HttpTransport:
         self._ssl: ssl.SSLContext | None = None
         self._ssl_lock = threading.Lock()
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
+        self._ranged: set[str] = set()  # URLs that have answered a Range with 206
         self._closed = False
 
     def _check_open(self) -> None:
@@ -277,6 +285,7 @@ class HttpTransport:
             if resp.status != 206:
                 self._no_ranges.add(display)
             if resp.status == 206:
+                self._ranged.add(display)
                 match = _CONTENT_RANGE.fullmatch(_value(resp.headers, "Content-Range") or "")
                 if not match or match.group(3) == "*":
                     raise TransferError("206 reply without a usable Content-Range", url=display)
@@ -384,7 +393,10 @@ class HttpTransport:
             if info.url in self._no_ranges:  # its first reply ignored Range too: it never will
                 raise TransferError(f"{why}; it cannot serve parallel ranged reads", url=info.url,
                                     byte_range=byte_range)
+            if info.url not in self._ranged:  # no 206 from it yet (an S3 object: no probe): one more try only
+                self._no_ranges.add(info.url)
             raise Transient(why)  # a server that honoured Range before: a glitch worth a retry
+        self._ranged.add(info.url)
         content_range = _value(resp.headers, "Content-Range") or ""
         match = _CONTENT_RANGE.fullmatch(content_range)
         if not match or (int(match.group(1)), int(match.group(2)) + 1) != (start, end):

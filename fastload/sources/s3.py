@@ -26,7 +26,7 @@ from ..integrity import checksum_from_base64
 from ..redact import describe, scrub
 from ..runner import detached
 from .base import ObjectInfo, Segment
-from .http import HttpTransport
+from .http import BadRequest, HttpTransport
 from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -141,7 +141,7 @@ class S3Transport:
                 client, ca_bundle = await detached(
                     partial(make_client, self.config.s3, connect_timeout=self.config.connect_timeout_s,
                             read_timeout=self.config.stall_timeout_s, region=region))
-                client.meta.events.register("after-call.s3.HeadObject", self._note_redirect)
+                client.meta.events.register("after-call.s3", self._note_redirect)  # HEAD, LIST: any call
                 if ca_bundle and self._own_http is None:  # HEAD/LIST and GET trust the same CAs
                     self._own_http = self.http = HttpTransport(self.http.config, self.policy, self.http.trace,
                                                                ca_file=ca_bundle)
@@ -149,11 +149,15 @@ class S3Transport:
         return self._clients[region]
 
     def _note_redirect(self, context=None, **_) -> None:
-        """botocore followed a HEAD to the bucket's own region: presign its GETs for that region too."""
+        """botocore signed a call (HEAD, LIST) for another region than the client's: it followed the bucket
+        there, now or earlier (it remembers), so presign the bucket's GETs for that region too."""
         redirect = (context or {}).get("s3_redirect") or {}
         region = ((context or {}).get("signing") or {}).get("region")
-        if redirect.get("redirected") and redirect.get("bucket") and region:
-            self._bucket_regions[redirect["bucket"]] = region
+        bucket = redirect.get("bucket")
+        client = self._clients.get(None)
+        if bucket and region and (redirect.get("redirected") or client is None
+                                  or region != client.meta.region_name):
+            self._bucket_regions[bucket] = region
 
     async def _call(self, url: str, method: str, **params):
         client = await self.client()
@@ -201,7 +205,7 @@ class S3Transport:
                 info = replace(info, fetch_url=fetch_url)
         try:
             return await self.http.read(info, segments, record)
-        except SourcePermissionError:
+        except (SourcePermissionError, BadRequest):  # 403 expired; 400 ExpiredToken (temporary credentials)
             if info.url not in self._presigned:
                 raise
         # S3 refused a URL it took before: expired early (temporary credentials end with their session),
