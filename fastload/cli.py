@@ -14,6 +14,7 @@ import sys
 from typing import Callable, NamedTuple
 
 from .errors import FastloadError
+from .redact import printable
 
 
 class Command(NamedTuple):
@@ -34,7 +35,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     from .config import from_env, parse_size
 
-    chunk = parse_size(args.chunk_size) if getattr(args, "chunk_size", None) else None
+    chunk = parse_size(args.chunk_size) if getattr(args, "chunk_size", None) is not None else None
     return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk,
                     direct_io=getattr(args, "direct_io", None))
 
@@ -110,7 +111,7 @@ def _pull(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{len(result.fetched)} file(s) fetched ({human_bytes(result.bytes_fetched)}), "
               f"{len(result.present)} already complete", file=sys.stderr)
-    print(result.path)
+    print(printable(str(result.path)))
     return 0
 
 
@@ -147,7 +148,7 @@ def _load(args: argparse.Namespace) -> int:
         dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         kinds = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
         print(f"loaded {len(tensors)} tensor(s), {nbytes / 1e6:.1f} MB ({kinds or 'none'}) onto {args.device} "
-              f"from {redact_url(args.source)}")
+              f"from {printable(redact_url(args.source))}")
         print(summary.table())
     if args.trace:
         print(f"trace written to {args.trace}", file=sys.stderr)
@@ -179,9 +180,16 @@ def commands() -> list[Command]:
     ]
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastload", description="Fast, explainable LLM cold starts.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"fastload {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in commands():
         p = sub.add_parser(command.name, help=command.help)
@@ -193,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args._run(args)
+        status = args._run(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (| true) is then a BrokenPipeError we handle
+        return status
     except KeyboardInterrupt:
         print("fastload: interrupted", file=sys.stderr)
         return 130
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FastloadError, OSError) as exc:  # OSError: e.g. a destination that cannot be written
         if args.debug:
             raise
-        print(f"fastload: error: {exc}", file=sys.stderr)
+        print(f"fastload: error: {printable(str(exc))}", file=sys.stderr)  # one line, whatever a file name holds
         return 1
 
 

@@ -230,7 +230,10 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
         if var in env:
             value = env[var]
             if name.endswith("_bytes"):
-                kwargs[name] = parse_size(value)
+                try:
+                    kwargs[name] = parse_size(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{var}: {exc}") from None
                 continue
             if "str" in str(types[name]):
                 kwargs[name] = value
@@ -240,5 +243,12 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
                 kwargs[name] = kind(value)
             except (ValueError, OverflowError):
                 raise ConfigError(f"{var} must be a number, got {value!r}") from None
+    for var, name in ENV_VARS.items():  # a value refused on its own: say which variable holds it
+        if name in kwargs:
+            try:
+                LoadConfig(**{name: kwargs[name]})
+            except ConfigError as exc:
+                if "two chunks" not in str(exc):  # that one is about chunk_bytes and host_buffer_bytes together
+                    raise ConfigError(f"{var}={env[var]!r}: {exc}") from None
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return LoadConfig(**kwargs)

@@ -31,7 +31,7 @@ def describe(plan: LoadPlan, *, top: int = 10, every_tensor: bool = False) -> st
         counts[t.spec.file] += 1
     lines += ["", "files:"]
     for f, n in zip(plan.files, counts):
-        lines.append(f"  {redact_url(f.info.url)}  {human_bytes(f.info.size)}  {n} tensor(s)  "
+        lines.append(f"  {printable(redact_url(f.info.url))}  {human_bytes(f.info.size)}  {n} tensor(s)  "
                      f"header {f.data_start} bytes")
 
     by_dtype: dict[str, list[int]] = defaultdict(lambda: [0, 0])

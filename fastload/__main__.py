@@ -1,0 +1,7 @@
+"""``python -m fastload``: the ``fastload`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
