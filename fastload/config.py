@@ -250,5 +250,13 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Load
             except ConfigError as exc:
                 if "two chunks" not in str(exc):  # that one is about chunk_bytes and host_buffer_bytes together
                     raise ConfigError(f"{var}={env[var]!r}: {exc}") from None
+    from_vars = {name: var for var, name in ENV_VARS.items() if var in env}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return LoadConfig(**kwargs)
+    try:
+        return LoadConfig(**kwargs)
+    except ConfigError as exc:  # chunk_bytes and host_buffer_bytes together: name the variables involved
+        named = [f"{from_vars[n]}={env[from_vars[n]]!r}" for n in ("chunk_bytes", "host_buffer_bytes")
+                 if n in from_vars and overrides.get(n) is None]
+        if "two chunks" not in str(exc) or not named:
+            raise
+        raise ConfigError(f"{', '.join(named)}: {exc}") from None
