@@ -40,6 +40,7 @@ from typing import Any
 from .errors import IntegrityError
 from .sources.base import ObjectInfo, Segment
 from .trace import Trace
+from .runner import in_worker
 
 ALGORITHMS = {"sha256": "sha256"}  # checksum prefix -> hashlib name
 _HASH_IN_THREAD = 1 << 20  # hash views this large on a worker thread (GIL released)
@@ -171,7 +172,7 @@ class StreamingVerifier:
                     continue  # already hashed (a re-read)
                 view = seg.view[skip:] if skip else seg.view
                 if len(view) >= _HASH_IN_THREAD:
-                    await asyncio.to_thread(self._hash.update, view)
+                    await in_worker(self._hash.update, view)
                 else:
                     self._hash.update(view)
                 self._pos = seg.end

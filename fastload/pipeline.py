@@ -17,7 +17,7 @@ from .errors import ConfigError, DeviceError
 from .fetch import run_plan
 from .plan import LoadPlan, Shard, build_plan
 from .resolve import read_header, resolve
-from .runner import gather
+from .runner import gather, own_workers
 from .sinks import HostSink, Sink
 from .sources import Transports
 from .trace import Trace, as_trace
@@ -115,6 +115,12 @@ async def plan_only(request: LoadRequest) -> LoadPlan:
 async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None],
                   on_plan: Callable[[LoadPlan], None] | None = None) -> None:
     """Run one load, calling ``put(name, tensor)`` for each tensor as it completes."""
+    async with own_workers():
+        await _produce(request, put, on_plan)
+
+
+async def _produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None],
+                   on_plan: Callable[[LoadPlan], None] | None) -> None:
     trace, config = request.trace, request.config
     trace.begin()
     transports = Transports(config, trace)

@@ -48,7 +48,7 @@ from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .integrity import GIT_BLOB, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .resolve import join
-from .runner import gather
+from .runner import gather, in_worker, own_workers
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
@@ -150,7 +150,7 @@ async def _list_local(url: str) -> list[Entry]:
                 out.append(Entry(path.relative_to(root).as_posix(), str(path)))
         return out
 
-    return await asyncio.to_thread(walk)
+    return await in_worker(walk)
 
 
 async def _list_s3(url: str, transports: Transports) -> list[Entry]:
@@ -424,6 +424,12 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 trace: Trace | None = None, progress: Callable[[int, int], None] | None = None,
                 verify: bool = False) -> PullResult:
     """``pull`` for async code; returns what it did as a :class:`PullResult`."""
+    async with own_workers():  # file writes, flushes and hashes on a pool of the call's own
+        return await _apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config, trace=trace,
+                            progress=progress, verify=verify)
+
+
+async def _apull(source, *, to, cache_dir, revision, config, trace, progress, verify) -> PullResult:
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -491,7 +497,7 @@ async def _stat_all(entries: list[Entry], layout, transports: Transports, limit:
     async def one(e: Entry) -> tuple[Entry, bool]:
         here = None
         if e.info is None and not layout.needs_stat(e):  # the listing says enough to judge presence
-            here = await asyncio.to_thread(layout.present, e, None, verify)
+            here = await in_worker(layout.present, e, None, verify)
             if here:
                 return e, True
         if e.info is None:
@@ -504,7 +510,7 @@ async def _stat_all(entries: list[Entry], layout, transports: Transports, limit:
                 raise kind(f"the listing says {e.size} bytes, the server has {info.size}", url=e.url)
             e = Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
         if here is None:
-            here = await asyncio.to_thread(layout.present, e, e.info, verify)
+            here = await in_worker(layout.present, e, e.info, verify)
         return e, here
 
     return list(await gather(one(e) for e in entries))
@@ -550,7 +556,7 @@ async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transpo
             if sink.remaining[i]:
                 sink.open(i)
         for i in sink.initially_complete():
-            await asyncio.to_thread(sink.finish, i)
+            await in_worker(sink.finish, i)
         if plan.chunks:
             pool = BufferPool(plan.chunk_bytes, max(2, config.host_buffer_bytes // plan.chunk_bytes))
             await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=lambda _: None,
@@ -563,7 +569,7 @@ async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transpo
     finally:
         sink.close()
     with _writing(layout.dest, entries[0].url):
-        path = await asyncio.to_thread(layout.finish, entries, single)
+        path = await in_worker(layout.finish, entries, single)
     return PullResult(path, tuple(e.rel for e in todo + shared), tuple(e.rel for e in present), plan.total_bytes,
                       total)
 

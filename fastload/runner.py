@@ -13,8 +13,10 @@ import asyncio
 import os
 import queue
 import threading
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterable, Iterator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -85,6 +87,47 @@ def _cancel_requested() -> Callable[[], bool] | None:
         return None
     already = task.cancelling()
     return lambda: task.cancelling() > already
+
+
+#: The daemon pool a load's CPU work (conversion, hashing, file writes) runs on: set by :func:`own_workers`
+#: for the duration of one call, inherited by the tasks it starts. A context variable, not shared state: two
+#: loads in one loop each see their own.
+_WORKERS: ContextVar[ThreadPoolExecutor | None] = ContextVar("fastload_workers", default=None)
+
+
+@asynccontextmanager
+async def own_workers() -> AsyncIterator[None]:
+    """Within: :func:`in_worker` jobs run on a daemon pool of this call's own, never on the caller's default
+    executor (an ``aload`` in a loop whose one executor thread waits for the weights would deadlock, and
+    ``concurrent.futures`` pools refuse work in ``atexit`` handlers). Nested calls share the outer pool."""
+    if _WORKERS.get() is not None:
+        yield
+        return
+    pool = DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker")
+    token = _WORKERS.set(pool)
+    try:
+        yield
+    finally:
+        _WORKERS.reset(token)
+        pool.shutdown(wait=True)  # quick: in_worker saw every job to its end, so the threads are idle
+
+
+async def in_worker(fn: Callable[..., T], /, *args: Any) -> T:
+    """``fn(*args)`` on the call's worker pool (see :func:`own_workers`), awaited to its end even when the
+    caller is cancelled: the job writes into memory and files the caller is about to release, so a cancel
+    waits for it (a conversion or a chunk's write: milliseconds) and is then raised."""
+    future = asyncio.get_running_loop().run_in_executor(_WORKERS.get(), fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:
+                pass
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is the outcome
+        raise
 
 
 async def detached(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -12,7 +12,6 @@ name is always whole.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from ..integrity import verify_file
 from ..plan import ChunkRead
 from ..sources import ObjectInfo, Segment
 from ..trace import Trace
+from ..runner import in_worker
 from .base import staged_segments
 
 Range = tuple[int, int]
@@ -150,17 +150,16 @@ class FileSink:
                                 url=self.files[chunk.file].info.url, byte_range=(chunk.start, chunk.end)) from exc
 
     async def consume(self, chunk: ChunkRead, buf: torch.Tensor | None, release: Callable[[], None]) -> list[int]:
-        loop = asyncio.get_running_loop()
         start = self.trace.now()
         try:
-            await loop.run_in_executor(None, self._write, chunk, buf)
+            await in_worker(self._write, chunk, buf)
         finally:
             release()
         self.trace.interval("copy", start, self.trace.now())
         self.trace.count("bytes_copied", chunk.nbytes)
         self.remaining[chunk.file] -= chunk.nbytes
         if self.remaining[chunk.file] == 0:
-            await loop.run_in_executor(None, self.finish, chunk.file)
+            await in_worker(self.finish, chunk.file)
             return [chunk.file]
         return []
 
@@ -169,9 +168,11 @@ class FileSink:
         target = self.files[index]
         fd, jfd = self._fds.pop(index, (None, None))
         if fd is None:  # nothing was missing (an empty file, or a resumed one that was whole): never opened
+            # Only an empty file may be made here: a temporary file that vanished is never remade as zeros.
+            create = os.O_CREAT if target.info.size == 0 else 0
             try:
                 target.temp.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(target.temp, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(target.temp, os.O_WRONLY | create | getattr(os, "O_CLOEXEC", 0), 0o644)
             except OSError as exc:
                 raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}",
                                     url=target.info.url) from exc

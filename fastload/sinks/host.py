@@ -7,7 +7,6 @@ converted is staged in a pool buffer and converted piecewise into its output.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Callable
 
 import torch
@@ -17,6 +16,7 @@ from ..format import torch_dtype
 from ..plan import ChunkRead, LoadPlan
 from ..sources import Segment
 from ..trace import Trace
+from ..runner import in_worker
 from .base import Completion, row_segments, spanned, staged_segments
 
 
@@ -84,7 +84,7 @@ class HostSink:
         if buf is not None:
             start = self.trace.now()
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self._convert, chunk, buf)
+                await in_worker(self._convert, chunk, buf)
             finally:
                 release()
             self.trace.interval("convert", start, self.trace.now())

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from urllib.parse import urlsplit
 import threading
 from email.utils import parsedate_to_datetime
 
@@ -39,8 +40,9 @@ from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, Sourc
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
+from ..runner import in_worker
 from .base import ObjectInfo, Segment, http_range, span_of
-from .http_threads import BodyOverrun, ThreadedBodies
+from .http_threads import BodyOverrun, ThreadedBodies, env_proxies, env_proxy
 from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
@@ -195,6 +197,7 @@ class HttpTransport:
         self._ssl_lock = threading.Lock()
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
         self._ranged: set[str] = set()  # URLs that have answered a Range with 206
+        self._proxies: dict[str, str] | None = None  # from the environment, read when first needed
         self._closed = False
 
     def _check_open(self) -> None:
@@ -218,7 +221,7 @@ class HttpTransport:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=False, read_bufsize=1 << 20,
-                headers=self._headers(), trust_env=True,  # HTTP(S)_PROXY / NO_PROXY, as curl and requests
+                headers=self._headers(),  # no trust_env: it reads ~/.netrc per request, in the caller's executor
             )
         return self._session
 
@@ -237,6 +240,14 @@ class HttpTransport:
         """aiohttp's ``ssl=`` for a request to ``url`` (no context is made for plain HTTP)."""
         return self.ssl_context() if url.startswith("https:") else True
 
+    def options(self, url: str) -> dict:
+        """aiohttp's per-request ``ssl=`` and ``proxy=`` for ``url``: ``HTTP(S)_PROXY`` unless ``NO_PROXY``
+        names the host, as the threaded engine reads them."""
+        if self._proxies is None:
+            self._proxies = env_proxies()
+        parts = urlsplit(url)
+        return {"ssl": self.tls_for(url), "proxy": env_proxy(self._proxies, parts.scheme, parts.hostname or "")}
+
     def _headers(self) -> dict[str, str]:
         return {"Accept-Encoding": "identity", "User-Agent": "fastload", **self.config.http_headers}
 
@@ -252,7 +263,7 @@ class HttpTransport:
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
             return await self.session().request(method, url, headers=headers, allow_redirects=True,
-                                                ssl=self.tls_for(url))
+                                                **self.options(url))
         except aiohttp.InvalidURL as exc:
             raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -414,7 +425,7 @@ class HttpTransport:
     async def aclose(self) -> None:
         self._closed = True
         if self._bodies is not None:
-            await asyncio.to_thread(self._bodies.close)  # aborts requests in flight, then joins the threads
+            await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
             self._bodies = None
         if self._session is not None:
             await self._session.close()

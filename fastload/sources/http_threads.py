@@ -88,7 +88,7 @@ class ThreadedBodies:
         self._lock = threading.Lock()
         self._ssl_context = ssl_context
         # HTTP(S)_PROXY / NO_PROXY, read once per load as curl, requests and aiohttp (trust_env) read them
-        self._proxies = {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https")}
+        self._proxies = env_proxies()
 
     async def get(self, url: str, headers: dict[str, str], check: Check,
                   receive: Callable[[Callable[[memoryview], int]], None]) -> None:
@@ -177,10 +177,10 @@ class ThreadedBodies:
 
     def _proxy_for(self, scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
         """(host, port, Proxy-Authorization header) of the proxy the environment names for ``host``, if any."""
-        proxy = self._proxies.get(scheme)
-        if not proxy or urllib.request.proxy_bypass(host):
+        proxy = env_proxy(self._proxies, scheme, host)
+        if proxy is None:
             return None
-        parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        parts = urlsplit(proxy)
         if parts.scheme != "http" or not parts.hostname:
             raise ConfigError(f"only http:// proxies are supported by http_engine='threads', got {redact_url(proxy)} "
                               "(use http_engine='aiohttp')")
@@ -236,6 +236,19 @@ class ThreadedBodies:
             conns, self._open = list(self._open), set()
         for conn in conns:
             conn.close()
+
+
+def env_proxies() -> dict[str, str]:
+    """``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case), read once per load as curl, requests and botocore read them."""
+    return {k: v for k, v in urllib.request.getproxies().items() if k in ("http", "https")}
+
+
+def env_proxy(proxies: dict[str, str], scheme: str, host: str) -> str | None:
+    """The proxy URL for a request to ``scheme://host``, None when there is none or ``NO_PROXY`` says so."""
+    proxy = proxies.get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
 
 
 class _FinalResponse(http.client.HTTPResponse):

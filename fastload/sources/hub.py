@@ -90,7 +90,7 @@ class HubTransport:
         for _ in range(MAX_REDIRECTS):
             try:
                 http = self._http(fetch)
-                resp = await http.session().head(fetch, allow_redirects=False, ssl=http.tls_for(fetch))
+                resp = await http.session().head(fetch, allow_redirects=False, **http.options(fetch))
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 raise Transient(describe(scrub(exc))) from exc
             async with resp:
@@ -156,7 +156,7 @@ class HubTransport:
 
     async def _get(self, url: str, shown: str) -> bytes:
         try:
-            resp = await self.api.session().get(url, allow_redirects=True, ssl=self.api.tls_for(url))
+            resp = await self.api.session().get(url, allow_redirects=True, **self.api.options(url))
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise Transient(describe(scrub(exc))) from exc
         async with resp:
