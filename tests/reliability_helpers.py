@@ -92,6 +92,32 @@ class ScriptedHTTP:
         self.httpd.server_close()
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (bit for bit: NaN payloads and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def bounded(fn, seconds: float = 20.0):
+    """``fn()`` in a daemon thread: its result, or the exception it raised re-raised here; a failure (never a
+    hung suite) when it has not ended within ``seconds``."""
+    box: dict = {}
+
+    def body():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True, name="test-bounded")
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def data_start(raw: bytes) -> int:
     """Where a safetensors file's data section begins: 8 + the header length."""
     return 8 + int.from_bytes(raw[:8], "little")

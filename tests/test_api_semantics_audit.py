@@ -21,36 +21,13 @@ import torch
 
 import fastload
 from checkpoints import write_single
+from reliability_helpers import bounded, same_bytes
 
 SMALL = fastload.LoadConfig(chunk_bytes=64 * 1024, host_buffer_bytes=128 * 1024, max_concurrency=3)
 
 FLOATS = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
           "float8_e5m2fnuz", "float8_e8m0fnu"]
 FLOATS = [f for f in FLOATS if hasattr(torch, f)]
-
-
-def bounded(fn, timeout: float = 20.0):
-    """``fn()`` in a daemon thread; its result or its exception, or a failure after ``timeout`` seconds."""
-    box: dict = {}
-
-    def body():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"call did not finish within {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def raw_file(path: Path, header: str, data: bytes) -> Path:

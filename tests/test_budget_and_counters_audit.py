@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import fastload
 from reliability_helpers import assert_bit_exact
+from reliability_helpers import bounded
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 64 * KiB
@@ -66,25 +67,6 @@ def converted(ref: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
     if dtype is None:
         return dict(ref)
     return {k: (v.to(dtype) if v.dtype.is_floating_point else v) for k, v in ref.items()}
-
-
-def bounded(fn, bound_s: float = 20.0):
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it takes longer than ``bound_s``."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound_s)
-    assert not t.is_alive(), f"did not finish within {bound_s} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class Progress:

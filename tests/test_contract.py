@@ -20,6 +20,7 @@ import torch
 
 import fastload
 from checkpoints import write_single
+from reliability_helpers import same_bytes
 
 SMALL = fastload.LoadConfig(chunk_bytes=64 * 1024, host_buffer_bytes=256 * 1024, max_concurrency=4)
 
@@ -28,11 +29,6 @@ def header_end(path) -> int:
     """8 + N: where the data section of a safetensors file starts (= header bytes a load must read)."""
     with open(path, "rb") as f:
         return 8 + struct.unpack("<Q", f.read(8))[0]
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def two_shards(directory, *, weight_map=None):

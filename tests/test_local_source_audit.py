@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,32 +26,9 @@ from safetensors.torch import save_file
 
 import fastload
 from checkpoints import evict, write_single
+from reliability_helpers import bounded, same_bytes
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-
-def bounded(fn, timeout: float = 8.0):
-    """``fn()`` in a daemon thread; its result or its exception, or a failure after ``timeout`` seconds."""
-    box: dict = {}
-
-    def body():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"call did not finish within {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def reference(path) -> dict[str, torch.Tensor]:
@@ -465,7 +441,7 @@ def test_sparse_file_with_trailing_bytes_past_what_the_header_promises(tmp_path)
         safetensors.torch.load_file(str(path))
     for direct in (False, True):
         with pytest.raises(fastload.FormatError):
-            bounded(lambda: fastload.load(path, config=fastload.LoadConfig(direct_io=direct)), timeout=5)
+            bounded(lambda: fastload.load(path, config=fastload.LoadConfig(direct_io=direct)), seconds=5)
 
 
 # -- many files ---------------------------------------------------------------------------------------------
@@ -484,14 +460,14 @@ def test_two_hundred_single_tensor_files_in_a_list(tmp_path):
     before = open_fds()
     for config in (fastload.LoadConfig(), fastload.LoadConfig(direct_io=True, local_cold_readers=1,
                                                               chunk_bytes=MiB, host_buffer_bytes=2 * MiB)):
-        got = bounded(lambda: fastload.load(paths, config=config), timeout=20)
+        got = bounded(lambda: fastload.load(paths, config=config), seconds=20)
         assert list(got) == list(want)
         assert_matches(got, want)
-        got = bounded(lambda: fastload.load(paths, config=config, dtype=torch.bfloat16), timeout=20)
+        got = bounded(lambda: fastload.load(paths, config=config, dtype=torch.bfloat16), seconds=20)
         assert_matches(got, want, torch.bfloat16)
     assert open_fds() <= before
     # the directory, listed: the same tensors
-    assert_matches(bounded(lambda: fastload.load(tmp_path), timeout=20), want)
+    assert_matches(bounded(lambda: fastload.load(tmp_path), seconds=20), want)
 
 
 # -- names and paths ----------------------------------------------------------------------------------------

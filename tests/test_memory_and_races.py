@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 import fastload
 from checkpoints import evict
+from reliability_helpers import same_bytes
 
 MiB = 1 << 20
 
@@ -32,11 +33,6 @@ def o_direct_works(path) -> bool:
         return False
     os.close(fd)
     return True
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
 def expected(tensors: dict, dtype) -> dict:
