@@ -116,10 +116,17 @@ async def in_worker(fn: Callable[..., T], /, *args: Any) -> T:
     """``fn(*args)`` on the call's worker pool (see :func:`own_workers`), awaited to its end even when the
     caller is cancelled: the job writes into memory and files the caller is about to release, so a cancel
     waits for it (a conversion or a chunk's write: milliseconds) and is then raised."""
-    future = asyncio.get_running_loop().run_in_executor(_WORKERS.get(), fn, *args)
+    return await to_the_end(asyncio.get_running_loop().run_in_executor(_WORKERS.get(), fn, *args))
+
+
+async def to_the_end(future: asyncio.Future, on_cancel: Callable[[], None] | None = None) -> Any:
+    """Await a thread's job; cancelled, call ``on_cancel`` (to hurry it: abort its socket), wait for the job to
+    end all the same (it writes where it was told to), then raise the cancellation."""
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
+        if on_cancel is not None:
+            on_cancel()
         while not future.done():
             try:
                 await asyncio.wait({future})

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, redact_url, scrub
-from ..runner import DaemonThreadPool
+from ..runner import DaemonThreadPool, to_the_end
 from .retry import Transient
 
 MAX_REDIRECTS = 10
@@ -98,18 +98,8 @@ class ThreadedBodies:
             self._attempts.add(attempt)
         future = asyncio.get_running_loop().run_in_executor(
             self._pool, self._get_blocking, attempt, url, headers, check, receive)
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            attempt.abort()
-            while not future.done():  # the thread writes into the caller's memory until it returns
-                try:
-                    await asyncio.wait({future})
-                except asyncio.CancelledError:
-                    pass
-            if not future.cancelled():
-                future.exception()  # retrieved: the cancellation is the outcome
-            raise
+        try:  # cancelled: the thread writes into the caller's memory until it returns, so wait for it
+            await to_the_end(future, on_cancel=attempt.abort)
         finally:
             with self._lock:
                 self._attempts.discard(attempt)
