@@ -118,6 +118,29 @@ def bounded(fn, seconds: float = 20.0):
     return box["value"]
 
 
+def fds() -> set[str]:
+    """Open descriptors other than sockets, as ``fd -> target`` strings. Sockets are left to ``Leaks``, which
+    tells the loader's (client) sockets from the in-process test servers' own, e.g. a handler held by a hang."""
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if not target.startswith("socket:"):
+            out.add(f"{fd} -> {target}")
+    return out
+
+
+def wait_for_no_new_fds(before: set[str], grace_s: float = 1.0) -> set[str]:
+    deadline = time.monotonic() + grace_s
+    while True:
+        extra = fds() - before
+        if not extra or time.monotonic() > deadline:
+            return extra
+        time.sleep(0.02)
+
+
 def data_start(raw: bytes) -> int:
     """Where a safetensors file's data section begins: 8 + the header length."""
     return 8 + int.from_bytes(raw[:8], "little")

@@ -33,6 +33,7 @@ from reliability_helpers import (  # noqa: F401
 from servers.faults import Hang
 
 import fastload
+from reliability_helpers import fds, wait_for_no_new_fds
 
 TESTS = Path(__file__).resolve().parent
 
@@ -45,29 +46,6 @@ class HangAfter(Hang):
 
     def wants_to_fire(self) -> bool:
         return self.seen > self.after
-
-
-def fds() -> set[str]:
-    """Open descriptors other than sockets, as ``fd -> target`` strings. Sockets are left to ``Leaks``, which
-    tells the loader's (client) sockets from the in-process test servers' own, e.g. a handler held by a hang."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if not target.startswith("socket:"):
-            out.add(f"{fd} -> {target}")
-    return out
-
-
-def wait_for_no_new_fds(before: set[str], grace_s: float = 1.0) -> set[str]:
-    deadline = time.monotonic() + grace_s
-    while True:
-        extra = fds() - before
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.02)
 
 
 @pytest.fixture

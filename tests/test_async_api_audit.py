@@ -32,30 +32,10 @@ from reliability_helpers import (  # noqa: F401
 from servers.faults import Hang
 
 import fastload
+from reliability_helpers import fds, wait_for_no_new_fds
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-def _fds() -> set[str]:
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if not target.startswith("socket:"):
-            out.add(f"{fd} -> {target}")
-    return out
-
-
-def _no_new_fds(before: set[str], grace_s: float = 1.0) -> set[str]:
-    deadline = time.monotonic() + grace_s
-    while True:
-        extra = _fds() - before
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.02)
 
 
 def _run_bounded(coro_factory, bound_s: float = 20.0, loop_factory=None):
@@ -126,11 +106,11 @@ def test_twenty_gathered_aloads_one_cancelled_others_exact_and_nothing_left(http
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return results, pending
 
-    before = _fds()
+    before = fds()
     with Leaks({http_server.port, port}) as leaks:
         results, pending = _run_bounded(main, 40)
         leaks.check(grace_s=1.5)
-    assert not _no_new_fds(before)
+    assert not wait_for_no_new_fds(before)
     assert not pending, f"tasks left in the caller's loop: {pending}"
     for (src, _, want), got in zip(jobs, results):
         assert not isinstance(got, BaseException), f"{src}: {got!r}"
@@ -408,11 +388,11 @@ def test_nested_asyncio_run_in_a_thread_started_from_a_running_loop(http_server,
         t.join(5)
         return box["v"]
 
-    before = _fds()
+    before = fds()
     with Leaks({http_server.port}) as leaks:
         result = _run_bounded(outer, 25)
         leaks.check(grace_s=1.0)
-    assert not _no_new_fds(before)
+    assert not wait_for_no_new_fds(before)
     assert not isinstance(result, BaseException), repr(result)
     assert_bit_exact(result[0], tr)
     assert_bit_exact(result[1], tl)
