@@ -50,7 +50,10 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
 
     try:
         asyncio.get_running_loop()
+        running = True
     except RuntimeError:
+        running = False
+    if not running:  # (outside the except block: the load's errors must not carry "no running event loop")
         asyncio.run(_in_our_loop(main()))
         return box.pop("value")
 

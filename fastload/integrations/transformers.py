@@ -41,11 +41,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .. import runner
-from ..errors import ConfigError, SourceNotFoundError
-from ..format import INDEX_NAME, SINGLE_NAME
+from ..errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
+from ..format import INDEX_NAME, SINGLE_NAME, parse_index
 from ..pipeline import make_request
 from ..resolve import join
-from ..sources import Transports, normalize_url, read_bytes, scheme_of
+from ..redact import redact_url
+from ..sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from ..sources.hub_refs import with_revision
 from ..sources.local import to_path
 from ..trace import NULL_TRACE
@@ -111,38 +112,67 @@ def _variant_name(name: str, variant: str) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
-async def _stage(source: str, folder: Path, config, variant: str | None = None, trace=NULL_TRACE) -> str:
+async def _stage(source: str, folder: Path, config, variant: str | None = None,
+                 trace=NULL_TRACE) -> str | list[str]:
     """Fetch the non-weight model files into ``folder``; return where the weights are: the index or the single
-    file (of ``variant`` when given). The probes of the weights' names count in ``trace`` (the load's: it covers
+    file (of ``variant`` when given), or the shards of an index ``config.json`` names in a sub-folder. The probes of the weights' names count in ``trace`` (the load's: it covers
     the weights); the model files do not."""
     transports = Transports(config, NULL_TRACE)
     weights = Transports(config, trace)
+    denied: list[SourcePermissionError] = []
+
+    async def there(t: Transports, url: str) -> ObjectInfo | None:
+        """The file at ``url``, or None. S3 answers 403 for a missing key without ListBucket: none, too."""
+        try:
+            return await t.for_url(url).stat(url)
+        except SourceNotFoundError:
+            return None
+        except SourcePermissionError as exc:
+            if scheme_of(url) != "s3":
+                raise
+            denied.append(exc)
+            return None
+
     try:
         base = await _model_dir(source, transports)
         for name in MODEL_FILES:
             url = join(base, name)
             transport = transports.for_url(url)
-            try:
-                info = await transport.stat(url)
-            except SourceNotFoundError:
+            info = await there(transports, url)
+            if info is None:
                 if name == "config.json":
-                    raise SourceNotFoundError(f"no config.json in {source}: not a transformers model directory",
-                                              url=url) from None
+                    if denied:
+                        raise denied[0]
+                    raise SourceNotFoundError(f"no config.json in {redact_url(source)}: not a transformers model "
+                                              "directory", url=url)
                 continue
             if info.size > MAX_MODEL_FILE_BYTES:
-                raise ConfigError(f"{url}: {info.size} bytes is too large for a model file")
-            (folder / name).write_bytes(await read_bytes(transport, info, 0, info.size))
+                raise FormatError(f"{redact_url(url)}: {info.size} bytes is too large for a model file")
+            raw = await read_bytes(transport, info, 0, info.size)
+            if name == "config.json":
+                try:
+                    json.loads(raw)
+                except ValueError as exc:
+                    raise FormatError(f"{redact_url(url)}: not valid JSON ({exc})") from None
+            (folder / name).write_bytes(raw)
         # transformers' rule: the file config.json names, else the single file, else the index (other
         # *.safetensors files are not its weights)
         names = _weights_named_by(folder / "config.json") or [
             _variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
+        denied.clear()
         for name in names:
-            try:
-                await weights.for_url(join(base, name)).stat(join(base, name))
-            except SourceNotFoundError:
+            info = await there(weights, join(base, name))
+            if info is None:
                 continue
+            if "/" in name and name.endswith(".index.json"):
+                # transformers reads a shard name against the model directory, wherever config.json put the
+                # index (a load reads it against the index's own folder): the shards, named from here
+                raw = await read_bytes(weights.for_url(info.url), info, 0, info.size)
+                return [join(base, shard) for shard in parse_index(raw, url=info.url).files]
             return join(base, name)
-        raise SourceNotFoundError(f"no {' or '.join(names)} in {source}"
+        if denied:  # nothing found, something refused: that is the error
+            raise denied[0]
+        raise SourceNotFoundError(f"no {' or '.join(names)} in {redact_url(source)}"
                                   + (f" (variant={variant!r})" if variant else ""), url=join(base, names[0]))
     finally:
         await transports.aclose()
@@ -363,7 +393,7 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         result = cls.from_pretrained(None, config=str(folder), state_dict=state_dict, **kwargs)
         del state_dict
         model = result[0] if isinstance(result, tuple) else result
-        model.config.name_or_path = source
+        model.config.name_or_path = redact_url(source)  # configs get logged (W&B, MLflow): no tokens in them
         if model.can_generate() and "generation_config" not in hf_kwargs:
             from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
