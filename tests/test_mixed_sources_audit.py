@@ -12,11 +12,18 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
+from reliability_helpers import (  # noqa: F401
+    QUICK,
+    Leaks,
+    ScriptedHTTP,
+    assert_bit_exact,
+    data_start,
+    private_tmp,
+)
 from safetensors.torch import load_file, save_file
+from servers.faults import SlowFirstByte
 
 import fastload
-from reliability_helpers import QUICK, Leaks, ScriptedHTTP, assert_bit_exact, data_start, private_tmp  # noqa: F401
-from servers.faults import SlowFirstByte
 
 CFG = QUICK.replace(stall_timeout_s=5.0)  # moto on a busy 2-core box is slow to answer; still bounded
 VERIFY = CFG.replace(verify_checksums=True)
@@ -201,7 +208,6 @@ def test_s3_member_failing_mid_load_names_it_with_a_range_and_cancels_the_http_m
     """Every tensor GET of the S3 member answers 500: TransferError naming s3://bucket/key (never the presigned
     URL) with its byte range; the slow HTTP member's reads stop with it; nothing is left behind."""
     ds_c = data_start(mixed.c_path.read_bytes())
-    mixed.proxy.faults._add(DataOnlySlow(pattern="*c.safetensors", seconds=0.0))  # count only
     from servers.faults import FailWith
 
     class DataOnlyFail(FailWith):
@@ -221,8 +227,9 @@ def test_s3_member_failing_mid_load_names_it_with_a_range_and_cancels_the_http_m
     assert exc.byte_range is not None and exc.byte_range[0] >= ds_c
     assert "X-Amz-" not in str(exc) and "Signature" not in str(exc)
     assert took < 6.0
+    time.sleep(0.5)  # the server logs a request when it answers: let a reply delayed 0.3 s before the end land
     settled = len(mixed.http.log)
-    time.sleep(0.6)
+    time.sleep(0.8)
     assert len(mixed.http.log) == settled, "HTTP reads went on after the load failed"
 
 
@@ -235,7 +242,7 @@ def test_names_from_the_local_member_fetch_only_headers_of_the_network_members(m
     trace = fastload.Trace(otel=False)
     got = bounded(lambda: fastload.load(mixed.sources, names=names, trace=trace,
                                         config=mixed.config.replace(http_engine=engine)))
-    assert list(got) == names
+    assert set(got) == set(names)
     assert_bit_exact(got, {n: mixed.a_t[n] for n in names})
     assert mixed.http_bytes() <= data_start(mixed.b_path.read_bytes())
     assert mixed.s3_get_bytes() <= data_start(mixed.c_path.read_bytes())
@@ -252,8 +259,7 @@ def test_names_from_the_s3_member_read_no_tensor_byte_of_the_others(mixed):
     assert mixed.http_bytes() <= data_start(mixed.b_path.read_bytes())
     assert trace.summary().bytes_by_file.get(mixed.a, 0) <= data_start(mixed.a_path.read_bytes())
     c_start = data_start(mixed.c_path.read_bytes())
-    spec = fastload.plan(mixed.c_path).tensors[1]
-    assert spec.name == "c.w1"
+    spec = next(t for t in fastload.plan(mixed.c_path).tensors if t.name == "c.w1")
     assert mixed.s3_get_bytes() <= c_start + (spec.spec.end - spec.spec.start)
 
 
@@ -296,6 +302,7 @@ def test_shard_over_a_mixed_list_every_rank_concatenates_to_the_whole(tmp_path, 
 
 def test_progress_trace_and_dtype_across_local_http_s3(mixed):
     plan = fastload.plan(mixed.sources, config=mixed.config)
+    mixed.http.reset(), mixed.proxy.log_store.clear()  # the plan's header reads are not the load's
     calls: list[tuple[int, int]] = []
     lock = threading.Lock()
 
@@ -326,13 +333,17 @@ def test_progress_trace_and_dtype_across_local_http_s3(mixed):
 
 
 def test_stream_mixed_list_each_tensor_once_and_a_slow_http_member_does_not_hold_up_the_others(mixed):
-    """The HTTP member's tensor reads start late (0.8 s): the local and S3 tensors come out before any of it."""
+    """The HTTP member's tensor reads start late (0.8 s): with readers to spare (the default max_concurrency, more
+    than the HTTP member's chunks), the local and S3 tensors come out before any of it."""
     mixed.http.faults._add(DataOnlySlow(pattern="*/b.safetensors", seconds=0.8))
+    plan = fastload.plan([mixed.b, mixed.a, mixed.c], config=mixed.config)
+    config = mixed.config.replace(max_concurrency=16)
+    assert sum(1 for ch in plan.chunks if ch.file == 0) < 16
     seen: dict[str, torch.Tensor] = {}
     order = []
 
     def run():
-        with fastload.stream([mixed.b, mixed.a, mixed.c], config=mixed.config) as s:
+        with fastload.stream([mixed.b, mixed.a, mixed.c], config=config) as s:
             for name, tensor in s:
                 assert name not in seen, f"{name} handed out twice"
                 seen[name] = tensor
@@ -345,8 +356,6 @@ def test_stream_mixed_list_each_tensor_once_and_a_slow_http_member_does_not_hold
 
 
 def test_stream_early_exit_over_mixed_list_stops_http_and_s3_reads(mixed):
-    mixed.http.faults._add(DataOnlySlow(pattern="*/b.safetensors", seconds=0.25))
-    mixed.proxy.faults._add(DataOnlySlow(pattern="*/sub/c.safetensors", seconds=0.25))
     plan = fastload.plan(mixed.sources, config=mixed.config)
     network_chunks = sum(1 for ch in plan.chunks if ch.file in (1, 2))
     mixed.http.reset(), mixed.proxy.log_store.clear()
@@ -419,6 +428,7 @@ class QueryFileServer(ScriptedHTTP):
         super().__init__("query-file-server")
         self.files: dict[str, tuple[bytes, list[tuple[str, str]]]] = {}
         self.log: list[tuple[str, int, int]] = []
+        self.delay: dict[str, float] = {}  # target -> seconds before each reply
 
     def add(self, target: str, data: bytes, headers=None) -> str:
         self.files[target] = (data, [("Repr-Digest", repr_digest(data))] if headers is None else headers)
@@ -440,6 +450,8 @@ class QueryFileServer(ScriptedHTTP):
             start, end = int(first), min(int(last), len(data) - 1) if last else len(data) - 1
         with self.lock:
             self.log.append((target, start, end + 1))
+        if self.delay.get(target):
+            time.sleep(self.delay[target])
         etag = '"' + hashlib.md5(data).hexdigest() + '"'
         if_match = h.headers.get("If-Match")
         if if_match is not None and if_match != etag:
@@ -507,8 +519,10 @@ def test_two_http_members_told_apart_only_by_their_query_string(mixed, qserver, 
     x_t, y_t = tensors_for("x", 6, 3), tensors_for("y", 7, 1)
     x = qserver.add("/dl?file=x.safetensors", fastload_bytes(x_t))
     y = qserver.add("/dl?file=y.safetensors", fastload_bytes(y_t))
+    # Deterministic order: one reader, and y's replies a little late, so x is read (and hashed) before y.
+    qserver.delay["/dl?file=y.safetensors"] = 0.15
     trace = fastload.Trace(otel=False)
-    config = (VERIFY if verify else CFG)
+    config = (VERIFY if verify else CFG).replace(max_concurrency=1)
     got = bounded(lambda: fastload.load([x, mixed.a, y], config=config, trace=trace))
     assert_bit_exact(got, x_t | mixed.a_t | y_t)
     s = trace.summary()
@@ -516,3 +530,66 @@ def test_two_http_members_told_apart_only_by_their_query_string(mixed, qserver, 
         assert s.counters.get("checksums_verified") == 2, s.counters
     # Two objects, two counters: one per member, and each member's own bytes.
     assert len(s.bytes_by_file) == 3, list(s.bytes_by_file)
+
+
+def test_query_distinguished_member_with_a_wrong_digest_is_caught(mixed, qserver):
+    """As above, the second object publishes a Repr-Digest its bytes do not match: verify_checksums=True must
+    raise IntegrityError for it, not let it through because the first object (same shown URL) verified."""
+    x_t, y_t = tensors_for("x", 6, 3), tensors_for("y", 7, 1)
+    x = qserver.add("/dl?file=x.safetensors", fastload_bytes(x_t))
+    y_raw = fastload_bytes(y_t)
+    y = qserver.add("/dl?file=y.safetensors", y_raw, [("Repr-Digest", repr_digest(b"not y"))])
+    qserver.delay["/dl?file=y.safetensors"] = 0.15  # x is read and hashed first: a deterministic order
+    with pytest.raises(fastload.IntegrityError) as info:
+        bounded(lambda: fastload.load([x, mixed.a, y], config=VERIFY.replace(max_concurrency=1)))
+    assert info.value.byte_range == (0, len(y_raw)), f"the mismatch reported is not y's: {info.value}"
+
+
+def test_missing_s3_member_ends_the_load_while_the_http_member_probe_hangs(mixed):
+    """Resolving a list runs its members at once: the S3 404 ends the load promptly, cancelling the HTTP size
+    probe still waiting on a server that never answers (no waiting out stall timeouts and retries)."""
+    mixed.http.faults.hang(path="*/b.safetensors")
+    missing = f"s3://{mixed.bucket}/sub/absent.safetensors"
+    with Leaks(mixed.ports) as leaks:
+        start = time.monotonic()
+        with pytest.raises(fastload.SourceNotFoundError) as info:
+            bounded(lambda: fastload.load([mixed.b, mixed.a, missing], config=mixed.config), seconds=12)
+        took = time.monotonic() - start
+        mixed.http.hang_up()
+        leaks.check(grace_s=1.0)
+    assert missing in str(info.value)
+    assert took < 3.0, f"the failed member took {took:.1f} s to end the load"
+
+
+@pytest.mark.parametrize("bad", [None, "", 42, b"/x.safetensors"], ids=["none", "empty", "int", "bytes"])
+def test_a_member_that_is_not_a_source_is_a_config_error_and_fetches_nothing(mixed, bad):
+    with pytest.raises(fastload.ConfigError):
+        bounded(lambda: fastload.load([mixed.b, bad, mixed.c], config=mixed.config))
+    assert mixed.http_bytes() <= data_start(mixed.b_path.read_bytes())
+    assert mixed.s3_get_bytes() == 0 or mixed.s3_get_bytes() <= data_start(mixed.c_path.read_bytes())
+
+
+def test_stream_over_mixed_list_surfaces_a_member_failure_after_the_good_tensors(mixed):
+    """The HTTP member's tensor reads all fail (500): the stream hands out the other members' tensors, bit-exact,
+    then raises TransferError naming the HTTP member; nothing is left behind."""
+    from servers.faults import FailWith
+
+    class DataOnlyFail(FailWith):
+        def wants_to_fire(self) -> bool:
+            return self.seen > 2
+
+    mixed.http.faults._add(DataOnlyFail(pattern="*/b.safetensors", status=500))
+    seen: dict[str, torch.Tensor] = {}
+
+    def run():
+        with fastload.stream(mixed.sources, config=mixed.config.replace(max_concurrency=16)) as s:
+            for name, tensor in s:
+                seen[name] = tensor
+
+    with Leaks(mixed.ports) as leaks:
+        with pytest.raises(fastload.TransferError) as info:
+            bounded(run)
+        leaks.check(grace_s=1.0)
+    assert info.value.url == mixed.b
+    assert not any(n.startswith("b.") for n in seen)
+    assert_bit_exact(seen, {n: t for n, t in mixed.want.items() if n in seen})

@@ -198,6 +198,7 @@ class HttpTransport:
         self._no_ranges: set[str] = set()  # URLs whose first reply ignored Range
         self._ranged: set[str] = set()  # URLs that have answered a Range with 206
         self._proxies: dict[str, str] | None = None  # from the environment, read when first needed
+        self._names: dict[str, str] = {}  # shown name -> the URL it stands for (see _shown)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -274,8 +275,19 @@ class HttpTransport:
             raise Transient(describe(scrub(exc))) from exc
 
     async def stat(self, url: str) -> ObjectInfo:
-        display = redact_url(url)  # a presigned or user:password URL is fetched, never shown
+        display = self._shown(url)  # a presigned or user:password URL is fetched, never shown
         return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=(0, PROBE_BYTES))
+
+    def _shown(self, url: str) -> str:
+        """``url`` as messages and traces show it, one name per object: two URLs that differ only in hidden
+        query values (``?file=a``, ``?file=b``) would both show as ``?file=***``, and a load keys its checksum
+        checks and its per-file counts by that name, so the second is ``... [2]``."""
+        shown = redact_url(url)
+        candidate, n = shown, 1
+        while self._names.setdefault(candidate, url) != url:
+            n += 1
+            candidate = f"{shown} [{n}]"
+        return candidate
 
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
         display = redact_url(display)
