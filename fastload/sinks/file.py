@@ -73,9 +73,10 @@ def _header(info: ObjectInfo) -> str:
 
 def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
     """Ranges a previous, interrupted write of the same object left in ``temp`` (none if anything differs)."""
+    # Without a validator we cannot tell the object did not change in between. (Last-Modified, with the size,
+    # is the one a read pins when there is no ETag: the same rule here.)
     if not info.etag and not info.last_modified:
-        return []  # without a validator we cannot tell the object did not change in between
-        # (Last-Modified, with the size, is the one a read pins when there is no ETag: the same rule here)
+        return []
     try:
         lines = journal_path(temp).read_text().splitlines()
         if temp.stat().st_size != info.size or not lines or lines[0] != _header(info):

@@ -87,7 +87,7 @@ class ThreadedBodies:
         self._attempts: set[_Attempt] = set()
         self._lock = threading.Lock()
         self._ssl_context = ssl_context
-        # HTTP(S)_PROXY / NO_PROXY, read once per load as curl, requests and aiohttp (trust_env) read them
+        # HTTP(S)_PROXY / NO_PROXY, read once per load (as curl and requests read them; aiohttp: options())
         self._proxies = env_proxies()
 
     async def get(self, url: str, headers: dict[str, str], check: Check,
