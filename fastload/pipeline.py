@@ -53,6 +53,11 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
             raise ConfigError("dtype must be a torch dtype or its name, e.g. 'bfloat16'")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise ConfigError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    if dtype is not None:
+        try:  # floating, yet not every one is a conversion target (float4_e2m1fn_x2 packs two values a byte)
+            torch.zeros(1).to(dtype)
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            raise ConfigError(f"dtype {dtype} is not one torch converts to ({str(exc).splitlines()[0]})") from None
     if isinstance(names, str):
         names = [names]
     elif names is not None:

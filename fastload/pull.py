@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from .sinks.file import FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
-from .sources.local import to_path
+from .sources.local import _os_error, to_path
 from .trace import Trace, as_trace
 
 #: Model files besides the weights that a plain HTTP base URL is probed for.
@@ -136,10 +137,14 @@ def _skip_other_formats(entries: list[Entry]) -> list[Entry]:
 
 async def _list_local(url: str) -> list[Entry]:
     root = Path(os.path.abspath(to_path(url)))  # one spelling of the source: a later pull finds it the same
-    if root.is_file():
+    try:
+        mode = os.stat(root).st_mode
+    except (OSError, ValueError) as exc:
+        raise _os_error(exc, url) from None
+    if stat.S_ISREG(mode):
         return [Entry(root.name, str(root))]
-    if not root.is_dir():
-        raise SourceNotFoundError(f"no such file or directory: {url}", url=url)
+    if not stat.S_ISDIR(mode):
+        raise SourceNotFoundError(f"not a file or directory: {url}", url=url)
 
     def walk() -> list[Entry]:
         out = []
@@ -416,7 +421,7 @@ def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None
     name = (str(to_path(source)) if scheme_of(source) == "local" else unquote(_path_of(source)))
     name = name.rstrip("/\\").replace("\\", "/")
     name = name.rsplit("/", 1)[-1]
-    single = _names_file(source) or (scheme_of(source) == "local" and to_path(source).is_file())
+    single = _names_file(source) or (scheme_of(source) == "local" and os.path.isfile(to_path(source)))
     return source, Path.cwd() if single else Path.cwd() / name
 
 
@@ -469,7 +474,8 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                 entries = await (listed(source) if scheme == "local" else listed(source, transports))
                 layout = PlainLayout(plain)
             single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (len(entries) == 1 and (
-                _names_file(source) or entries[0].url == source or (scheme == "local" and to_path(source).is_file())))
+                _names_file(source) or entries[0].url == source
+                or (scheme == "local" and os.path.isfile(to_path(source)))))
             entries = _check_paths(entries, source)
             entries = entries if single else _skip_other_formats(entries)
             if not entries:

@@ -19,7 +19,7 @@ from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_len
 from .redact import redact_url
 from .runner import gather
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
-from .sources.local import to_path
+from .sources.local import is_dir, to_path
 
 MAX_INDEX_BYTES = 64 << 20
 
@@ -79,7 +79,7 @@ def _is_dir_url(url: str) -> bool | None:
     (an S3 key without a file extension may be an object or a prefix)."""
     scheme = scheme_of(url)
     if scheme == "local":
-        return to_path(url).is_dir()
+        return is_dir(to_path(url))
     path = _url_path(url)
     if path.endswith("/"):
         return True

@@ -90,7 +90,7 @@ async def _model_dir(source: str, transports: Transports) -> str:
         source, scheme = located, scheme_of(located)
     if scheme == "local":
         path = to_path(source)
-        if not path.is_dir():
+        if not os.path.isdir(path):
             raise SourceNotFoundError(f"from_pretrained needs a model directory, and {source} is not one", url=source)
         return str(path)
     return join(source, "")

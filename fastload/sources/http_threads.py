@@ -110,6 +110,7 @@ class ThreadedBodies:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
+            resp = None
             try:
                 reused = conn.sock is not None
                 try:
@@ -124,8 +125,12 @@ class ThreadedBodies:
                 location = resp.getheader("Location")
                 if resp.status in _REDIRECTS and location:
                     self._discard(conn)
-                    target = urljoin(url, location)
-                    if _origin(target) != _origin(url):  # credentials stay with their origin
+                    try:
+                        target = urljoin(url, location)
+                        moved = _origin(target) != _origin(url)
+                    except ValueError:  # "http://[::1/x", a port that is not a number: the server's mistake
+                        raise Transient(f"redirected to an unusable Location {location[:80]!r}") from None
+                    if moved:  # credentials stay with their origin
                         sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
                     url = target
                     continue
@@ -139,6 +144,8 @@ class ThreadedBodies:
                     self._discard(conn)
                 return
             except BaseException as exc:
+                if resp is not None:  # its file object holds the socket too: closing the connection is not enough
+                    resp.close()
                 self._discard(conn)
                 # A transport failure is retried; a verdict (a FastloadError from ``check``, many of them
                 # OSErrors, or a certificate that does not verify) and anything else go up as they are.

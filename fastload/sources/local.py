@@ -70,6 +70,15 @@ MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 CACHESTAT_SYSCALL = 451  # cachestat(2): the same number on every Linux architecture (new-style syscall)
 
 
+def is_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory; False for anything that cannot be asked (a name too long, a NUL byte):
+    what is not a directory is then opened as a file, which says what is wrong with it."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def to_path(url: str) -> Path:
     if url.startswith("file://"):
         parsed = urlparse(url)
@@ -79,9 +88,11 @@ def to_path(url: str) -> Path:
     return Path(url)
 
 
-def _os_error(exc: OSError, url: str, byte_range: tuple[int, int] | None = None) -> Exception:
-    if exc.errno == errno.ENOENT or isinstance(exc, FileNotFoundError):
-        return SourceNotFoundError(f"no such file: {url}", url=url)
+def _os_error(exc: OSError | ValueError, url: str, byte_range: tuple[int, int] | None = None) -> Exception:
+    if isinstance(exc, ValueError):  # a NUL byte in the path: no file can have that name
+        return SourceNotFoundError(f"not a valid path ({exc}): {url!r}", url=url)
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) or isinstance(exc, FileNotFoundError):
+        return SourceNotFoundError(f"no such file ({exc.strerror}): {url}", url=url)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SourcePermissionError(f"permission denied: {url}", url=url)
     return TransferError(f"read failed: {exc.strerror or exc}", url=url, byte_range=byte_range)
@@ -156,7 +167,7 @@ class LocalTransport:
         path = to_path(url)
         try:
             regular = stat.S_ISREG(os.stat(path).st_mode)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise _os_error(exc, url) from exc
         if not regular:
             raise SourceNotFoundError(f"not a regular file: {url}", url=url)
