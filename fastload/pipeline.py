@@ -165,8 +165,10 @@ async def _produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None
         raise
     finally:
         closing = trace.now()
-        if sink is not None:
-            sink.close()
-        await transports.aclose()
-        trace.interval("close", closing, trace.now())
-        trace.finish(error)  # stops the clock; writes trace="x.json"; emits OpenTelemetry spans
+        try:  # a cancel may land here too (a stream left as its load ends): the trace is written all the same
+            if sink is not None:
+                sink.close()
+            await transports.aclose()
+        finally:
+            trace.interval("close", closing, trace.now())
+            trace.finish(error)  # stops the clock; writes trace="x.json"; emits OpenTelemetry spans

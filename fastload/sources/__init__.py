@@ -94,10 +94,18 @@ class Transports:
             self.verification.expect(plan)
 
     async def aclose(self) -> None:
+        """Close every transport, even when closing one fails or the caller is cancelled meanwhile (a stream
+        left as its load ends); the first such error goes up once all are closed."""
         self._closed = True
+        first: BaseException | None = None
         for transport in reversed(list(self._made.values())):
-            await transport.aclose()
+            try:
+                await transport.aclose()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others are closed
+                first = first or exc
         self._made.clear()
+        if first is not None:
+            raise first
 
 
 __all__ = ["ObjectInfo", "Segment", "Transport", "Transports", "http_range", "read_bytes", "scheme_of"]

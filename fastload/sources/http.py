@@ -436,9 +436,11 @@ class HttpTransport:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._bodies is not None:
-            await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
-            self._bodies = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        try:
+            if self._bodies is not None:
+                await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
+                self._bodies = None
+        finally:  # the session and its keep-alive sockets go even when a cancel lands on the line above
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
