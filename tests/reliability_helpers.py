@@ -197,12 +197,16 @@ class Leaks:
     def new_threads(self) -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t not in self.threads and _thread_is_ours(t)]
 
+    def sockets(self) -> list:
+        """The loader's client sockets to the watched ports that are open now."""
+        return client_sockets(self.ports)
+
     def check(self, grace_s: float = 0.0) -> None:
         """Nothing new may be left: threads, client sockets, open files, temporary files."""
         deadline = time.monotonic() + grace_s
         while True:
             threads = self.new_threads()
-            sockets = client_sockets(self.ports)
+            sockets = self.sockets()
             opened = {f.path for f in psutil.Process().open_files()} - self.open_files
             created = self._files() - self.files
             if not (threads or sockets or opened or created) or time.monotonic() >= deadline:
