@@ -24,30 +24,10 @@ import torch
 import fastload
 from fastload.describe import describe
 from checkpoints import random_tensor, write_single
+from test_shard_corners import assert_rank, tensor_bytes_sent, want_slice
 
 SMALL = fastload.LoadConfig(chunk_bytes=64 * 1024, host_buffer_bytes=512 * 1024, max_concurrency=4)
 MiB = 1 << 20
-
-
-def want_slice(full: torch.Tensor, shard: fastload.Shard, dim: int | None) -> torch.Tensor:
-    return full if dim is None else full.tensor_split(shard.world_size, dim)[shard.rank]
-
-
-def assert_bits(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
-    want = want.contiguous()
-    assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape), (name, got.dtype, got.shape,
-                                                                               want.dtype, want.shape)
-    assert got.is_contiguous(), name
-    assert got.untyped_storage().nbytes() == got.nbytes, name
-    assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
-
-
-def assert_rank(got, full, shard, dtype=None) -> None:
-    for name, tensor in got.items():
-        want = want_slice(full[name], shard, shard.dim_for(name))
-        if dtype is not None and want.dtype.is_floating_point:
-            want = want.to(dtype)
-        assert_bits(tensor, want, name)
 
 
 def strict_json(text: str):
@@ -55,15 +35,6 @@ def strict_json(text: str):
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
     return json.loads(text, parse_constant=refuse)
-
-
-def tensor_bytes_sent(server, path: str, data_start: int) -> int:
-    total = 0
-    for record in server.requests(path):
-        start = int(re.match(r"bytes=(\d+)-", record.range).group(1)) if record.range else 0
-        if start >= data_start:
-            total += record.body_bytes
-    return total
 
 
 @pytest.fixture(scope="module")
