@@ -109,8 +109,9 @@ def _pull(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if not args.quiet:
+        removed = f", {len(result.removed)} removed (gone from the source)" if result.removed else ""
         print(f"{len(result.fetched)} file(s) fetched ({human_bytes(result.bytes_fetched)}), "
-              f"{len(result.present)} already complete", file=sys.stderr)
+              f"{len(result.present)} already complete{removed}", file=sys.stderr)
     print(printable(str(result.path)))
     return 0
 

@@ -30,7 +30,7 @@ import json
 import os
 import stat
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 from urllib.parse import unquote, urlsplit
@@ -48,6 +48,7 @@ from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .integrity import GIT_BLOB, verify_file
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
+from .redact import redact_url
 from .resolve import join
 from .runner import gather, in_worker, own_workers
 from .sinks.file import FileSink, FileTarget, discard, resume_ranges
@@ -92,6 +93,7 @@ class PullResult:
     present: tuple[str, ...]  # files that were already there, complete
     bytes_fetched: int
     total_bytes: int
+    removed: tuple[str, ...] = ()  # files an earlier pull of this source wrote that the source no longer has
 
 
 def _published(e: Entry) -> str | None:
@@ -227,12 +229,25 @@ async def _list_hub(url: str, transports: Transports) -> tuple[str, list[Entry]]
 # -- layouts: where files go -----------------------------------------------------------------------
 
 
+def _source_id(source: str) -> str:
+    """What names a pull's source across pulls: a local path made absolute, an HTTP URL without its secrets (a
+    rotated token is the same source), an ``hf://`` URL without its revision (a new revision replaces the old)."""
+    scheme = scheme_of(source)
+    if scheme == "local":
+        return os.path.abspath(to_path(source))
+    if scheme == "hf":
+        ref = parse_hub_url(source)
+        return f"hf://{ref.repo_id}/{ref.path}"
+    return redact_url(source)
+
+
 class PlainLayout:
     """A plain directory; ``.fastload/`` inside it keeps unfinished files and what each finished one was."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, source: str):
         self.root = self.dest = root
         self.lock = root / META_DIR / "pull.lock"
+        self.source = _source_id(source)
 
     def temp(self, e: Entry) -> Path:
         return self.root / META_DIR / "incomplete" / e.rel
@@ -265,7 +280,8 @@ class PlainLayout:
     def complete(self, e: Entry, info: ObjectInfo) -> None:
         final, temp = self.root / e.rel, self.temp(e)
         final.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"source": self._record(e, info), "mtime_ns": temp.stat().st_mtime_ns}  # rename keeps the mtime
+        meta = {"source": self._record(e, info), "mtime_ns": temp.stat().st_mtime_ns,  # rename keeps the mtime
+                "pulled_from": self.source}
         _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
         os.replace(temp, final)
 
@@ -274,6 +290,44 @@ class PlainLayout:
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         return self.root / entries[0].rel if single else self.root
+
+    def prune(self, listed: set[str]) -> tuple[str, ...]:
+        """Remove what an earlier pull of this same source wrote and the source no longer has, where the file is
+        still as that pull left it: a checkpoint that moved from index + shards to one ``model.safetensors``
+        must not leave the old index behind, which a load would prefer. Files of other sources, and files
+        changed since they were pulled, stay."""
+        records = self.root / META_DIR / "meta"
+        removed = []
+        for meta in sorted(records.rglob("*.json")) if records.is_dir() else ():
+            rel = meta.relative_to(records).as_posix()[:-len(".json")]
+            if rel in listed:
+                continue
+            final = self.root / rel
+            try:
+                saved = json.loads(meta.read_text())
+                st = final.lstat()
+            except (OSError, ValueError):
+                continue
+            if (not isinstance(saved, dict) or saved.get("pulled_from") != self.source or not stat.S_ISREG(st.st_mode)
+                    or saved.get("mtime_ns") != st.st_mtime_ns
+                    or st.st_size != (saved.get("source") or {}).get("size")):
+                continue
+            final.unlink()
+            meta.unlink()
+            removed.append(rel)
+            depth = rel.count("/")
+            _remove_empty(final.parents[:depth])
+            _remove_empty(meta.parents[:depth])
+        return tuple(removed)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove these folders, innermost first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 class HubLayout:
@@ -333,6 +387,9 @@ class HubLayout:
             folders[self.subpath.strip("/")] = sorted(e.rel for e in entries)
             _write_atomic(record, json.dumps(folders, sort_keys=True))
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
+
+    def prune(self, listed: set[str]) -> tuple[str, ...]:
+        return ()  # a snapshot is one commit's: a file the next commit drops is not in its snapshot
 
 
 def _holds(path: Path, checksum: str) -> bool:
@@ -466,17 +523,18 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                                                   url=source)
                     return PullResult(found, (), (), 0, 0)
                 commit, entries = await _list_hub(source, transports)
-                layout = PlainLayout(plain) if plain is not None else HubLayout(
+                layout = PlainLayout(plain, source) if plain is not None else HubLayout(
                     cache, ref.repo_id, commit, ref.revision or "main",
                     ref.path if ref.is_dir else ref.path.rpartition("/")[0])
             else:
                 listed = {"local": _list_local, "s3": _list_s3, "http": _list_http}[scheme]
                 entries = await (listed(source) if scheme == "local" else listed(source, transports))
-                layout = PlainLayout(plain)
+                layout = PlainLayout(plain, source)
             single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (len(entries) == 1 and (
                 _names_file(source) or entries[0].url == source
                 or (scheme == "local" and os.path.isfile(to_path(source)))))
             entries = _check_paths(entries, source)
+            listed = {e.rel for e in entries}  # what the source has, pulled or not
             entries = entries if single else _skip_other_formats(entries)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
@@ -485,7 +543,11 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                 layout.prepare()
             with trace.span("resolve"):
                 judged = await _stat_all(entries, layout, transports, config.max_concurrency, verify)
-            return await _fetch(judged, layout, single, transports, config, trace, progress, verify)
+            result = await _fetch(judged, layout, single, transports, config, trace, progress, verify)
+            if single:
+                return result
+            with _writing(layout.dest, source):
+                return replace(result, removed=await in_worker(layout.prune, listed))
     except BaseException as exc:
         error = exc
         raise

@@ -369,3 +369,94 @@ def test_progress_of_a_resumed_pull(http_server: RangeHTTPServer, http_dir: Path
     assert calls[0] == (2 * (256 << 10), len(data)) and calls[-1] == (len(data), len(data))
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert (out / "model.safetensors").read_bytes() == data
+
+
+# -- a source that changed its files: the destination follows it ---------------------------------------
+
+
+def _sharded_then_single(root: Path) -> tuple[Path, dict, dict]:
+    """A source folder holding index + 2 shards (+ config.json); returns it and the old and new tensors. The
+    caller pulls it, then calls ``_becomes_single`` to rewrite it as one model.safetensors."""
+    from checkpoints import write_sharded
+    from reliability_helpers import make_tensors
+
+    old = make_tensors(seed=1, count=4)
+    src = write_sharded(root / "src", old, 2)
+    (src / "config.json").write_text("{}")
+    return src, old, make_tensors(seed=2, count=4)
+
+
+def _becomes_single(src: Path, new: dict) -> None:
+    from checkpoints import write_single
+
+    for f in src.glob("model*"):
+        f.unlink()
+    write_single(src / "model.safetensors", new)
+
+
+def test_pull_again_removes_what_the_source_dropped(tmp_path: Path) -> None:
+    """A checkpoint that moved from index + shards to one file: a second pull leaves no stale index behind (a load
+    of the folder prefers the index and would load the old shards)."""
+    from reliability_helpers import assert_bit_exact
+
+    src, old, new = _sharded_then_single(tmp_path)
+    out = tmp_path / "out"
+    first = pull_result(str(src), to=out)
+    assert_bit_exact(fastload.load(out), old)
+    _becomes_single(src, new)
+    second = pull_result(str(src), to=out)
+    assert sorted(second.removed) == sorted(["model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                                             "model-00002-of-00002.safetensors"])
+    assert sorted(p.name for p in out.iterdir() if p.name != ".fastload") == ["config.json", "model.safetensors"]
+    assert not list((out / ".fastload" / "meta").glob("model-*"))
+    assert_bit_exact(fastload.load(out), new)
+    assert first.removed == () and pull_result(str(src), to=out).removed == ()
+
+
+def test_pull_keeps_files_changed_by_hand_and_files_of_other_sources(tmp_path: Path) -> None:
+    src, old, new = _sharded_then_single(tmp_path)
+    other = make_src(tmp_path / "o", {"extra/notes.txt": b"mine"})
+    out = tmp_path / "out"
+    pull_result(str(src), to=out)
+    pull_result(str(other), to=out)  # another source into the same folder
+    (out / "hand.txt").write_text("not pulled")
+    edited = out / "model-00001-of-00002.safetensors"
+    edited.write_bytes(edited.read_bytes())  # rewritten by hand: a new mtime
+    _becomes_single(src, new)
+    result = pull_result(str(src), to=out)
+    assert sorted(result.removed) == ["model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert edited.exists() and (out / "hand.txt").exists() and (out / "extra" / "notes.txt").read_bytes() == b"mine"
+
+
+def test_pull_of_a_folder_in_folders_removes_emptied_subfolders(tmp_path: Path) -> None:
+    src = make_src(tmp_path, {"a/b/x.safetensors": weights(1 << 10), "a/y.json": b"{}", "z.json": b"{}"})
+    out = tmp_path / "out"
+    pull_result(str(src), to=out)
+    (src / "a" / "b" / "x.safetensors").unlink()
+    assert pull_result(str(src), to=out).removed == ("a/b/x.safetensors",)
+    assert not (out / "a" / "b").exists() and (out / "a" / "y.json").exists()
+    assert not (out / ".fastload" / "meta" / "a" / "b").exists()
+
+
+def test_http_pull_follows_a_source_that_moved_to_one_file(http_server: RangeHTTPServer, http_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """Over HTTP, where "the source no longer has it" means a 404 for a file the last pull fetched."""
+    from reliability_helpers import assert_bit_exact
+
+    src, old, new = _sharded_then_single(http_dir / "m")
+    out = tmp_path / "out"
+    url = http_server.url_for(src) + "/"
+    pull_result(url, to=out)
+    assert_bit_exact(fastload.load(out), old)
+    _becomes_single(src, new)
+    assert "model.safetensors.index.json" in pull_result(url, to=out).removed
+    assert_bit_exact(fastload.load(out), new)
+
+
+def test_single_file_pull_removes_nothing(tmp_path: Path) -> None:
+    src, old, new = _sharded_then_single(tmp_path)
+    out = tmp_path / "out"
+    pull_result(str(src), to=out)
+    one = make_src(tmp_path / "one", {"config.json": b"{}"})
+    assert pull_result(str(one / "config.json"), to=out).removed == ()
+    assert (out / "model.safetensors.index.json").exists()
