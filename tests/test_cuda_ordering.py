@@ -2,7 +2,7 @@
 
 * ``CudaOps`` against a mocked ``torch.cuda``: the copy streams must be ordered
   after the stream the destination memory was allocated on.
-* The sink (through its ``ops`` seam, with ``LateDevice`` from test_cuda_sink):
+* The sink (through its ``ops`` seam, with ``LateDevice`` from fake_device):
   shard slices with dtype conversion, scalars and zero-size slices; a device
   error while polling; a cancellation while a conversion is in flight; and an
   explicit call-order check (copy -> done -> release; writes done -> convert;
@@ -22,7 +22,7 @@ import fastload
 from checkpoints import random_tensor, write_single
 from fastload.errors import DeviceError
 from fastload.sinks.cuda import CudaOps, CudaSink
-from test_cuda_sink import LateDevice, drive, storage_of
+from fake_device import LateDevice, drive, storage_of
 
 # -- CudaOps with a mocked torch.cuda ------------------------------------------------------------------------
 
@@ -238,13 +238,6 @@ def test_call_order_release_after_done_convert_after_writes(tmp_path):
     assert released
 
 
-def forget_copies(device: LateDevice) -> None:
-    """The fake device's own log keeps (dst, src) pairs; a conversion's are the allocations themselves."""
-    for event in device.events:
-        event.copies = event.snapshots = ()
-    gc.collect()
-
-
 class PollFailure(LateDevice):
     """The device fails while the sink polls a copy (e.g. an async CUDA error surfacing in ``query``)."""
 
@@ -271,7 +264,7 @@ def test_device_error_while_polling_syncs_every_copy_and_frees(tmp_path, fail_at
     gc.collect()
     assert device.violations == []
     assert not device.pending(), "close() left copies un-synchronised"
-    forget_copies(device)
+    device.forget()
     assert all(ref() is None for ref in device.allocated)
 
 
@@ -307,7 +300,7 @@ def test_cancel_during_conversion_waits_for_the_conversion(tmp_path):
     assert len(converts) > 2  # conversions were in flight when the consumer went away
     assert device.violations == []
     assert not device.pending()
-    forget_copies(device)
+    device.forget()
     assert all(ref() is None for ref in device.allocated)
 
 
