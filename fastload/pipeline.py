@@ -86,10 +86,10 @@ async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
         headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
     with trace.span("plan"):
         plan = build_plan(headers, resolved.files, config=request.config, names=request.names,
-                          shard=request.shard, index=resolved.index)
+                          shard=request.shard, indexes=resolved.indexes)
         if request.select is not None and (names := request.select(plan)) is not None:
             plan = build_plan(headers, resolved.files, config=request.config, names=names,
-                              shard=request.shard, index=resolved.index)
+                              shard=request.shard, indexes=resolved.indexes)
         return plan
 
 

@@ -287,7 +287,7 @@ def build_plan(
     config: LoadConfig,
     names: Sequence[str] | None = None,
     shard: Shard | None = None,
-    index: ShardIndex | None = None,
+    indexes: Sequence[tuple[int, ShardIndex]] = (),
 ) -> LoadPlan:
     specs: dict[str, TensorSpec] = {}
     for header in headers:
@@ -296,15 +296,16 @@ def build_plan(
                 raise FormatError(f"tensor {spec.name!r} appears in both {files[specs[spec.name].file].url} "
                                   f"and {header.url}")
             specs[spec.name] = spec
-    if index is not None:
-        # The files were resolved from the index, in ``index.files`` order: compare whole relative
-        # paths, so that ``a/w.safetensors`` never stands in for ``b/w.safetensors``.
-        file_of = dict(enumerate(index.files))
+    for first, index in indexes:
+        # The files were resolved from the index, in ``index.files`` order from ``first`` on: compare whole
+        # relative paths, so that ``a/w.safetensors`` never stands in for ``b/w.safetensors``.
+        file_of = {first + i: name for i, name in enumerate(index.files)}
         missing = [n for n, fname in index.weight_map.items()
                    if n not in specs or file_of.get(specs[n].file) != fname]
         if missing:
+            shards = files[first:first + len(index.files)]
             raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]} "
-                              f"(checkpoint {_where(files)})")
+                              f"(checkpoint {_where(shards)})")
     if names is not None:
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in specs]
@@ -322,7 +323,8 @@ def build_plan(
     for file, runs in enumerate(runs_of):
         chunks += _chunks(runs, file, chunk_bytes, len(chunks))
     planned_files = tuple(PlannedFile(f, h.data_start, h.metadata) for f, h in zip(files, headers))
-    return LoadPlan(planned_files, tensors, tuple(chunks), chunk_bytes, dict(index.metadata) if index else {})
+    metadata = dict(indexes[0][1].metadata) if len(indexes) == 1 else {}  # several indexes: no one's is the load's
+    return LoadPlan(planned_files, tensors, tuple(chunks), chunk_bytes, metadata)
 
 
 def _where(files: Sequence[ObjectInfo]) -> str:

@@ -26,9 +26,11 @@ MAX_INDEX_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class Resolved:
+    """The checkpoint files, and each index that named some of them: ``(position of its first shard in
+    files, the index)``; a list of sources may hold several checkpoint directories."""
+
     files: tuple[ObjectInfo, ...]
-    index: ShardIndex | None = None
-    index_url: str | None = None
+    indexes: tuple[tuple[int, ShardIndex], ...] = ()
 
 
 def join(base: str, name: str) -> str:
@@ -116,7 +118,7 @@ async def _from_index(transports: Transports, info: ObjectInfo, url: str) -> Res
     base = parent(url)
     urls = [join(base, name) for name in index.files]
     files = await gather(transports.for_url(u).stat(u) for u in urls)
-    return Resolved(tuple(files), index, info.url)
+    return Resolved(tuple(files), ((0, index),))
 
 
 async def _resolve_dir(transports: Transports, url: str) -> Resolved:
@@ -145,9 +147,12 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         if len(source) == 1:  # exactly what the element alone names: an index or directory keeps its checks
             return await resolve(source[0], transports)
         parts = await gather(resolve(s, transports) for s in source)
-        if any(p.index is not None for p in parts) and len(parts) > 1:
-            raise ConfigError("a list of sources must name .safetensors files, not index files or directories")
-        return Resolved(tuple(f for p in parts for f in p.files))
+        files: list[ObjectInfo] = []
+        indexes: list[tuple[int, ShardIndex]] = []
+        for part in parts:  # each member's files in turn; an index keeps to the files it named
+            indexes += [(len(files) + first, index) for first, index in part.indexes]
+            files += part.files
+        return Resolved(tuple(files), tuple(indexes))
     url = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(url, str) or not url:
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")

@@ -233,6 +233,42 @@ def test_one_element_list_of_an_indexed_dir_validates_the_index_like_the_dir(tmp
         fastload.load([tmp_path / "model.safetensors.index.json"])
 
 
+def test_a_list_of_checkpoint_directories_loads_each_by_its_own_rules(tmp_path):
+    """README: a source is a path "or a list of these": directories with an index, with one model.safetensors
+    and with loose shards load together; each index is checked against its own shards only."""
+    from checkpoints import write_sharded
+
+    first = two_shards(tmp_path / "indexed")
+    second = {"m.w": torch.arange(7.0)}
+    write_single(tmp_path / "single" / "model.safetensors", second)
+    third = {"p.w": torch.ones(3), "q.w": torch.zeros(5)}
+    write_single(tmp_path / "loose" / "p.safetensors", {"p.w": third["p.w"]})
+    write_single(tmp_path / "loose" / "q.safetensors", {"q.w": third["q.w"]})
+    fourth = {"r.w": torch.full((9,), 4.0), "s.w": torch.full((4,), 5.0)}
+    write_sharded(tmp_path / "indexed2", fourth, 2)
+    dirs = [tmp_path / "single", tmp_path / "indexed", tmp_path / "loose", tmp_path / "indexed2"]
+    got = fastload.load(dirs)
+    want = {**first, **second, **third, **fourth}
+    assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
+    plan = fastload.plan(dirs)
+    assert plan.index_metadata == {}  # two indexes: neither one's metadata describes the load
+    assert fastload.plan([tmp_path / "indexed2", tmp_path / "single"]).index_metadata["total_size"] == 13 * 4
+    with pytest.raises(fastload.FormatError, match="appears in both"):
+        fastload.load([tmp_path / "indexed", tmp_path / "indexed"])
+
+
+def test_an_index_in_a_list_is_checked_against_its_own_shards(tmp_path):
+    """The second index names a tensor its shard lacks, which the first checkpoint has: still an error, naming
+    the second checkpoint."""
+    two_shards(tmp_path / "one")
+    write_single(tmp_path / "two" / "t.safetensors", {"t": torch.ones(2)})
+    (tmp_path / "two" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"t": "t.safetensors", "a": "t.safetensors"}}))
+    with pytest.raises(fastload.FormatError, match="t.safetensors") as info:
+        fastload.load([tmp_path / "one", tmp_path / "two"])
+    assert "'a'" in str(info.value)
+
+
 def test_index_check_compares_the_shard_path_not_just_its_basename(tmp_path):
     """weight_map says t is in b/w.safetensors, but t is in a/w.safetensors: the index is wrong.
 

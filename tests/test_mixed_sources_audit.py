@@ -173,8 +173,9 @@ def test_same_file_as_path_and_file_url_is_a_duplicate_name_error(mixed):
     assert "a.safetensors" in str(info.value)
 
 
-def test_index_over_http_in_a_mixed_list_is_a_config_error(mixed, http_dir, http_server):
-    """README: a list names .safetensors files; an index among other members is refused (ConfigError)."""
+def test_index_over_http_in_a_mixed_list_is_loaded_with_the_others(mixed, http_dir, http_server):
+    """README: a source is a path or URL "or a list of these": an index among other members is a checkpoint
+    of its own (its shards, checked against its weight_map), loaded with the rest."""
     idx_dir = http_dir / "sharded"
     idx_dir.mkdir()
     save_file({"x.w": torch.ones(4)}, str(idx_dir / "model-00001-of-00001.safetensors"))
@@ -182,11 +183,10 @@ def test_index_over_http_in_a_mixed_list_is_a_config_error(mixed, http_dir, http
         '{"metadata": {}, "weight_map": {"x.w": "model-00001-of-00001.safetensors"}}')
     index_url = http_server.url_for(idx_dir / "model.safetensors.index.json")
     with Leaks(mixed.ports) as leaks:
-        with pytest.raises(fastload.ConfigError, match="list"):
-            bounded(lambda: fastload.load([mixed.a, index_url, mixed.c], config=mixed.config))
+        got = bounded(lambda: fastload.load([mixed.a, index_url, mixed.c], config=mixed.config))
         leaks.check(grace_s=0.5)
+    assert_bit_exact(got, {**{n: t for n, t in mixed.want.items() if not n.startswith("b.")}, "x.w": torch.ones(4)})
     assert not any(r.path.endswith("b.safetensors") for r in http_server.log)
-    # Alone in a one-element list, the same index is exactly what it names: a checkpoint.
     got = bounded(lambda: fastload.load([index_url], config=mixed.config))
     assert_bit_exact(got, {"x.w": torch.ones(4)})
 
