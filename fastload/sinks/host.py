@@ -87,7 +87,10 @@ class HostSink:
                 await in_worker(self._convert, chunk, buf)
             finally:
                 release()
-            self.trace.interval("convert", start, self.trace.now())
+            # Conversion if any piece converts; else rows picked out of a span (a shard); else a plain copy.
+            stage = ("convert" if any(self.converts[p.tensor] for p in chunk.pieces)
+                     else "shard" if spanned(chunk) else "copy")
+            self.trace.interval(stage, start, self.trace.now())
         return self.completion.account(chunk)
 
     def tensor(self, index: int) -> torch.Tensor:
