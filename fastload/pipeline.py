@@ -6,6 +6,7 @@ through ``runner.py`` and nowhere else.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -73,9 +74,20 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
         config = LoadConfig()
     elif not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
-    if progress is not None and not callable(progress):
-        raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
+    check_progress(progress)
     return LoadRequest(source, device, dtype, names, shard, config, as_trace(trace), progress)
+
+
+def check_progress(progress) -> None:
+    """``progress`` is None or a plain callable: a coroutine function's calls would only make coroutines that
+    nobody awaits (no progress shown at all)."""
+    if progress is None:
+        return
+    if not callable(progress):
+        raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
+    if inspect.iscoroutinefunction(progress) or inspect.iscoroutinefunction(getattr(progress, "__call__", None)):
+        raise ConfigError("progress must be a plain callable(done_bytes, total_bytes), not a coroutine function: "
+                          "it is called from the load's own loop and nothing awaits what it returns")
 
 
 async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
@@ -157,8 +169,11 @@ async def _produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None
             done += n
             request.progress(done, total)
 
+        if request.progress is not None:
+            request.progress(0, total)  # the total before the first byte, as pull reports it (and a load with
+            # nothing to fetch reports that it is complete)
         await run_plan(plan, transports=transports, sink=sink, pool=pool, trace=trace, emit=emit,
-                       progress=progress if request.progress else None,
+                       progress=progress if request.progress is not None else None,
                        workers=config.max_concurrency)
     except BaseException as exc:
         error = exc

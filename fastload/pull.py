@@ -47,6 +47,7 @@ from .errors import (ConfigError, FastloadError, FormatError, IntegrityError, So
 from .fetch import run_plan
 from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .integrity import GIT_BLOB, verify_file
+from .pipeline import check_progress
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .redact import redact_url
 from .resolve import join
@@ -497,8 +498,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
     if not isinstance(source, str) or not source:
         raise ConfigError(f"source must be a path or URL, got {source!r}")
     source = normalize_url(source)
-    if progress is not None and not callable(progress):
-        raise ConfigError("progress must be a callable(done_bytes, total_bytes)")
+    check_progress(progress)
     config = config or LoadConfig()
     if not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
@@ -597,7 +597,8 @@ async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transpo
     targets = [FileTarget(layout.temp(e), e.info, _published(e)) for e in todo]
     for t in targets:
         t.done = resume_ranges(t.temp, t.info)
-    total = sum((e.info.size if e.info else e.size or 0) for e in entries)
+    # A file shared with one in todo (the Hub's one blob at two paths) is fetched once: its bytes count once.
+    total = sum((e.info.size if e.info else e.size or 0) for e in entries if e not in shared)
     done = total - sum(t.info.size - sum(b - a for a, b in t.done) for t in targets)
     if progress is not None:
         progress(done, total)

@@ -84,7 +84,7 @@ class Progress:
         assert {t for _, t in calls} == {total}, f"total changed or wrong: {sorted({t for _, t in calls})} vs {total}"
         dones = [d for d, _ in calls]
         assert dones == sorted(dones), "progress went backwards"
-        assert all(0 < d <= total for d in dones), f"progress out of (0, total]: {dones}"
+        assert dones[0] == 0 and all(0 <= d <= total for d in dones), f"progress out of [0, total]: {dones}"
         assert dones[-1] == total, f"progress ended at {dones[-1]}, not {total}"
         assert dones.count(total) == 1, "progress reported completion more than once"
         assert len(set(dones)) == len(dones), "progress reported the same value twice"
@@ -190,7 +190,7 @@ def test_many_tiny_tensors_coalesce_and_convert(tmp_path):
     s = trace.summary()
     assert s.chunks == len(plan.chunks)
     assert s.bytes_fetched == data_start_of(path) + plan.total_bytes
-    assert len(progress.calls) == len(plan.chunks)
+    assert len(progress.calls) == 1 + len(plan.chunks)  # (0, total) first, then one call per chunk
 
 
 # -- bytes_fetched, bytes_by_file, plan.total_bytes with names= gaps --------------------------------------------

@@ -346,6 +346,9 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     taken = [k for k in _OURS if k in hf_kwargs]
     if taken:
         raise ConfigError(f"from_pretrained sets {taken[0]!r} itself")
+    if "progress" in hf_kwargs:  # transformers would get it, and fail in the model's constructor after the load
+        raise ConfigError("from_pretrained takes no progress= (its weights may stream in several parts); "
+                          "fastload.pull(source, progress=...) first shows a download's progress")
     if dtype is None and "torch_dtype" in hf_kwargs:
         dtype = hf_kwargs.pop("torch_dtype")
     request = make_request(source, device=device, config=config, trace=trace)  # checks device, config, trace
