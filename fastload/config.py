@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from typing import Any
 
 from .errors import ConfigError
@@ -204,9 +205,11 @@ def parse_size(text: str) -> int:
     raw = text.strip().lower().replace(" ", "")
     digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
     suffix = raw[len(digits):]
-    try:
-        return int(float(digits) * _SIZE_SUFFIXES[suffix])
-    except (KeyError, ValueError, OverflowError):
+    try:  # exact: a decimal, not a float (2**53 + 1 bytes stays itself)
+        if not digits.isascii() or len(digits) > 40:
+            raise ValueError(digits)
+        return int(Decimal(digits) * _SIZE_SUFFIXES[suffix])
+    except (KeyError, ValueError, ArithmeticError):
         raise ConfigError(f"not a size: {text!r} (try 16MiB, 512k, 1g)") from None
 
 

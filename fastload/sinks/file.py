@@ -86,7 +86,7 @@ def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
     done = []
     for line in lines[1:]:
         parts = line.split()
-        if len(parts) == 2 and all(p.isdigit() for p in parts):
+        if len(parts) == 2 and all(p.isascii() and p.isdigit() and len(p) <= 19 for p in parts):
             start, end = int(parts[0]), int(parts[1])
             if 0 <= start < end <= info.size:
                 done.append((start, end))

@@ -49,7 +49,8 @@ PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and neve
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# ASCII digits (RFC 9110), at most 19: a value past int64 cannot describe a file and would not parse cheaply.
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 
 
 def _value(headers, name: str) -> str | None:

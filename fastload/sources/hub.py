@@ -96,7 +96,10 @@ class HubTransport:
             async with resp:
                 linked = resp.headers.get("X-Linked-Etag") or linked
                 size = (resp.headers.get("X-Linked-Size") or "").strip()
-                linked_size = int(size) if size.isdigit() else linked_size
+                if size.isascii() and size.isdigit():
+                    if len(size) > 19:  # past int64: no file's size (and int() of 5000 digits raises)
+                        raise IntegrityError(f"{shown}: the Hub names an LFS file size of {len(size)} digits")
+                    linked_size = int(size)
                 location = resp.headers.get("Location")
                 if resp.status not in (301, 302, 303, 307, 308) or not location:
                     self._check(resp, shown)
