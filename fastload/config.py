@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from .errors import ConfigError
+from .redact import redact_url
 
 MiB = 1 << 20
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # longer than any wait makes sense for; sockets and timers overflow far beyond
@@ -31,7 +32,8 @@ class Headers(Mapping):
     __slots__ = ("_items",)
 
     def __init__(self, items: Mapping[str, str]):
-        _check(isinstance(items, Mapping), f"http_headers must be a mapping of names to values, got {items!r}")
+        _check(isinstance(items, Mapping), "http_headers must be a mapping of names to values, got "
+               + type(items).__name__)  # not the items: they hold the secrets
         for name, value in items.items():
             _check(isinstance(name, str) and _TOKEN.fullmatch(name) is not None,
                    f"http_headers: {name!r} is not an HTTP header name")
@@ -102,7 +104,9 @@ class S3Options:
         _check(
             self.endpoint_url is None
             or (isinstance(self.endpoint_url, str) and self.endpoint_url.startswith(("http://", "https://"))),
-            f"s3.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}",
+            "s3.endpoint_url must be an http(s) URL, got " + (repr(redact_url(self.endpoint_url))
+                                                              if isinstance(self.endpoint_url, str)
+                                                              else type(self.endpoint_url).__name__),
         )
         for name in ("region", "profile"):
             value = getattr(self, name)

@@ -22,6 +22,21 @@ class FastloadError(Exception):
     """Root of every error fastload raises."""
 
 
+def _rebuilt(cls: type, args: tuple, state: dict) -> BaseException:
+    """An error as it was pickled, without running ``__init__`` again (it would redact the message twice)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+class _Redacted:
+    """Pickled and copied as built: ``.args`` and the attributes as they are (for multiprocessing, Ray)."""
+
+    def __reduce__(self):
+        return _rebuilt, (type(self), self.args, dict(self.__dict__))
+
+
 class ConfigError(FastloadError, ValueError):
     """An invalid option or combination of options."""
 
@@ -30,7 +45,7 @@ class FormatError(FastloadError, ValueError):
     """A malformed or hostile safetensors file or shard index."""
 
 
-class _UrlError(FastloadError):
+class _UrlError(_Redacted, FastloadError):
     """An error about one source: the message and ``.url`` are redacted (no query strings, passwords)."""
 
     def __init__(self, message: str, *, url: str | None = None):
@@ -49,7 +64,7 @@ class SourcePermissionError(_UrlError, PermissionError):
     """Access denied (403, AccessDenied, EACCES)."""
 
 
-class _TransportError(FastloadError, OSError):
+class _TransportError(_Redacted, FastloadError, OSError):
     """Common shape of the I/O errors: they name the URL and byte range."""
 
     def __init__(

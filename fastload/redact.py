@@ -15,8 +15,9 @@ from urllib.parse import SplitResult, urlsplit
 
 HIDDEN = "***"
 
-# A URL inside free text: scheme://, then anything up to whitespace or a quote.
-_URL_IN_TEXT = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>]+""")
+# A URL inside free text: scheme://, then anything up to whitespace or a quote; punctuation that ends a
+# sentence or clause (";", ",", ".", ")") after it is the text's, not the URL's.
+_URL_IN_TEXT = re.compile(r"""[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>]*[^\s'"<>;,.)]""")
 # Credentials that can appear outside a URL (a header echoed in a message).
 _SECRET_IN_TEXT = re.compile(
     r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:[a-z0-9-]+\s+)?|bearer\s+|"
@@ -38,6 +39,8 @@ def redact_url(url: str) -> str:
     if parts.scheme in ("file", "s3"):  # an S3 key is literal: "?" and "#" in it are not a query or fragment
         return url
     netloc = parts.netloc
+    if "@" not in netloc and "@" in url.partition("://")[2].partition("/")[0]:
+        return _redact_unparsable(url)  # a raw "?" or "#" inside a password: the parser cut the authority there
     if "@" in netloc:
         userinfo, _, host = netloc.rpartition("@")
         user = userinfo.split(":", 1)[0]
@@ -49,11 +52,15 @@ def redact_url(url: str) -> str:
 
 
 def _redact_unparsable(url: str) -> str:
-    head, sep, _ = url.partition("?")
-    if "@" in head.partition("://")[2].partition("/")[0]:
-        scheme, _, rest = head.partition("://")
-        head = f"{scheme}://{HIDDEN}@{rest.partition('@')[2]}"
-    return head + (f"?{HIDDEN}" if sep else "")
+    """The credentials (all of the authority up to its last ``@``), query and fragment of a URL the parser
+    cannot read, or reads wrongly (a raw ``?`` or ``#`` in a password), hidden."""
+    scheme, _, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = f"{HIDDEN}@{authority.rpartition('@')[2]}"
+    text = f"{scheme}://{authority}{slash}{path}"
+    cut = re.search(r"[?#]", text)
+    return text if cut is None else f"{text[:cut.start()]}{cut.group()}{HIDDEN}"
 
 
 def printable(text: str) -> str:

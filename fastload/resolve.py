@@ -65,8 +65,11 @@ def _check_url(url: str) -> None:
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- parsing the port is what raises
-    except ValueError as exc:
-        raise ConfigError(f"not a valid URL ({exc}): {redact_url(url)}") from None
+    except ValueError:
+        parts = None
+    if parts is None:  # raised out here, with no parse error as its context: that may quote a password cut at a
+        # raw "#" as the port
+        raise ConfigError(f"not a valid URL (a bracketed host or port that does not parse): {redact_url(url)}")
     if not parts.hostname:
         raise ConfigError(f"no host in URL: {redact_url(url)}")
 

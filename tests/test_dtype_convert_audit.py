@@ -12,7 +12,6 @@ sides are NaN, only NaN-ness is compared; everywhere else every bit is.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import struct
