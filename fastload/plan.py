@@ -316,8 +316,9 @@ def build_plan(
         chosen = list(specs.values())
     chosen.sort(key=lambda s: (s.file, s.start))
     tensors = tuple(_planned(s, shard) for s in chosen)
-    runs_of = [[r for i, t in enumerate(tensors) if t.spec.file == file for r in _runs(i, t, shard)]
-               for file in range(len(files))]
+    runs_of: list[list[Piece]] = [[] for _ in files]  # one pass: a 1000-shard index must not cost files x tensors
+    for i, t in enumerate(tensors):
+        runs_of[t.spec.file] += _runs(i, t, shard)
     chunk_bytes = chunk_size(sum(r.end - r.src for runs in runs_of for r in runs), config)  # the spans read
     chunks: list[ChunkRead] = []
     for file, runs in enumerate(runs_of):

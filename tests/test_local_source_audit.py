@@ -552,3 +552,74 @@ def test_memfd_through_proc_self_fd(tmp_path, direct):
             assert_matches(got, reference(src), dtype)
     finally:
         os.close(fd)
+
+
+# -- open descriptors: bounded, and a file reopened must be the one pinned ------------------------------------
+
+
+def _segments(info, start: int, n: int):
+    from fastload.sources import Segment
+
+    buf = bytearray(n)
+    return buf, [Segment(start, memoryview(buf))]
+
+
+def test_descriptors_are_bounded_and_a_reopened_file_is_checked(tmp_path):
+    """With room for 2 descriptors, reading 5 files closes the idle ones; reading an evicted file again reopens
+    it, and a file renamed over it meanwhile is a SourceChangedError, never the new bytes in the old's place."""
+    import asyncio
+
+    from fastload.sources.local import LocalTransport
+    from reliability_helpers import fds
+
+    paths = [tmp_path / f"f{i}.bin" for i in range(5)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes([i]) * 4096)
+
+    async def main():
+        transport = LocalTransport(2, fastload.Trace(), max_open=2)
+        try:
+            infos = [await transport.stat(str(p)) for p in paths]
+            assert len(transport._fds) == 2
+            before = fds()
+            for i, info in enumerate(infos):  # each read reopens what the stats closed
+                buf, segs = _segments(info, 100, 16)
+                await transport.read(info, segs)
+                assert bytes(buf) == bytes([i]) * 16
+            assert len(transport._fds) == 2 and len(fds()) <= len(before) + 1
+            replacement = tmp_path / "new.bin"
+            replacement.write_bytes(b"\xff" * 4096)
+            os.replace(replacement, paths[0])  # f0's descriptor was closed for f3/f4
+            buf, segs = _segments(infos[0], 0, 16)
+            with pytest.raises(fastload.SourceChangedError, match="f0.bin"):
+                await transport.read(infos[0], segs)
+            buf, segs = _segments(infos[4], 0, 16)  # still open: read from the pinned descriptor
+            await transport.read(infos[4], segs)
+            assert bytes(buf) == b"\x04" * 16
+        finally:
+            await transport.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_load_of_more_shards_than_descriptors_is_exact(tmp_path):
+    """A 40-shard checkpoint in a process allowed 48 open files (12 for shards): loaded bit-exact."""
+    from checkpoints import write_sharded
+
+    tensors = {f"t{i}": torch.full((1000 + i,), float(i)) for i in range(40)}
+    write_sharded(tmp_path / "ck", tensors, 40)
+    code = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+        import torch, fastload
+        from safetensors.torch import load_file
+        import glob
+        got = fastload.load({str(tmp_path / "ck")!r})
+        want = {{}}
+        for f in sorted(glob.glob({str(tmp_path / "ck" / "*.safetensors")!r})):
+            want.update(load_file(f))
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -50,13 +50,15 @@ import queue
 import stat
 import sys
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
 
-from ..errors import IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import (FastloadError, IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError,
+                      TransferError)
 from ..trace import ReadRecord, Trace
 from ..runner import DaemonThreadPool
 from .base import ObjectInfo, Segment
@@ -95,7 +97,26 @@ def _os_error(exc: OSError | ValueError, url: str, byte_range: tuple[int, int] |
         return SourceNotFoundError(f"no such file ({exc.strerror}): {url}", url=url)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SourcePermissionError(f"permission denied: {url}", url=url)
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return TransferError(f"cannot open: too many open files (this process may open {_nofile()}; raise "
+                             f"`ulimit -n`)", url=url, byte_range=byte_range)
     return TransferError(f"read failed: {exc.strerror or exc}", url=url, byte_range=byte_range)
+
+
+def _nofile() -> int | str:
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "?"
+
+
+def max_open_files() -> int:
+    """How many shard descriptors a load keeps open: a quarter of the open-file limit (sockets, the pool's
+    and the caller's files need the rest), between 8 and 512."""
+    limit = _nofile()
+    return 512 if not isinstance(limit, int) or limit < 0 else max(8, min(512, limit // 4))
 
 
 def _runs(segments: list[Segment]) -> list[list[Segment]]:
@@ -139,14 +160,16 @@ class OrderedGate:
 
 class LocalTransport:
     def __init__(self, threads: int, trace: Trace, *, direct_io: bool = False, direct_budget: int = 256 << 20,
-                 cold_readers: int | None = None):
+                 cold_readers: int | None = None, max_open: int | None = None):
         self.trace = trace
         self._direct = direct_io and hasattr(os, "O_DIRECT") and sys.platform == "linux"
         if self._direct:  # one scratch buffer per thread, together the budget (see the module docstring)
             threads = max(threads, direct_budget // DIRECT_READ_BYTES)
         self.threads = threads
         self._pool = DaemonThreadPool(threads, "fastload-pread")  # works in atexit handlers too (see runner)
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()  # least recently used first
+        self._users: dict[str, int] = {}  # threads holding a file's descriptors: those are never closed
+        self._max_fds = max_open or max_open_files()
         # When set, uncached ranges are read by at most this many threads at once (see OrderedGate).
         self._cold_readers = cold_readers
         self._gate = OrderedGate(cold_readers or 1)
@@ -172,43 +195,59 @@ class LocalTransport:
         if not regular:
             raise SourceNotFoundError(f"not a regular file: {url}", url=url)
         try:
-            fd = self._open(url)
-            st = os.fstat(fd)
-            # an index or other JSON file is read whole later: no prefix for it
-            prefix = b"" if url.endswith(".json") else os.pread(fd, min(8, st.st_size), 0)
+            with self._held(url) as fd:
+                st = os.fstat(fd)
+                # an index or other JSON file is read whole later: no prefix for it
+                prefix = b"" if url.endswith(".json") else os.pread(fd, min(8, st.st_size), 0)
         except OSError as exc:
             raise _os_error(exc, url) from exc
         self.trace.count("bytes_fetched", len(prefix), key=url)
         return ObjectInfo(url=url, size=st.st_size, etag=_etag(st), prefix=prefix)
 
-    def _open(self, url: str) -> int:
-        """The load's one descriptor for ``url`` (opened on first use, closed by ``aclose``)."""
+    @contextmanager
+    def _held(self, url: str, etag: str | None = None):
+        """The load's descriptor for ``url``, kept open while held. Opened on first use; at most ``_max_fds``
+        stay open (a 1000-shard index under ``ulimit -n 1024``): the least recently used one that no thread
+        holds is closed, and a file opened again must still be what ``etag`` pinned (else
+        SourceChangedError: a file renamed over ours is not read in its place)."""
         with self._lock:
             fd = self._fds.get(url)
-            if fd is None:
-                # O_NONBLOCK: a path swapped for a FIFO after the stat fails its reads instead of hanging
-                # the open (no effect on regular files).
-                flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-                fd = self._fds[url] = os.open(to_path(url), flags)
-            return fd
-
-    def _fd(self, info: ObjectInfo) -> int:
-        with self._lock:
-            fd = self._fds.get(info.url)
-        if fd is not None:  # opened by stat(): ``info.etag`` came from this very descriptor
-            return fd
+            if fd is not None:
+                self._fds.move_to_end(url)
+            self._users[url] = self._users.get(url, 0) + 1
         try:
-            fd = self._open(info.url)
-        except OSError as exc:
-            raise _os_error(exc, info.url) from exc
-        if _changed(os.fstat(fd), info.etag):  # an ObjectInfo this transport did not stat itself
-            raise SourceChangedError("file changed since it was first read", url=info.url)
-        return fd
+            if fd is None:
+                fd = self._open(url)
+                if etag is not None and _changed(os.fstat(fd), etag):
+                    raise SourceChangedError("file changed since it was first read", url=url)
+            yield fd
+        finally:
+            with self._lock:
+                self._users[url] -= 1
+                if not self._users[url]:
+                    del self._users[url]
 
-    def _direct_fd(self, info: ObjectInfo) -> int | None:
-        """An O_DIRECT descriptor of the very file the load pinned: opened through ``/proc/self/fd`` (by path,
-        a file renamed over ours since would be read), and checked to be the same inode."""
-        fd = self._fd(info)
+    def _open(self, url: str) -> int:
+        # O_NONBLOCK: a path swapped for a FIFO after the stat fails its reads instead of hanging the open (no
+        # effect on regular files).
+        fd = os.open(to_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        with self._lock:
+            if url in self._fds:  # another thread opened it meanwhile: one descriptor per file
+                os.close(fd)
+                return self._fds[url]
+            idle = [u for u in self._fds if u not in self._users]
+            for old in idle[:max(0, len(self._fds) + 1 - self._max_fds)]:
+                os.close(self._fds.pop(old))
+                direct = self._direct_fds.pop(old, None)
+                if direct is not None:
+                    os.close(direct)
+            self._fds[url] = fd
+            return fd
+
+    def _direct_fd(self, info: ObjectInfo, fd: int) -> int | None:
+        """An O_DIRECT descriptor of the very file the load pinned (``fd``, held by the caller): opened through
+        ``/proc/self/fd`` (by path, a file renamed over ours since would be read), and checked to be the same
+        inode."""
         with self._lock:
             if info.url not in self._direct_fds:
                 flags = os.O_RDONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0)
@@ -332,7 +371,15 @@ class LocalTransport:
     def _read_blocking(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         if record is not None:
             record.started, record.attempts = self.trace.now(), 1
-        fd = self._fd(info)
+        try:
+            with self._held(info.url, info.etag) as fd:
+                return self._read_held(fd, info, segments, record)
+        except OSError as exc:  # opening it again (after its descriptor was closed for another file's)
+            if isinstance(exc, FastloadError):
+                raise
+            raise _os_error(exc, info.url) from exc
+
+    def _read_held(self, fd: int, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None) -> int:
         total = 0
         for run in _runs(segments):
             views = [seg.view for seg in run]
@@ -343,7 +390,7 @@ class LocalTransport:
             if want >= DIRECT_MIN_BYTES and (self._direct or self._cold_readers):
                 cold = self._mostly_uncached(fd, offset, want) is True
             if cold and self._direct:
-                dfd = self._direct_fd(info)
+                dfd = self._direct_fd(info, fd)
                 if dfd is not None:
                     got = self._read_direct(dfd, info, views, offset, want, record)
                     views = _advance(views, got)
@@ -401,7 +448,7 @@ class LocalTransport:
         self._scratch_free = queue.SimpleQueue()  # the scratch buffers go with the load
         with self._lock:
             fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
-            self._fds, self._direct_fds = {}, {}
+            self._fds, self._direct_fds = OrderedDict(), {}
         for fd in fds:
             os.close(fd)
 
