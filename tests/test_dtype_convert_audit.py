@@ -616,3 +616,19 @@ def test_stream_plan_reports_stored_dtypes_while_tensors_arrive_converted(unalig
     for name, tensor in items:
         assert stored[name] in _FLOAT_NAMES or stored[name] in ("U8", "BOOL", "I16")
         assert tensor.dtype == (torch.float16 if ref[name].dtype.is_floating_point else ref[name].dtype)
+
+
+@pytest.mark.parametrize("shard_dim", [None, 1])
+def test_large_unaligned_piece_converts_in_blocks(tmp_path, shard_dim):
+    """A 3 MiB bf16 tensor at an odd offset (after a 3-byte u8 one) is converted through aligned blocks (1 MiB),
+    not one clone of the whole piece: in one chunk whole, and as a dim-1 shard (many short strided rows)."""
+    gen = torch.Generator().manual_seed(11)
+    big = torch.randn(1024, 1536, generator=gen).to(torch.bfloat16)
+    path = write_raw(tmp_path / "u.safetensors", [("pad", "U8", (3,), b"\x01\x02\x03"),
+                                                  ("big", "BF16", tuple(big.shape), as_bytes(big))])
+    config = fastload.LoadConfig(chunk_bytes=8 << 20)
+    shard = None if shard_dim is None else fastload.Shard(1, 3, {"big": shard_dim})
+    got = fastload.load(str(path), dtype=torch.float32, config=config, shard=shard)
+    want = big.to(torch.float32) if shard is None else big.to(torch.float32).tensor_split(3, 1)[1]
+    assert torch.equal(flat_bits(got["big"]), flat_bits(want.contiguous()))
+    assert got["pad"].tolist() == [1, 2, 3]

@@ -25,6 +25,26 @@ def output_dtype(stored: torch.dtype, is_float: bool, wanted: torch.dtype | None
     return wanted if (wanted is not None and is_float and wanted.is_floating_point) else stored
 
 
+#: Bytes copied at a time to an aligned place when a piece to convert is not aligned for its dtype.
+UNALIGNED_BLOCK = 1 << 20
+
+
+def _convert_unaligned(dst: torch.Tensor, src: torch.Tensor, stored: torch.dtype, size: int) -> None:
+    """``dst`` (rows x elements, the output dtype) from ``src`` (rows x bytes, uint8, not aligned for ``stored``),
+    through aligned copies of at most ``UNALIGNED_BLOCK`` bytes: memory beyond the buffer budget stays one
+    block per worker, not a chunk."""
+    rows, length = src.shape
+    if length <= UNALIGNED_BLOCK:
+        step = max(1, UNALIGNED_BLOCK // max(1, length))
+        for r in range(0, rows, step):
+            dst[r:r + step].copy_(src[r:r + step].clone().view(stored))
+        return
+    per = UNALIGNED_BLOCK // size * size
+    for r in range(rows):
+        for c in range(0, length, per):
+            dst[r, c // size:(c + per) // size].copy_(src[r, c:c + per].clone().view(stored))
+
+
 class HostSink:
     def __init__(self, plan: LoadPlan, *, dtype: torch.dtype | None, trace: Trace):
         self.plan = plan
@@ -69,10 +89,11 @@ class HostSink:
             out = self.outputs[p.tensor].view(-1)
             if self.converts[p.tensor]:
                 size = self.plan.tensors[p.tensor].spec.dtype.itemsize
+                dst = out[p.dst // size:(p.dst + n) // size].view(p.rows, p.length // size)
                 if src.storage_offset() % size:  # safetensors does not align offsets: torch views need it
-                    src = src.clone()  # one piece, at most a chunk; contiguous at offset 0
-                out[p.dst // size:(p.dst + n) // size].view(p.rows, p.length // size).copy_(
-                    src.view(self.stored[p.tensor]))
+                    _convert_unaligned(dst, src, self.stored[p.tensor], size)
+                else:
+                    dst.copy_(src.view(self.stored[p.tensor]))
                 converted += n
             else:
                 out.view(torch.uint8)[p.dst:p.dst + n].view(p.rows, p.length).copy_(src)
