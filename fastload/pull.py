@@ -435,7 +435,10 @@ async def _exclusive(lock: Path, url: str, trace: Trace):
                     await asyncio.sleep(0.1)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        try:  # unlocked explicitly: a process forked meanwhile shares the open file, and closing ours alone
+            fcntl.flock(fd, fcntl.LOCK_UN)  # would leave the lock held until that child exits
+        finally:
+            os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import sys
 import threading
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -54,7 +55,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
     except RuntimeError:
         running = False
     if not running:  # (outside the except block: the load's errors must not carry "no running event loop")
-        asyncio.run(_in_our_loop(main()))
+        run_loop(_in_our_loop(main()))
         return box.pop("value")
 
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
@@ -71,6 +72,16 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
     finally:
         stream.close()
+
+
+def run_loop(coro: Awaitable[T]) -> T:
+    """``asyncio.run(coro)``, leaving the thread's current event loop as the caller set it: ``asyncio.run`` sets
+    its own as current and then None, which breaks a caller that set a loop to run later (code that calls
+    ``asyncio.get_event_loop()``). Python 3.10 has no ``Runner``: there it is ``asyncio.run``."""
+    if sys.version_info < (3, 11):  # pragma: no cover
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        return runner.run(coro)
 
 
 async def _in_our_loop(aw: Awaitable[T]) -> T:
@@ -275,7 +286,7 @@ class ThreadedStream:
             self._queue.put((_DONE, None))
 
         try:
-            asyncio.run(body())
+            run_loop(body())
         finally:
             self._ready.set()
 

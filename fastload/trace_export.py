@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections import defaultdict
 
 from .errors import ConfigError
@@ -190,16 +191,19 @@ def to_chrome(trace: Trace) -> dict:
 def write(trace: Trace, path: str) -> None:
     """Write the Chrome trace JSON to ``path`` (atomically: a partial file is never left behind)."""
     check_path(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
+    tmp = None
+    try:  # a temporary name of this call's own: loads in several threads may write one path at once
+        folder, name = os.path.split(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(to_chrome(trace), f, separators=(",", ":"))
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise ConfigError(f"cannot write the trace to {path}: {exc.strerror or exc}") from exc
 
 

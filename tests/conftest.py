@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import all_dtypes_tensors, llama_like_tensors, write_sharded, write_single
+from reliability_helpers import private_tmp  # noqa: F401 -- autouse for every test: Leaks watches its own temp dir
 from servers import FaultProxy, Faults, RangeHTTPServer, S3Server
 
 # Host settings that must not leak into tests talking to the local S3 server.
