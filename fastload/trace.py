@@ -264,6 +264,7 @@ class Trace:
         self._begin: float | None = None
         self._end: float | None = None
         self._emitted: dict = {}  # what was already sent to OpenTelemetry (see unsent)
+        self._sent_lock = threading.Lock()
         self.anchor = (time.perf_counter(), time.time_ns())  # maps the trace clock to the epoch
 
     @staticmethod
@@ -335,8 +336,9 @@ class Trace:
     def unsent(self) -> dict:
         """A snapshot of what was recorded since the last call (for OpenTelemetry: one span per load of a
         reused Trace, describing that load alone); marks it all as sent."""
-        snap = self.snapshot()
-        last, self._emitted = self._emitted, snap
+        with self._sent_lock:  # two loads of one Trace ending together: each part is sent once
+            snap = self.snapshot()
+            last, self._emitted = self._emitted, snap
         if not last:
             return snap
         counters = {k: v - last["counters"].get(k, 0) for k, v in snap["counters"].items()}
