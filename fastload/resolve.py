@@ -18,7 +18,7 @@ from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_len
                      parse_header, parse_index)
 from .redact import redact_url
 from .runner import gather
-from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
+from .sources import ObjectInfo, Segment, Transports, normalize_url, read_bytes, scheme_of
 from .sources.local import is_dir, to_path
 
 MAX_INDEX_BYTES = 64 << 20
@@ -188,10 +188,13 @@ async def read_header(transports: Transports, info: ObjectInfo, file: int) -> Fi
     (never tensor bytes)."""
     transport = transports.for_url(info.url)
     want = min(info.size, 8)
-    # The size probe brought it (and counted it as fetched): one read fewer. Not when the file's checksum
-    # is verified as it streams: the hash must see the file from byte 0, through the transport.
-    if len(info.prefix) >= want and not (transports.verification is not None and info.checksum):
+    # The size probe brought it (and counted it as fetched): one read fewer. A checksum verified as the file
+    # streams starts its hash with these bytes.
+    if len(info.prefix) >= want:
         prefix = info.prefix[:want]
+        verifier = transports.verification.verifier(info) if transports.verification is not None else None
+        if verifier is not None:
+            await verifier.feed([Segment(0, memoryview(prefix))])
     else:
         prefix = await read_bytes(transport, info, 0, want)
     data_start = header_length(prefix, url=info.url, file_size=info.size)

@@ -42,7 +42,7 @@ def test_two_buffers_never_reused_while_a_copy_is_pending(tmp_path):
     got, trace = asyncio.run(drive(str(path), device, buffers=2))
     assert device.violations == []
     assert_bit_exact(got, safetensors.torch.load_file(path))
-    assert len(device.events) > 20 and device.max_pending <= 2  # at most one pending copy per buffer
+    assert len(device.events) > 12 and device.max_pending <= 2  # at most one pending copy per buffer
     assert all(e.completed and e.waited for e in device.events)
     stages = trace.summary().stages
     assert stages["wait"] > 0 and stages["copy"] > 0  # workers did wait for buffers held by late copies

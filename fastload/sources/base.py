@@ -9,6 +9,7 @@ transports read across them and discard the gap bytes.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -73,3 +74,25 @@ async def read_bytes(transport: Transport, info: ObjectInfo, start: int, end: in
     if end > start:
         await transport.read(info, [Segment(start, memoryview(buf))])
     return bytes(buf)
+
+
+def open_file_limit() -> int | str:
+    """This process's soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return "?"
+
+
+def out_of_files(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the OSError aiohttp's connector error keeps) is EMFILE/ENFILE: no retry mends it
+    while the load itself holds the descriptors."""
+    err = getattr(exc, "os_error", None) or exc
+    return isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def out_of_files_message() -> str:
+    return (f"too many open files (this process may open {open_file_limit()}): raise `ulimit -n` or lower "
+            f"max_concurrency")

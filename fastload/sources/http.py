@@ -41,9 +41,9 @@ from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from ..runner import in_worker
-from .base import ObjectInfo, Segment, http_range, span_of
+from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of
 from .http_threads import BodyOverrun, ThreadedBodies, env_proxies, env_proxy
-from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
+from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
@@ -201,6 +201,7 @@ class HttpTransport:
         self._proxies: dict[str, str] | None = None  # from the environment, read when first needed
         self._names: dict[str, str] = {}  # shown name -> the URL it stands for (see _shown)
         self._closed = False
+        self._slots: asyncio.Semaphore | None = None  # requests in flight (see _in_slot)
 
     def _check_open(self) -> None:
         if self._closed:  # a request that outlived its load must not reopen a session or threads
@@ -273,11 +274,22 @@ class HttpTransport:
         except ValueError as exc:  # e.g. an Authorization header and user:password in the URL
             raise ConfigError(f"cannot request {display}: {describe(scrub(exc))}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            if out_of_files(exc):
+                raise Fatal(out_of_files_message()) from scrub(exc)
             raise Transient(describe(scrub(exc))) from exc
+
+    async def _in_slot(self, attempt):
+        """One attempt as one of at most ``max_concurrency`` requests in flight: the size probes and header
+        reads of a sharded checkpoint are gathered across all its shards at once."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrency)
+        async with self._slots:
+            return await attempt()
 
     async def stat(self, url: str) -> ObjectInfo:
         display = self._shown(url)  # a presigned or user:password URL is fetched, never shown
-        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=(0, PROBE_BYTES))
+        return await self.policy.run(lambda: self._in_slot(lambda: self._stat_once(url, display)), url=display,
+                                     byte_range=(0, PROBE_BYTES))
 
     def _shown(self, url: str) -> str:
         """``url`` as messages and traces show it, one name per object: two URLs that differ only in hidden
@@ -292,7 +304,7 @@ class HttpTransport:
 
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
         display = redact_url(display)
-        return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display,
+        return await self.policy.run(lambda: self._in_slot(lambda: self._stat_once(fetch_url, display)), url=display,
                                      byte_range=(0, PROBE_BYTES))
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
@@ -338,8 +350,8 @@ class HttpTransport:
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         cursor = _Cursor(segments)
         start, end = span_of(segments)
-        await self.policy.run(lambda: self._read_once(info, cursor, record), url=info.url, byte_range=(start, end),
-                              progress=lambda: cursor.pos)
+        await self.policy.run(lambda: self._in_slot(lambda: self._read_once(info, cursor, record)), url=info.url,
+                              byte_range=(start, end), progress=lambda: cursor.pos)
         return end - start
 
     async def _read_once(self, info: ObjectInfo, cursor: _Cursor, record: ReadRecord | None = None) -> None:

@@ -33,7 +33,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, redact_url, scrub
 from ..runner import DaemonThreadPool, to_the_end
-from .retry import Transient
+from .base import out_of_files, out_of_files_message
+from .retry import Fatal, Transient
 
 MAX_REDIRECTS = 10
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -149,6 +150,8 @@ class ThreadedBodies:
                 self._discard(conn)
                 # A transport failure is retried; a verdict (a FastloadError from ``check``, many of them
                 # OSErrors, or a certificate that does not verify) and anything else go up as they are.
+                if out_of_files(exc):
+                    raise Fatal(out_of_files_message()) from scrub(exc)
                 if isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(
                         exc, (FastloadError, ssl.SSLCertVerificationError)):
                     raise Transient(describe(scrub(exc))) from exc

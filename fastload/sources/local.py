@@ -61,7 +61,7 @@ from ..errors import (FastloadError, IntegrityError, SourceChangedError, SourceN
                       TransferError)
 from ..trace import ReadRecord, Trace
 from ..runner import DaemonThreadPool
-from .base import ObjectInfo, Segment
+from .base import ObjectInfo, Segment, open_file_limit, out_of_files, out_of_files_message
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv call
 ALIGN = 4096  # O_DIRECT offset/length/address alignment (covers 512- and 4096-byte logical blocks)
@@ -97,25 +97,15 @@ def _os_error(exc: OSError | ValueError, url: str, byte_range: tuple[int, int] |
         return SourceNotFoundError(f"no such file ({exc.strerror}): {url}", url=url)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return SourcePermissionError(f"permission denied: {url}", url=url)
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        return TransferError(f"cannot open: too many open files (this process may open {_nofile()}; raise "
-                             f"`ulimit -n`)", url=url, byte_range=byte_range)
+    if out_of_files(exc):
+        return TransferError(f"cannot open: {out_of_files_message()}", url=url, byte_range=byte_range)
     return TransferError(f"read failed: {exc.strerror or exc}", url=url, byte_range=byte_range)
-
-
-def _nofile() -> int | str:
-    try:
-        import resource
-
-        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return "?"
 
 
 def max_open_files() -> int:
     """How many shard descriptors a load keeps open: a quarter of the open-file limit (sockets, the pool's
     and the caller's files need the rest), between 8 and 512."""
-    limit = _nofile()
+    limit = open_file_limit()
     return 512 if not isinstance(limit, int) or limit < 0 else max(8, min(512, limit // 4))
 
 

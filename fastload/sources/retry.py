@@ -56,6 +56,11 @@ class Transient(Exception):
         self.retry_after = retry_after
 
 
+class Fatal(Exception):
+    """Raised inside a transport for a failure no retry can mend (the process is out of file descriptors): the
+    load fails at once, with a ``TransferError`` naming the URL and byte range."""
+
+
 class RetryPolicy:
     """Per load: holds the retry semaphore; ``run`` retries one operation."""
 
@@ -99,6 +104,9 @@ class RetryPolicy:
                     return await self._attempt(op, deadline)
                 async with self._slots:  # retries are capped across the load
                     return await self._attempt(op, deadline)
+            except Fatal as exc:
+                raise TransferError(str(exc), url=url, byte_range=byte_range, attempts=total) from (exc.__cause__
+                                                                                                    or exc)
             except Transient as exc:
                 now_progress = progress()
                 if now_progress > last_progress:
