@@ -23,9 +23,11 @@ def load(source, *, device="cpu", dtype=None, names=None, shard=None, config=Non
     return runner.run(lambda: _collect(request))
 
 
-async def aload(source, **kwargs) -> dict[str, torch.Tensor]:
+async def aload(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
+                progress=None) -> dict[str, torch.Tensor]:
     """``load`` for async code: runs in the caller's event loop."""
-    return await _collect(make_request(source, **kwargs))
+    return await _collect(make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config,
+                                       trace=trace, progress=progress))
 
 
 async def _collect(request, on_plan=None) -> dict[str, torch.Tensor]:

@@ -75,7 +75,7 @@ def flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def device_error(exc: BaseException, what: str, device: Any) -> DeviceError:
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError):  # torch < 2.5
         return DeviceError(f"CUDA out of memory on {device} while {what}: {str(exc).splitlines()[0]}")
     return DeviceError(f"CUDA failure on {device} while {what}: {exc}")
 
