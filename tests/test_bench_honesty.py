@@ -376,7 +376,7 @@ def test_resident_fraction_of_a_file_the_process_does_not_own():
     import sys
     import tempfile
 
-    d = Path(tempfile.mkdtemp(prefix="bench-ro-"))  # pytest's tmp_path is 0700: another uid cannot reach it
+    d = Path(tempfile.mkdtemp(prefix="bench-ro-", dir="/tmp"))  # not pytest's 0700 dirs: nobody must reach it
     os.chmod(d, 0o755)
     p = d / "f.bin"
     p.write_bytes(os.urandom(1 << 21))

@@ -272,7 +272,7 @@ def _nobody_can_run() -> bool:
 def test_local_permission_denied_as_unprivileged_user():
     """EACCES: SourcePermissionError (a PermissionError) naming the path, pickled round; the CLI prints one
     line, exits 1, no traceback."""
-    directory = Path(tempfile.mkdtemp(prefix="fastload-eacces-"))
+    directory = Path(tempfile.mkdtemp(prefix="fastload-eacces-", dir="/tmp"))
     try:
         directory.chmod(0o755)
         path = small_checkpoint(directory)

@@ -192,7 +192,7 @@ CHILD = textwrap.dedent(r"""
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="drops root's capabilities in a child")
 def test_unreadable_files_and_directories_raise_source_permission_error():
-    base = Path(tempfile.mkdtemp(prefix="fastload-perm-"))
+    base = Path(tempfile.mkdtemp(prefix="fastload-perm-", dir="/tmp"))
     try:
         base.chmod(0o755)
         write_single(base / "locked.safetensors", {"a": torch.arange(3.0)}).chmod(0o000)

@@ -377,7 +377,8 @@ class LocalTransport:
             want = sum(len(v) for v in views)
             got = 0
             cold = False
-            if want >= DIRECT_MIN_BYTES and (self._direct or self._cold_readers):
+            # (a chunk cut at whole elements may end a few bytes short of the chunk size: still a full read)
+            if want + ALIGN > DIRECT_MIN_BYTES and (self._direct or self._cold_readers):
                 cold = self._mostly_uncached(fd, offset, want) is True
             if cold and self._direct:
                 dfd = self._direct_fd(info, fd)
