@@ -345,8 +345,8 @@ def test_300_shard_index_http(many_shards, serve, http_server):
 
 def test_many_shards_plan_is_not_files_times_tensors(tmp_path):
     """Planning must not cost (files x tensors): 20k tiny tensors over 2000 shards. Selecting one tensor per
-    shard (``names=``) reads and parses the same 1200 headers; planning all 24k instead adds only the
-    per-tensor work of 38k more tiny tensors, a fraction of what parsing their headers already cost."""
+    shard (``names=``) reads and parses the same 2000 headers; planning all 20k instead adds only the
+    per-tensor work of 18k more tiny tensors, a fraction of what parsing their headers already cost."""
     shards, per = 2000, 10
     g = torch.Generator().manual_seed(1)
     values = torch.randn(shards * per, generator=g)
