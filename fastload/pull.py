@@ -292,7 +292,7 @@ class PlainLayout:
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         return self.root / entries[0].rel if single else self.root
 
-    def prune(self, listed: set[str]) -> tuple[str, ...]:
+    def prune(self, at_source: set[str]) -> tuple[str, ...]:
         """Remove what an earlier pull of this same source wrote and the source no longer has, where the file is
         still as that pull left it: a checkpoint that moved from index + shards to one ``model.safetensors``
         must not leave the old index behind, which a load would prefer. Files of other sources, and files
@@ -301,7 +301,7 @@ class PlainLayout:
         removed = []
         for meta in sorted(records.rglob("*.json")) if records.is_dir() else ():
             rel = meta.relative_to(records).as_posix()[:-len(".json")]
-            if rel in listed:
+            if rel in at_source:
                 continue
             final = self.root / rel
             try:
@@ -389,7 +389,7 @@ class HubLayout:
             _write_atomic(record, json.dumps(folders, sort_keys=True))
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
 
-    def prune(self, listed: set[str]) -> tuple[str, ...]:
+    def prune(self, at_source: set[str]) -> tuple[str, ...]:
         return ()  # a snapshot is one commit's: a file the next commit drops is not in its snapshot
 
 
@@ -537,7 +537,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                 _names_file(source) or entries[0].url == source
                 or (scheme == "local" and os.path.isfile(to_path(source)))))
             entries = _check_paths(entries, source)
-            listed = {e.rel for e in entries}  # what the source has, pulled or not
+            at_source = {e.rel for e in entries}  # what the source has, pulled or not
             entries = entries if single else _skip_other_formats(entries)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
@@ -550,7 +550,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
             if single:
                 return result
             with _writing(layout.dest, source):
-                return replace(result, removed=await in_worker(layout.prune, listed))
+                return replace(result, removed=await in_worker(layout.prune, at_source))
     except BaseException as exc:
         error = exc
         raise

@@ -105,8 +105,8 @@ class RetryPolicy:
                 async with self._slots:  # retries are capped across the load
                     return await self._attempt(op, deadline)
             except Fatal as exc:
-                raise TransferError(str(exc), url=url, byte_range=byte_range, attempts=total) from (exc.__cause__
-                                                                                                    or exc)
+                cause = exc.__cause__ or exc
+                raise TransferError(str(exc), url=url, byte_range=byte_range, attempts=total) from cause
             except Transient as exc:
                 now_progress = progress()
                 if now_progress > last_progress:
