@@ -6,7 +6,9 @@ Test modules import helpers as ``from servers import ...`` and
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +178,19 @@ def llama_sharded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with ``llama_like_tensors(seed=0)`` in 3 shards plus the index."""
     return write_sharded(tmp_path_factory.mktemp("llama"), llama_like_tensors(seed=0), 3,
                          metadata={"format": "pt"})
+
+
+@pytest.fixture
+def moto_auth(s3_server):
+    """moto checks every request's access key and signature (its IAM) until the test ends."""
+    def post(value: str) -> str:
+        request = urllib.request.Request(f"{s3_server.endpoint_url}/moto-api/reset-auth", data=value.encode(),
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+
+    previous = post("0")
+    try:
+        yield
+    finally:
+        post(str(previous))

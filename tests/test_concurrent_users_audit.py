@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import HubServer, hub, hub_session, repo_name  # noqa: F401 -- fixtures
-from reliability_helpers import QUICK, Leaks, assert_bit_exact, bounded, private_tmp, write_checkpoint  # noqa: F401
+from reliability_helpers import (QUICK, Leaks, assert_bit_exact, bounded, fds, private_tmp,  # noqa: F401
+                                 wait_for_no_new_fds, write_checkpoint)
 
 import fastload
 
@@ -57,28 +58,6 @@ def run_threads(jobs, timeout: float = 20.0) -> dict:
         t.join(max(0.0, deadline - time.monotonic()))
     assert not any(t.is_alive() for t in threads), "a load hung"
     return results
-
-
-def all_fds() -> dict[str, str]:
-    """Every descriptor of this process other than sockets (files, pipes, epoll/eventfd of event loops)."""
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if not target.startswith("socket:"):
-            out[fd] = target
-    return out
-
-
-def new_fds(before: dict[str, str], grace_s: float = 2.0) -> dict[str, str]:
-    deadline = time.monotonic() + grace_s
-    while True:
-        extra = {fd: t for fd, t in all_fds().items() if before.get(fd) != t}
-        if not extra or time.monotonic() > deadline:
-            return extra
-        time.sleep(0.05)
 
 
 def ok(results: dict) -> None:
@@ -296,7 +275,7 @@ def test_aload_from_several_event_loops_in_several_threads(four, http_server):
         return asyncio.run(main())
 
     in_loop(0)  # one-time imports outside the count
-    before = all_fds()
+    before = fds()
     with Leaks({http_server.port}) as leaks:
         results = run_threads({k: (lambda k=k: in_loop(k)) for k in range(4)})
         ok(results)
@@ -304,7 +283,7 @@ def test_aload_from_several_event_loops_in_several_threads(four, http_server):
             for result, (_, want, _) in zip(got, four):
                 assert_bit_exact(result, want)
         leaks.check(grace_s=2.0)
-    assert not new_fds(before), "descriptors left open (event loops, pipes, files)"
+    assert not wait_for_no_new_fds(before, grace_s=2.0), "descriptors left open (event loops, pipes, files)"
 
 
 def test_sync_load_inside_running_loops_while_other_threads_load(four, http_server):
@@ -333,7 +312,7 @@ def test_sync_load_inside_running_loops_while_other_threads_load(four, http_serv
 
         return asyncio.run(cell())
 
-    before = all_fds()
+    before = fds()
     with Leaks({http_server.port}) as leaks:
         results = run_threads({
             "nb-http": lambda: jupyter(four[2][0]), "nb-local": lambda: jupyter(four[0][0]),
@@ -347,7 +326,7 @@ def test_sync_load_inside_running_loops_while_other_threads_load(four, http_serv
         assert_bit_exact(results["plain-http"], four[3][1])
         assert_bit_exact(results["plain-local"], four[1][1])
         leaks.check(grace_s=2.0)
-    assert not new_fds(before), "descriptors left open (event loops, pipes, files)"
+    assert not wait_for_no_new_fds(before, grace_s=2.0), "descriptors left open (event loops, pipes, files)"
 
 
 def test_sync_load_leaves_the_callers_current_event_loop_alone(four):

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import traceback
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -564,22 +563,6 @@ def test_s3_checksum_mismatch_with_verify(s3_server, s3_bucket, tmp_path):
     exc = raised(fastload.load, url, config=FAIL_FAST.replace(verify_checksums=True))
     assert_well_formed(exc, fastload.IntegrityError, url=url)
     assert "mismatch" in str(exc)
-
-
-@pytest.fixture
-def moto_auth(s3_server):
-    """moto checks every request's access key and signature (its IAM) until the test ends."""
-    def post(value: str) -> str:
-        request = urllib.request.Request(f"{s3_server.endpoint_url}/moto-api/reset-auth", data=value.encode(),
-                                         method="POST", headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-    previous = post("0")
-    try:
-        yield
-    finally:
-        post(str(previous))
 
 
 @pytest.mark.parametrize("shape", ["object", "prefix"])

@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import traceback
-import urllib.request
 from email.utils import formatdate
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -300,22 +299,6 @@ def test_presigned_urls_use_sigv4_in_us_east_1(stored, front, monkeypatch):
 
 
 # == wrong credentials: SourcePermissionError naming s3://bucket/key, not retried ======================
-
-@pytest.fixture
-def moto_auth(s3_server):
-    """moto checks every request's access key and signature (its IAM), until the test ends."""
-    def post(value: str) -> str:
-        request = urllib.request.Request(f"{s3_server.endpoint_url}/moto-api/reset-auth", data=value.encode(),
-                                         method="POST", headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
-
-    previous = post("0")
-    try:
-        yield
-    finally:
-        post(previous)
-
 
 @pytest.fixture
 def iam_key(s3_server):
