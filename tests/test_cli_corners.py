@@ -125,16 +125,21 @@ def test_output_piped_into_head_gives_no_error(tmp_path):
     assert "Broken pipe" not in err and "Traceback" not in err, err
 
 
-def test_pull_progress_bar_goes_to_stderr_on_a_terminal(ckpt, tmp_path):
-    """README: "a progress bar on a terminal". With stderr a terminal and stdout a pipe, the bar reaches
-    100% on stderr and stdout carries only the destination path."""
+def base_env(**extra) -> dict:
+    """This environment without FASTLOAD_* settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLOAD_")}
+    env.update(extra)
+    return env
+
+
+def run_on_pty(argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run fastload with stderr on a terminal (stdout a pipe); returns (rc, stdout, terminal output)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    dest = tmp_path / "dest"
-    proc = subprocess.Popen([FASTLOAD, "pull", str(ckpt), "--to", str(dest), "--chunk-size", "64KiB"],
-                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([FASTLOAD, *argv], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                            env=base_env(TERM="xterm"))
     os.close(slave)
-    chunks = []
+    chunks: list[bytes] = []
 
     def drain() -> None:
         while True:
@@ -148,12 +153,24 @@ def test_pull_progress_bar_goes_to_stderr_on_a_terminal(ckpt, tmp_path):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    out, _ = proc.communicate(timeout=60)
-    reader.join(timeout=10)
-    os.close(master)
-    err = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, err
-    assert out.decode().strip() == str(dest / ckpt.name)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, out.decode(errors="replace"), b"".join(chunks).decode(errors="replace")
+
+
+def test_pull_progress_bar_goes_to_stderr_on_a_terminal(ckpt, tmp_path):
+    """README: "a progress bar on a terminal". With stderr a terminal and stdout a pipe, the bar reaches
+    100% on stderr and stdout carries only the destination path."""
+    dest = tmp_path / "dest"
+    rc, out, err = run_on_pty(["pull", str(ckpt), "--to", str(dest), "--chunk-size", "64KiB"])
+    assert rc == 0, err
+    assert out.strip() == str(dest / ckpt.name)
     assert "pull: 100%" in err and "1 file(s) fetched" in err, err
 
 

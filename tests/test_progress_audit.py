@@ -15,15 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import pty
-import struct
-import subprocess
 import sys
 import threading
 import time
-import fcntl
-import termios
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,6 +29,7 @@ import fastload
 from checkpoints import write_sharded
 from hub_server import hub, hub_session, repo_name  # noqa: F401 -- fixtures
 from reliability_helpers import Leaks, bounded
+from test_cli_corners import run_on_pty
 
 FASTLOAD = str(Path(sys.executable).with_name("fastload"))
 KiB = 1024
@@ -498,44 +493,6 @@ def test_from_pretrained_progress_works_or_is_refused_up_front(tmp_path):
 
 
 # -- the command line ------------------------------------------------------------------------------------------
-
-
-def base_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTLOAD_")}
-    env.update(extra)
-    return env
-
-
-def run_on_pty(argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run fastload with stderr on a terminal (stdout a pipe); returns (rc, stdout, terminal output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([FASTLOAD, *argv], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                            env=base_env(TERM="xterm"))
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
-        os.close(master)
-    return proc.returncode, out.decode(errors="replace"), b"".join(chunks).decode(errors="replace")
 
 
 def with_secrets(url: str) -> str:
