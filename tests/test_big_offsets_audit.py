@@ -710,11 +710,9 @@ def test_pull_resumes_above_4gib(big_pull_source, http_server, via):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_pull_journal_ranges_past_size_are_ignored(big_pull_source):
-    """Journal entries beyond the object's size (or wrapped past 2**64) do not count as done."""
-    path, entries = big_pull_source
-    size = os.path.getsize(path)
-    out = path.parent.parent / "out"
+def _interrupted_pull(path, out):
+    """Pull ``path`` into ``out`` 1 MiB at a time and stop it after the first chunk; returns the config and the
+    journal the stopped pull left."""
     config = fastload.LoadConfig(chunk_bytes=1 << 20, max_concurrency=1, host_buffer_bytes=4 << 20)
     calls = []
 
@@ -726,7 +724,16 @@ def test_pull_journal_ranges_past_size_are_ignored(big_pull_source):
     with pytest.raises(Interrupt):
         _pull(str(path), to=out, config=config, progress=interrupt)
     temp = out / ".fastload" / "incomplete" / path.name
-    journal = temp.with_name(temp.name + ".journal")
+    return config, temp.with_name(temp.name + ".journal")
+
+
+def test_pull_journal_ranges_past_size_are_ignored(big_pull_source):
+    """Journal entries beyond the object's size (or wrapped past 2**64) do not count as done."""
+    path, entries = big_pull_source
+    size = os.path.getsize(path)
+    out = path.parent.parent / "out"
+    config, journal = _interrupted_pull(path, out)
+    calls = []
     tail = entries["tail"]["start"]
     with open(journal, "a") as f:
         f.write(f"{1 << 20} {tail}\n")  # the holes: genuinely done (zeros both sides)
@@ -744,18 +751,7 @@ def test_pull_journal_with_non_ascii_digits(big_pull_source):
     entry to ignore, not a crash of the resumed pull."""
     path, entries = big_pull_source
     out = path.parent.parent / "out"
-    config = fastload.LoadConfig(chunk_bytes=1 << 20, max_concurrency=1, host_buffer_bytes=4 << 20)
-    calls = []
-
-    def interrupt(done, total):
-        calls.append((done, total))
-        if len(calls) > 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        _pull(str(path), to=out, config=config, progress=interrupt)
-    temp = out / ".fastload" / "incomplete" / path.name
-    journal = temp.with_name(temp.name + ".journal")
+    config, journal = _interrupted_pull(path, out)
     tail = entries["tail"]["start"]
     with open(journal, "a") as f:
         f.write(f"{1 << 20} {tail}\n")
