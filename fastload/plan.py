@@ -272,8 +272,9 @@ def _chunks(runs: list[Piece], file: int, chunk_bytes: int, first_id: int) -> li
             # A contiguous run right after the open chunk first fills it (to a multiple of 8 bytes, whole
             # elements of any dtype), then goes on in chunk-size parts: 1.2 MB tensors at 1 MiB chunks take
             # ten reads, not a 1 MiB read and a tail read each.
-            room = (chunk_bytes - (pieces[-1].end - pieces[0].src)) // 8 * 8
-            if 0 < room < run.length:
+            free = chunk_bytes - (pieces[-1].end - pieces[0].src)
+            room = free // 8 * 8
+            if run.length > free and room > 0:  # (a run that fits stays whole)
                 pieces.append(Piece(run.tensor, run.src, room, run.dst))
                 run = Piece(run.tensor, run.src + room, run.length - room, run.dst + room)
         for piece in _cut(run, chunk_bytes):
@@ -332,7 +333,9 @@ def build_plan(
     for file, runs in enumerate(runs_of):
         chunks += _chunks(runs, file, chunk_bytes, len(chunks))
     planned_files = tuple(PlannedFile(f, h.data_start, h.metadata) for f, h in zip(files, headers))
-    metadata = dict(indexes[0][1].metadata) if len(indexes) == 1 else {}  # several indexes: no one's is the load's
+    # An index's metadata (total_size, ...) describes the load only when that index named every file of it.
+    whole = len(indexes) == 1 and indexes[0][0] == 0 and len(indexes[0][1].files) == len(files)
+    metadata = dict(indexes[0][1].metadata) if whole else {}
     return LoadPlan(planned_files, tensors, tuple(chunks), chunk_bytes, metadata)
 
 

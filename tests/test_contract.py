@@ -252,7 +252,8 @@ def test_a_list_of_checkpoint_directories_loads_each_by_its_own_rules(tmp_path):
     assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want)
     plan = fastload.plan(dirs)
     assert plan.index_metadata == {}  # two indexes: neither one's metadata describes the load
-    assert fastload.plan([tmp_path / "indexed2", tmp_path / "single"]).index_metadata["total_size"] == 13 * 4
+    assert fastload.plan([tmp_path / "indexed2"]).index_metadata["total_size"] == 13 * 4
+    assert fastload.plan([tmp_path / "indexed2", tmp_path / "single"]).index_metadata == {}  # not the whole load
     with pytest.raises(fastload.FormatError, match="appears in both"):
         fastload.load([tmp_path / "indexed", tmp_path / "indexed"])
 

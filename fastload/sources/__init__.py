@@ -39,7 +39,7 @@ class Transports:
     def __init__(self, config: LoadConfig, trace: Trace):
         self.config = config
         self.trace = trace
-        self.policy = RetryPolicy(config.retry, trace)
+        self.policy = RetryPolicy(config.retry, trace, requests=config.max_concurrency)
         self._made: dict[str, Transport] = {}
         self._closed = False
         self.verification = None  # checksums of whole objects, checked as they stream (integrity.py)

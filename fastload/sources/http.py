@@ -201,7 +201,6 @@ class HttpTransport:
         self._proxies: dict[str, str] | None = None  # from the environment, read when first needed
         self._names: dict[str, str] = {}  # shown name -> the URL it stands for (see _shown)
         self._closed = False
-        self._slots: asyncio.Semaphore | None = None  # requests in flight (see _in_slot)
 
     def _check_open(self) -> None:
         if self._closed:  # a request that outlived its load must not reopen a session or threads
@@ -278,18 +277,10 @@ class HttpTransport:
                 raise Fatal(out_of_files_message()) from scrub(exc)
             raise Transient(describe(scrub(exc))) from exc
 
-    async def _in_slot(self, attempt):
-        """One attempt as one of at most ``max_concurrency`` requests in flight: the size probes and header
-        reads of a sharded checkpoint are gathered across all its shards at once."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.config.max_concurrency)
-        async with self._slots:
-            return await attempt()
-
     async def stat(self, url: str) -> ObjectInfo:
         display = self._shown(url)  # a presigned or user:password URL is fetched, never shown
-        return await self.policy.run(lambda: self._in_slot(lambda: self._stat_once(url, display)), url=display,
-                                     byte_range=(0, PROBE_BYTES))
+        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=(0, PROBE_BYTES),
+                                     request=True)
 
     def _shown(self, url: str) -> str:
         """``url`` as messages and traces show it, one name per object: two URLs that differ only in hidden
@@ -304,8 +295,8 @@ class HttpTransport:
 
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
         display = redact_url(display)
-        return await self.policy.run(lambda: self._in_slot(lambda: self._stat_once(fetch_url, display)), url=display,
-                                     byte_range=(0, PROBE_BYTES))
+        return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display,
+                                     byte_range=(0, PROBE_BYTES), request=True)
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and
@@ -350,8 +341,8 @@ class HttpTransport:
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         cursor = _Cursor(segments)
         start, end = span_of(segments)
-        await self.policy.run(lambda: self._in_slot(lambda: self._read_once(info, cursor, record)), url=info.url,
-                              byte_range=(start, end), progress=lambda: cursor.pos)
+        await self.policy.run(lambda: self._read_once(info, cursor, record), url=info.url, byte_range=(start, end),
+                              progress=lambda: cursor.pos, request=True)
         return end - start
 
     async def _read_once(self, info: ObjectInfo, cursor: _Cursor, record: ReadRecord | None = None) -> None:

@@ -75,7 +75,7 @@ class HubTransport:
         if ref.is_dir:
             raise SourceNotFoundError(f"{url} names a folder, not a file", url=url)
         target, linked, linked_size = await self.policy.run(lambda: self._follow(self.resolve_url(ref), url),
-                                                            url=url, byte_range=None)
+                                                            url=url, byte_range=None, request=True)
         info = await self._http(target).stat_fetch_url(target, url)
         if linked_size is not None and linked_size != info.size:  # the CDN serves other bytes than the Hub names
             raise IntegrityError(f"the Hub says {linked_size} bytes (X-Linked-Size), the CDN serves {info.size}",
@@ -129,7 +129,7 @@ class HubTransport:
         # Ask the Hub where the file is again (the URL is pinned to the commit) and read from there once.
         ref = parse_hub_url(info.url)
         target, _, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
-                                             byte_range=None)
+                                             byte_range=None, request=True)
         self._cdn_urls[info.url] = target
         return await self._http(target).read(replace(info, fetch_url=target), segments, record)
 
@@ -150,7 +150,7 @@ class HubTransport:
     async def _fetch_repo_info(self, ref: HubRef) -> RepoInfo:
         api = f"{self.settings.endpoint}/api/models/{ref.repo_id}/revision/{quote(ref.rev, safe='')}?blobs=true"
         shown = f"hf://{ref.repo_id}@{ref.rev}"
-        raw = await self.policy.run(lambda: self._get(api, shown), url=shown, byte_range=None)
+        raw = await self.policy.run(lambda: self._get(api, shown), url=shown, byte_range=None, request=True)
         try:
             doc = json.loads(raw)
         except (ValueError, RecursionError) as exc:

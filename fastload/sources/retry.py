@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from contextlib import AsyncExitStack
 import time
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -64,10 +65,14 @@ class Fatal(Exception):
 class RetryPolicy:
     """Per load: holds the retry semaphore; ``run`` retries one operation."""
 
-    def __init__(self, config: RetryConfig, trace: Trace, rng: random.Random | None = None):
+    def __init__(self, config: RetryConfig, trace: Trace, rng: random.Random | None = None,
+                 requests: int | None = None):
         self.config = config
         self.trace = trace
         self._slots = asyncio.Semaphore(config.max_concurrent_retries)
+        # The load's requests in flight (``max_concurrency``), across all its transports: the size probes and
+        # header reads of a sharded checkpoint are gathered over every shard at once.
+        self._requests = asyncio.Semaphore(requests) if requests else None
         self._rng = rng or random.Random()
 
     def backoff(self, attempt: int) -> float:
@@ -82,13 +87,16 @@ class RetryPolicy:
         url: str,
         byte_range: tuple[int, int] | None,
         progress: Callable[[], int] = lambda: 0,
+        request: bool = False,
     ) -> T:
         """Run ``op`` until it succeeds, raises a non-transient error, or the budget is spent.
 
         The budget is ``max_attempts`` attempts without progress (it resets when
         bytes arrive) and ``deadline_s`` of wall time for all attempts together,
-        the one in flight included. Exhausting it raises :class:`TransferError`
-        naming the URL, byte range and attempts, chained to the last cause.
+        the one in flight included; waiting for a turn (a retry slot, or with
+        ``request`` one of the load's request slots) is not an attempt and does
+        not count. Exhausting it raises :class:`TransferError` naming the URL,
+        byte range and attempts, chained to the last cause.
         """
         cfg = self.config
         started = time.monotonic()
@@ -100,9 +108,14 @@ class RetryPolicy:
             attempts += 1
             total += 1
             try:
-                if total == 1:
-                    return await self._attempt(op, deadline)
-                async with self._slots:  # retries are capped across the load
+                async with AsyncExitStack() as turn:
+                    asked = time.monotonic()
+                    if total > 1:
+                        await turn.enter_async_context(self._slots)  # retries are capped across the load
+                    if request and self._requests is not None:
+                        await turn.enter_async_context(self._requests)
+                    if deadline is not None:
+                        deadline += time.monotonic() - asked
                     return await self._attempt(op, deadline)
             except Fatal as exc:
                 cause = exc.__cause__ or exc

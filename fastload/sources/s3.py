@@ -170,7 +170,7 @@ class S3Transport:
                 # connection that stays open for as long as the caller keeps our exception.
                 raise _translate(exc, url) from scrub(exc).with_traceback(None)
 
-        return await self.policy.run(once, url=url, byte_range=None)
+        return await self.policy.run(once, url=url, byte_range=None, request=True)
 
     async def _presign(self, url: str) -> str:
         """A GET URL for ``url``, signed for its bucket's own region (botocore follows a HEAD to another
