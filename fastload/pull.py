@@ -52,7 +52,7 @@ from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_
 from .redact import redact_url
 from .resolve import join
 from .runner import gather, in_worker, own_workers
-from .sinks.file import FileSink, FileTarget, discard, resume_ranges
+from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
@@ -138,7 +138,8 @@ def _skip_other_formats(entries: list[Entry]) -> list[Entry]:
 # -- listing ---------------------------------------------------------------------------------------
 
 
-async def _list_local(url: str) -> list[Entry]:
+async def _list_local(url: str, skip: Path | None = None) -> list[Entry]:
+    """The files under ``url``, but not under ``skip`` (the destination, when it lies inside the source)."""
     root = Path(os.path.abspath(to_path(url)))  # one spelling of the source: a later pull finds it the same
     try:
         mode = os.stat(root).st_mode
@@ -151,8 +152,10 @@ async def _list_local(url: str) -> list[Entry]:
 
     def walk() -> list[Entry]:
         out = []
+        skipped = os.path.realpath(skip) if skip is not None else None
         for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                             and os.path.realpath(os.path.join(folder, d)) != skipped)
             for name in sorted(files):
                 path = Path(folder) / name
                 out.append(Entry(path.relative_to(root).as_posix(), str(path)))
@@ -230,25 +233,34 @@ async def _list_hub(url: str, transports: Transports) -> tuple[str, list[Entry]]
 # -- layouts: where files go -----------------------------------------------------------------------
 
 
-def _source_id(source: str) -> str:
+def _source_id(source: str, single: bool) -> str:
     """What names a pull's source across pulls: a local path made absolute, an HTTP URL without its secrets (a
-    rotated token is the same source), an ``hf://`` URL without its revision (a new revision replaces the old)."""
+    rotated token is the same source), an ``hf://`` URL without its revision (a new revision replaces the old);
+    a folder with or without its trailing ``/`` is one source."""
     scheme = scheme_of(source)
     if scheme == "local":
         return os.path.abspath(to_path(source))
     if scheme == "hf":
         ref = parse_hub_url(source)
         return f"hf://{ref.repo_id}/{ref.path}"
+    if not single:
+        source = join(source, "") if scheme == "http" else source if source.endswith("/") else source + "/"
     return redact_url(source)
+
+
+def _collides(rel: str, at_source: set[str]) -> bool:
+    """Whether a file at ``rel`` stands where the source now has a folder, or inside one of its files' places."""
+    parents = {rel[:i] for i in range(len(rel)) if rel[i] == "/"}
+    return any(other.startswith(rel + "/") for other in at_source) or bool(parents & at_source)
 
 
 class PlainLayout:
     """A plain directory; ``.fastload/`` inside it keeps unfinished files and what each finished one was."""
 
-    def __init__(self, root: Path, source: str):
+    def __init__(self, root: Path):
         self.root = self.dest = root
         self.lock = root / META_DIR / "pull.lock"
-        self.source = _source_id(source)
+        self.source = ""  # the pull's source (``_source_id``), set once the listing says what it names
 
     def temp(self, e: Entry) -> Path:
         return self.root / META_DIR / "incomplete" / e.rel
@@ -258,7 +270,9 @@ class PlainLayout:
 
     def _record(self, e: Entry, info: ObjectInfo | None) -> dict:
         etag = e.etag or (info.etag if info else None)  # Last-Modified only where there is no ETag (nor content id)
-        return {"url": e.url, "size": info.size if info else e.size, "etag": etag,
+        # The URL without its secrets: the record stays in the folder (images, shares), and a rotated token
+        # names the same file.
+        return {"url": redact_url(e.url), "size": info.size if info else e.size, "etag": etag,
                 "last_modified": None if etag or info is None else info.last_modified}
 
     def needs_stat(self, e: Entry) -> bool:
@@ -273,18 +287,28 @@ class PlainLayout:
             st = (self.root / e.rel).stat()
         except (OSError, ValueError):
             return False
+        if not isinstance(saved, dict):
+            return False
         same = (saved.get("source") == record and st.st_size == record["size"]
                 and saved.get("mtime_ns") == st.st_mtime_ns)
         checksum = _published(e if info is None else Entry(e.rel, e.url, e.size, e.etag, e.sha256, info))
-        return same and not (verify and checksum and not _holds(self.root / e.rel, checksum))
+        if not same or (verify and checksum and not _holds(self.root / e.rel, checksum)):
+            return False
+        if "pulled_from" not in saved:  # written by an older fastload: this source now answers for it
+            _write_atomic(self._meta(e), json.dumps({**saved, "pulled_from": self.source}, sort_keys=True))
+        return True
 
     def complete(self, e: Entry, info: ObjectInfo) -> None:
         final, temp = self.root / e.rel, self.temp(e)
         final.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"source": self._record(e, info), "mtime_ns": temp.stat().st_mtime_ns,  # rename keeps the mtime
-                "pulled_from": self.source}
-        _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
         os.replace(temp, final)
+        _remove_empty(temp.parents[:e.rel.count("/")])
+        # Written once the file is in place: its inode and change time, which no one can set back, tell a
+        # later prune that the file is still the one pulled (a crash before this only costs a fetch again).
+        st = final.stat()
+        meta = {"source": self._record(e, info), "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+                "ctime_ns": st.st_ctime_ns, "pulled_from": self.source}
+        _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
 
     def prepare(self) -> None:
         pass
@@ -292,16 +316,30 @@ class PlainLayout:
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         return self.root / entries[0].rel if single else self.root
 
-    def prune(self, at_source: set[str]) -> tuple[str, ...]:
+    def _inside(self, rel: str) -> bool:
+        """No folder between the root and ``rel`` is a link: removing ``rel`` removes nothing elsewhere."""
+        folder = self.root
+        for part in rel.split("/")[:-1]:
+            folder = folder / part
+            try:
+                if not stat.S_ISDIR(folder.lstat().st_mode):
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def prune(self, at_source: set[str], blocking_only: bool = False) -> tuple[str, ...]:
         """Remove what an earlier pull of this same source wrote and the source no longer has, where the file is
-        still as that pull left it: a checkpoint that moved from index + shards to one ``model.safetensors``
-        must not leave the old index behind, which a load would prefer. Files of other sources, and files
-        changed since they were pulled, stay."""
+        still as that pull left it (same size, mtime, inode and change time): a checkpoint that moved from
+        index + shards to one ``model.safetensors`` must not leave the old index behind, which a load would
+        prefer. Files of other sources, and files changed since they were pulled, stay; so do this pull's own
+        unfinished files of names the source dropped. ``blocking_only``: only files where the source now has a
+        folder, or inside what is now a file (before the fetch, which they would stand in the way of)."""
         records = self.root / META_DIR / "meta"
         removed = []
         for meta in sorted(records.rglob("*.json")) if records.is_dir() else ():
             rel = meta.relative_to(records).as_posix()[:-len(".json")]
-            if rel in at_source:
+            if rel in at_source or (blocking_only and not _collides(rel, at_source)):
                 continue
             final = self.root / rel
             try:
@@ -309,9 +347,11 @@ class PlainLayout:
                 st = final.lstat()
             except (OSError, ValueError):
                 continue
-            if (not isinstance(saved, dict) or saved.get("pulled_from") != self.source or not stat.S_ISREG(st.st_mode)
-                    or saved.get("mtime_ns") != st.st_mtime_ns
-                    or st.st_size != (saved.get("source") or {}).get("size")):
+            source = saved.get("source") if isinstance(saved, dict) else None
+            if (not isinstance(source, dict) or saved.get("pulled_from") != self.source
+                    or not stat.S_ISREG(st.st_mode) or not self._inside(rel)
+                    or (saved.get("mtime_ns"), saved.get("ino"), saved.get("ctime_ns"), source.get("size"))
+                    != (st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_size)):
                 continue
             final.unlink()
             meta.unlink()
@@ -319,7 +359,23 @@ class PlainLayout:
             depth = rel.count("/")
             _remove_empty(final.parents[:depth])
             _remove_empty(meta.parents[:depth])
+        if not blocking_only:
+            self._drop_unfinished(at_source)
         return tuple(removed)
+
+    def _drop_unfinished(self, at_source: set[str]) -> None:
+        """This folder's unfinished downloads (and their journals) of names the source no longer has."""
+        unfinished = self.root / META_DIR / "incomplete"
+        for temp in sorted(unfinished.rglob("*"), reverse=True) if unfinished.is_dir() else ():
+            rel = temp.relative_to(unfinished).as_posix()
+            name = rel.removesuffix(JOURNAL_SUFFIX)
+            try:
+                if temp.is_dir() and not temp.is_symlink():
+                    temp.rmdir()  # only when empty
+                elif name not in at_source and rel not in at_source:
+                    temp.unlink()
+            except OSError:
+                pass
 
 
 def _remove_empty(folders: Sequence[Path]) -> None:
@@ -389,7 +445,7 @@ class HubLayout:
             _write_atomic(record, json.dumps(folders, sort_keys=True))
         return snapshot / self.subpath / entries[0].rel if single else snapshot / self.subpath
 
-    def prune(self, at_source: set[str]) -> tuple[str, ...]:
+    def prune(self, at_source: set[str], blocking_only: bool = False) -> tuple[str, ...]:
         return ()  # a snapshot is one commit's: a file the next commit drops is not in its snapshot
 
 
@@ -526,13 +582,13 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                                                   url=source)
                     return PullResult(found, (), (), 0, 0)
                 commit, entries = await _list_hub(source, transports)
-                layout = PlainLayout(plain, source) if plain is not None else HubLayout(
+                layout = PlainLayout(plain) if plain is not None else HubLayout(
                     cache, ref.repo_id, commit, ref.revision or "main",
                     ref.path if ref.is_dir else ref.path.rpartition("/")[0])
             else:
                 listed = {"local": _list_local, "s3": _list_s3, "http": _list_http}[scheme]
-                entries = await (listed(source) if scheme == "local" else listed(source, transports))
-                layout = PlainLayout(plain, source)
+                entries = await (listed(source, plain) if scheme == "local" else listed(source, transports))
+                layout = PlainLayout(plain)
             single = (scheme == "hf" and not parse_hub_url(source).is_dir) or (len(entries) == 1 and (
                 _names_file(source) or entries[0].url == source
                 or (scheme == "local" and os.path.isfile(to_path(source)))))
@@ -541,16 +597,20 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
             entries = entries if single else _skip_other_formats(entries)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
+            if isinstance(layout, PlainLayout):
+                layout.source = _source_id(source, single)
         async with _exclusive(layout.lock, source, trace):
             with _writing(layout.dest, source):
                 layout.prepare()
+                # a file of an earlier pull where the source now has a folder (or the other way round) first
+                blocking = () if single else await in_worker(layout.prune, at_source, True)
             with trace.span("resolve"):
                 judged = await _stat_all(entries, layout, transports, config.max_concurrency, verify)
             result = await _fetch(judged, layout, single, transports, config, trace, progress, verify)
             if single:
                 return result
             with _writing(layout.dest, source):
-                return replace(result, removed=await in_worker(layout.prune, at_source))
+                return replace(result, removed=blocking + await in_worker(layout.prune, at_source))
     except BaseException as exc:
         error = exc
         raise

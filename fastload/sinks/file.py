@@ -50,8 +50,11 @@ class FileTarget:
         return missing_ranges(self.info.size, self.done)
 
 
+JOURNAL_SUFFIX = ".journal"
+
+
 def journal_path(temp: Path) -> Path:
-    return temp.with_name(temp.name + ".journal")
+    return temp.with_name(temp.name + JOURNAL_SUFFIX)
 
 
 def missing_ranges(size: int, done: list[Range]) -> list[Range]:
