@@ -90,8 +90,9 @@ def test_cold_ranges_pass_the_gate_and_cached_ones_do_not(odd_checkpoint):
     cold = gated_bytes(odd_checkpoint, want, local_cold_readers=1)
     if direct_supported(odd_checkpoint):  # cachestat: cold ranges are recognised
         # At least the first range; later ones may already be in the page cache by the time they are
-        # asked about (the kernel's readahead of the first read runs ahead of the other threads).
-        assert cold >= MiB
+        # asked about (the kernel's readahead of the first read runs ahead of the other threads). A range may
+        # end up to 7 bytes short of the chunk size (chunks are filled across tensors, cut at whole elements).
+        assert cold >= MiB - 7
     else:
         assert cold == 0
     assert gated_bytes(odd_checkpoint, want, local_cold_readers=1) == 0  # the first load left it cached

@@ -334,10 +334,9 @@ def test_every_runtime_import_is_a_declared_dependency():
     dists = {k: {_norm(d) for d in v} for k, v in importlib.metadata.packages_distributions().items()}
     problems = []
     for file, top, line, module_level in _third_party_imports():
-        provided = dists.get(top)
-        if not provided:
-            problems.append(f"{file}:{line}: imports {top!r}, which no installed distribution provides")
-            continue
+        # Not installed here (an extra the test set-up does not install, e.g. matplotlib): its module name is
+        # its distribution's name.
+        provided = dists.get(top) or {_norm(top)}
         if file.startswith("fastload/bench/"):
             allowed = core | extras.get("bench", set())
         elif file.startswith("fastload/integrations/"):
