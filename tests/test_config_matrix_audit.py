@@ -194,7 +194,7 @@ def _pairs(values: tuple) -> set:
     return {((i, a), (j, b)) for (i, a), (j, b) in itertools.combinations(enumerate(values), 2)}
 
 
-def pairwise(seed: int = 20240611, total: int = 80) -> list[Combo]:
+def pairwise(seed: int = 20240611, total: int = 40) -> list[Combo]:
     """A greedy all-pairs cover of ``FACTORS`` (every value of every factor meets every value of every other at
     least once), then a seeded sample of the rest up to ``total``."""
     rng = random.Random(seed)
