@@ -166,10 +166,15 @@ class LoadConfig:
         return replace(self, **changes)
 
 
-def without_authorization(config: "LoadConfig") -> "LoadConfig":
-    """``config`` minus any ``Authorization`` in ``http_headers``: for requests to another origin than the
-    one the header is for (presigned S3 URLs carry their own signature; the Hub's CDN)."""
-    headers = {k: v for k, v in config.http_headers.items() if k.lower() != "authorization"}
+#: Request headers that are credentials: they go to the origin they are for, never to another (as browsers,
+#: curl, requests and aiohttp drop them on a redirect elsewhere).
+CREDENTIAL_HEADERS = ("authorization", "cookie", "proxy-authorization")
+
+
+def without_credentials(config: "LoadConfig") -> "LoadConfig":
+    """``config`` minus the credentials in ``http_headers`` (``CREDENTIAL_HEADERS``): for requests to another
+    origin than the one they are for (presigned S3 URLs carry their own signature; the Hub's CDN)."""
+    headers = {k: v for k, v in config.http_headers.items() if k.lower() not in CREDENTIAL_HEADERS}
     return config if len(headers) == len(config.http_headers) else config.replace(http_headers=headers)
 
 

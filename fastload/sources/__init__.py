@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import LoadConfig, without_authorization
+from ..config import LoadConfig, without_credentials
 from ..errors import ConfigError
 from ..trace import Trace
 from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
@@ -65,7 +65,7 @@ class Transports:
                 from .http import HttpTransport
                 from .s3 import S3Transport
 
-                plain = without_authorization(self.config)  # presigned URLs carry their own signature
+                plain = without_credentials(self.config)  # presigned URLs carry their own signature
                 if plain is self.config:
                     self.for_url("http://")
                     http = self._made["http"]

@@ -42,7 +42,7 @@ from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from ..runner import in_worker
 from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of
-from .http_threads import BodyOverrun, ThreadedBodies, env_proxies, env_proxy
+from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxies, env_proxy
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
@@ -264,12 +264,15 @@ class HttpTransport:
 
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
+            # MAX_REDIRECTS hops, as the threaded engine follows (aiohttp counts the reply that would be one more)
             return await self.session().request(method, url, headers=headers, allow_redirects=True,
-                                                **self.options(url))
+                                                max_redirects=MAX_REDIRECTS + 1, **self.options(url))
         except aiohttp.InvalidURL as exc:
             raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
         except aiohttp.ClientConnectorCertificateError as exc:
             raise _untrusted(exc, display, byte_range) from scrub(exc)
+        except aiohttp.TooManyRedirects as exc:
+            raise Fatal(f"more than {MAX_REDIRECTS} redirects (a redirect loop?)") from scrub(exc)
         except ValueError as exc:  # e.g. an Authorization header and user:password in the URL
             raise ConfigError(f"cannot request {display}: {describe(scrub(exc))}") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:

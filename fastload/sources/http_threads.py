@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
+from ..config import CREDENTIAL_HEADERS
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, redact_url, scrub
 from ..runner import DaemonThreadPool, to_the_end
@@ -107,7 +108,9 @@ class ThreadedBodies:
 
     def _get_blocking(self, attempt: _Attempt, url: str, headers: dict[str, str], check: Check,
                       receive: Callable[[Callable[[memoryview], int]], None]) -> None:
-        sent = {**self._headers, **headers}
+        # user:password of the URL asked for, as a header: a redirect within its origin keeps it (an absolute
+        # Location has no userinfo), one elsewhere drops it with the other credentials
+        sent = _with_basic_auth({**self._headers, **headers}, urlsplit(url))
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
@@ -130,9 +133,10 @@ class ThreadedBodies:
                         target = urljoin(url, location)
                         moved = _origin(target) != _origin(url)
                     except ValueError:  # "http://[::1/x", a port that is not a number: the server's mistake
-                        raise Transient(f"redirected to an unusable Location {location[:80]!r}") from None
+                        raise Transient(f"redirected to an unusable Location {redact_url(location)[:80]!r}") \
+                            from None
                     if moved:  # credentials stay with their origin
-                        sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                        sent = {k: v for k, v in sent.items() if k.lower() not in CREDENTIAL_HEADERS}
                     url = target
                     continue
                 check(resp)
@@ -158,7 +162,7 @@ class ThreadedBodies:
                 raise
             finally:
                 attempt.attach(None)
-        raise Transient(f"more than {MAX_REDIRECTS} redirects")
+        raise Fatal(f"more than {MAX_REDIRECTS} redirects (a redirect loop?)")  # no retry follows it better
 
     def _send(self, attempt: _Attempt, conn: http.client.HTTPConnection, parts, headers: dict[str, str]):
         if attempt.aborted:
@@ -172,7 +176,7 @@ class ThreadedBodies:
             host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
             target = f"http://{host}{f':{parts.port}' if parts.port else ''}{target}"
             headers = {**headers, **conn.fastload_forward}
-        conn.request("GET", target, headers=_with_basic_auth(headers, parts))
+        conn.request("GET", target, headers=headers)
         return conn.getresponse()
 
     def _proxy_for(self, scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:

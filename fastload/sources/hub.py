@@ -32,7 +32,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from ..config import LoadConfig, without_authorization
+from ..config import LoadConfig, without_credentials
 from ..errors import FormatError, IntegrityError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..redact import describe, scrub
 from ..trace import Trace
@@ -58,7 +58,7 @@ class HubTransport:
             headers["Authorization"] = f"Bearer {self.settings.token}"
         self.policy = policy
         self.api = HttpTransport(config.replace(http_headers=headers), policy, trace)
-        self.cdn = HttpTransport(without_authorization(config), policy, trace)  # credentials stay with the Hub
+        self.cdn = HttpTransport(without_credentials(config), policy, trace)  # credentials stay with the Hub
         self._origin = _origin(self.settings.endpoint)
         self._infos: dict[tuple[str, str], RepoInfo] = {}
         self._cdn_urls: dict[str, str] = {}  # hf:// URL -> the CDN URL last handed out for it

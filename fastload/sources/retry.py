@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, TypeVar
 
 from ..config import RetryConfig
 from ..errors import TransferError
+from ..redact import redact_text
 from ..trace import Trace
 
 T = TypeVar("T")
@@ -53,7 +54,7 @@ class Transient(Exception):
     answer, such as a 503: its message says which)."""
 
     def __init__(self, message: str, *, retry_after: float | None = None):
-        super().__init__(message)
+        super().__init__(redact_text(message))  # it is chained to the TransferError, and printed with it
         self.retry_after = retry_after
 
 
