@@ -37,6 +37,10 @@ class LoadRequest:
     # Internal (from_pretrained): given the plan of every tensor, the names to load instead (None: all of them),
     # so that a load can choose by what the headers say without reading them twice.
     select: Callable[[LoadPlan], Sequence[str] | None] | None = None
+    # Internal (from_pretrained): ``seen`` gets (resolved files, headers) once read; a later load of other
+    # tensors of the same checkpoint passes them as ``read`` and plans without reading them again.
+    seen: Callable[[Any], None] | None = None
+    read: Any = None
 
 
 def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
@@ -92,10 +96,15 @@ def check_progress(progress) -> None:
 
 async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
     trace = request.trace
-    with trace.span("resolve"):
-        resolved = await resolve(request.source, transports)
-    with trace.span("header"):
-        headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
+    if request.read is not None:
+        resolved, headers = request.read
+    else:
+        with trace.span("resolve"):
+            resolved = await resolve(request.source, transports)
+        with trace.span("header"):
+            headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
+        if request.seen is not None:
+            request.seen((resolved, headers))
     with trace.span("plan"):
         plan = build_plan(headers, resolved.files, config=request.config, names=request.names,
                           shard=request.shard, indexes=resolved.indexes)

@@ -265,6 +265,7 @@ class Trace:
         self._end: float | None = None
         self._emitted: dict = {}  # what was already sent to OpenTelemetry (see unsent)
         self._sent_lock = threading.Lock()
+        self._parts = 0  # > 0 inside one_load(): the loads of its parts do not publish (see finish)
         self.anchor = (time.perf_counter(), time.time_ns())  # maps the trace clock to the epoch
 
     @staticmethod
@@ -315,6 +316,8 @@ class Trace:
         Raises ``ConfigError`` if the trace file cannot be written.
         """
         self.end()
+        if self._parts:  # a part of one load (one_load): the whole is finished, and published, once
+            return
         if isinstance(error, asyncio.CancelledError):  # a stream left early, Ctrl-C: stopped, not failed
             self.count("cancelled")
         elif error is not None:
@@ -332,6 +335,25 @@ class Trace:
                 raise
             if hasattr(error, "add_note"):  # the load's own error matters more; keep ours as a note
                 error.add_note(f"fastload: trace not written: {exc}")
+
+    @contextmanager
+    def one_load(self) -> Iterator[None]:
+        """The loads made inside are parts of one (``from_pretrained`` streams its weights in parts): one
+        OpenTelemetry span and one trace file for them all, when the outermost ``one_load`` ends."""
+        with self._lock:
+            self._parts += 1
+        error = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._lock:
+                self._parts -= 1
+                whole = self._parts == 0
+            if whole:
+                self.finish(error)
 
     def unsent(self) -> dict:
         """A snapshot of what was recorded since the last call (for OpenTelemetry: one span per load of a
@@ -455,6 +477,10 @@ class _NullTrace(Trace):
 
     @contextmanager
     def span(self, stage: str) -> Iterator[None]:
+        yield
+
+    @contextmanager
+    def one_load(self) -> Iterator[None]:
         yield
 
 

@@ -36,7 +36,7 @@ import os
 import re
 import tempfile
 from dataclasses import replace
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -262,19 +262,21 @@ def _converted(plan, create) -> list[str]:
 
 
 async def _stream_weights(base: str, request, create):
-    """(the plan of every tensor, the state dict of those that need no conversion to ``create``). They can stream
-    before transformers is imported; the converted ones wait for the model (see ``_targets``)."""
+    """(the plan of every tensor, the state dict of those that need no conversion to ``create``, the files and
+    headers read). They can stream before transformers is imported; the converted ones wait for the model (see
+    ``_targets``), and are planned from the same headers."""
     from ..api import _collect
 
     plans: list = []
+    read: list = []
 
     def select(plan):
         plans.append(plan)
         converted = set(_converted(plan, create))
         return [t.name for t in plan.tensors if t.name not in converted] if converted else None
 
-    state_dict = await _collect(replace(request, source=base, dtype=create, select=select))
-    return plans[0], state_dict
+    state_dict = await _collect(replace(request, source=base, dtype=create, select=select, seen=read.append))
+    return plans[0], state_dict, read[0]
 
 
 def _targets(cls, hf_config, create, names: list[str]) -> dict:
@@ -352,6 +354,9 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     if dtype is None and "torch_dtype" in hf_kwargs:
         dtype = hf_kwargs.pop("torch_dtype")
     request = make_request(source, device=device, config=config, trace=trace)  # checks device, config, trace
+    if request.device.type != "cpu" and util.find_spec("accelerate") is None:
+        raise ConfigError(f"from_pretrained on {request.device} needs accelerate (transformers places the model "
+                          "with a device_map): pip install 'fastload[transformers]'")
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -367,29 +372,30 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     model_dir = _in_subfolder(source, subfolder) if subfolder else source
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
-        base = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
-        guess = _dtypes(dtype, _raw_config(folder))[0]
+        with request.trace.one_load():  # the weights' parts are one load: one span, one trace file
+            base = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
+            guess = _dtypes(dtype, _raw_config(folder))[0]
 
-        def model_parts():  # in a thread of its own: transformers' imports take seconds, the weights stream meanwhile
-            transformers = _transformers()
-            hf_config = transformers.AutoConfig.from_pretrained(folder)
-            return (transformers, hf_config, _model_class(transformers, hf_config, model_class),
-                    *_dtypes(dtype, hf_config))
+            def model_parts():  # in a thread of its own: transformers' imports take seconds; the weights stream
+                transformers = _transformers()
+                hf_config = transformers.AutoConfig.from_pretrained(folder)
+                return (transformers, hf_config, _model_class(transformers, hf_config, model_class),
+                        *_dtypes(dtype, hf_config))
 
-        async def both():  # all or nothing: a config transformers refuses stops the load at once
-            return await runner.gather([runner.detached(model_parts), _stream_weights(base, request, guess)])
+            async def both():  # all or nothing: a config transformers refuses stops the load at once
+                return await runner.gather([runner.detached(model_parts), _stream_weights(base, request, guess)])
 
-        (transformers, hf_config, cls, create, dtype), (plan, state_dict) = runner.run(both)
-        if create != guess:  # transformers read the config otherwise: load again, in the dtype it keeps
-            del state_dict
-            plan, state_dict = runner.run(lambda: _stream_weights(base, request, create))
-        if converted := _converted(plan, create):
-            from ..api import _collect
+            (transformers, hf_config, cls, create, dtype), (plan, state_dict, read) = runner.run(both)
+            if create != guess:  # transformers read the config otherwise: load again, in the dtype it keeps
+                del state_dict
+                plan, state_dict, read = runner.run(lambda: _stream_weights(base, request, create))
+            if converted := _converted(plan, create):
+                from ..api import _collect
 
-            for target, names in _targets(cls, hf_config, create, converted).items():
-                part = replace(request, source=base, names=names, dtype=target)
-                state_dict.update(runner.run(lambda: _collect(part)))
-        state_dict = _reading_order(state_dict, plan)
+                for target, names in _targets(cls, hf_config, create, converted).items():
+                    part = replace(request, source=base, names=names, dtype=target, read=read)  # headers known
+                    state_dict.update(runner.run(lambda: _collect(part)))
+            state_dict = _reading_order(state_dict, plan)
         kwargs = dict(hf_kwargs, dtype=dtype)
         if request.device.type != "cpu":
             kwargs.setdefault("device_map", {"": request.device})
