@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 import fastload
 from checkpoints import evict, random_tensor, saveable_dtypes
+from test_direct_io import direct_supported
 from fake_device import LateDevice, assert_bit_exact, drive
 from fastload.plan import MIN_SPLIT, chunk_size, split_bounds
 
@@ -461,20 +462,6 @@ def test_stream_bit_exact_and_each_tensor_once(data):
     assert_same(got, expected(path, names=names, shard=shard, dtype=dtype))
 
 
-def _direct_supported(path) -> bool:
-    import ctypes
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return False
-    try:
-        rng, stat = (ctypes.c_uint64 * 2)(0, 4096), (ctypes.c_uint64 * 5)()
-        return ctypes.CDLL(None).syscall(451, fd, ctypes.byref(rng), ctypes.byref(stat), 0) == 0
-    finally:
-        os.close(fd)
-
-
 @settings(max_examples=8, **COMMON)
 @given(layout=layouts(max_tensors=5, max_bytes=1536 * KiB), extra=st.integers(0, 1000),
        dtype=st.sampled_from([None, torch.float32, torch.bfloat16]))
@@ -482,8 +469,7 @@ def test_direct_io_bit_exact_with_unaligned_chunk_sizes(layout, extra, dtype):
     """``direct_io`` reads cold ranges of at least ~1 MiB through O_DIRECT: chunk sizes just over 1 MiB (a
     multiple of 64, not of 4096) with one reader, so ``chunk_size`` keeps them and fills cut tensors there."""
     path = write_layout(new_path(), layout)
-    if not _direct_supported(path):
-        pytest.skip("no O_DIRECT/cachestat here")
+    assert direct_supported(path), "needs O_DIRECT and cachestat(2), as this project's machines have"
     chunk = MiB + 64 * extra
     config = fastload.LoadConfig(chunk_bytes=chunk, max_concurrency=1, host_buffer_bytes=4 * chunk,
                                  direct_io=True)
@@ -498,8 +484,7 @@ def test_direct_io_really_reads_direct(tmp_path):
     layout = Layout([("a", "U8", (3,)), ("b", "F32", (700_001,)), ("c", "BF16", (900_003,)),
                      ("d", "I64", (5,)), ("e", "F16", (1_100_007,))], header_pad=5, seed=7)
     path = write_layout(tmp_path / "direct.safetensors", layout)
-    if not _direct_supported(path):
-        pytest.skip("no O_DIRECT/cachestat here")
+    assert direct_supported(path), "needs O_DIRECT and cachestat(2), as this project's machines have"
     chunk = MiB + 64 * 77
     config = fastload.LoadConfig(chunk_bytes=chunk, max_concurrency=1, host_buffer_bytes=4 * chunk,
                                  direct_io=True)

@@ -20,6 +20,7 @@ import torch
 
 import fastload
 from checkpoints import llama_config, llama_like_tensors
+from test_trace_export_audit import otel_spans  # noqa: F401 -- fixture
 
 transformers = pytest.importorskip("transformers")
 
@@ -396,22 +397,6 @@ def test_trace_reads_each_header_once(tmp_path: Path, untied_f32_dir: Path, case
     file_bytes, _, files = _file_layout(directory)
     print(f"{case}: file {file_bytes} B, fetched {summary.bytes_fetched} B")
     assert summary.bytes_fetched <= file_bytes + 8 * files, summary.table()
-
-
-@pytest.fixture(scope="module")
-def otel_spans():
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry import trace as otel
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    if not isinstance(otel.get_tracer_provider(), TracerProvider):
-        otel.set_tracer_provider(TracerProvider())
-    exporter = InMemorySpanExporter()
-    otel.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
 
 
 @pytest.mark.parametrize("case", CASES)

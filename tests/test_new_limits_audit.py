@@ -28,6 +28,7 @@ import fastload
 from checkpoints import evict, write_sharded
 from hub_server import hub, hub_session, repo_name  # noqa: F401 -- fixtures
 from reliability_helpers import QUICK, QUICK_RETRY, Leaks, assert_bit_exact, bounded, fds, private_tmp  # noqa: F401
+from test_direct_io import direct_supported
 from servers.faults import Rule
 
 MiB = 1 << 20
@@ -46,23 +47,6 @@ def tensors_for(prefix: str, seed: int, count: int = 3) -> dict[str, torch.Tenso
     out = {f"{prefix}.w{i}": torch.randn(9_000 + 1_001 * i, generator=g) for i in range(count)}
     out[f"{prefix}.ids"] = torch.arange(300 + seed, dtype=torch.int64)
     return out
-
-
-def direct_supported(directory) -> bool:
-    import ctypes
-
-    path = Path(directory) / "probe.bin"
-    path.write_bytes(b"x" * 8192)
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except (OSError, AttributeError):
-        return False
-    try:
-        rng, stat = (ctypes.c_uint64 * 2)(0, 4096), (ctypes.c_uint64 * 5)()
-        return ctypes.CDLL(None).syscall(451, fd, ctypes.byref(rng), ctypes.byref(stat), 0) == 0
-    finally:
-        os.close(fd)
 
 
 def fds_on(paths) -> list[str]:
@@ -264,8 +248,9 @@ def test_direct_io_with_eviction_exact_and_direct_descriptors_close_with_their_f
     descriptor of a closed file is closed with it (at most 2 files, 2 descriptors each, open at once)."""
     from fastload.sources.local import LocalTransport
 
-    if not direct_supported(tmp_path):
-        pytest.skip("no O_DIRECT/cachestat here")
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(b"x" * 8192)
+    assert direct_supported(probe), "needs O_DIRECT and cachestat(2), as this project's machines have"
     size = 2 * MiB + 4096 + 123
     paths = [tmp_path / f"c{i}.bin" for i in range(6)]
     data = [pattern(i, size) for i in range(6)]
@@ -309,8 +294,9 @@ def test_direct_io_with_eviction_exact_and_direct_descriptors_close_with_their_f
 def test_two_hundred_shards_under_rlimit_40_stream_dtype_direct_io(tmp_path):
     """A 200-shard checkpoint (cold) in a process allowed 40 open files: ``stream()`` with dtype conversion and
     ``direct_io`` gives every tensor once, exact against safetensors converted, and it read some bytes direct."""
-    if not direct_supported(tmp_path):
-        pytest.skip("no O_DIRECT/cachestat here")
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(b"x" * 8192)
+    assert direct_supported(probe), "needs O_DIRECT and cachestat(2), as this project's machines have"
     g = torch.Generator().manual_seed(11)
     # ~1.1 MiB per shard, so each shard's read is large enough to go direct
     tensors = {f"t{i:03d}": torch.randn(280_000 + i, generator=g) for i in range(200)}

@@ -458,8 +458,7 @@ def test_sources_compile_on_every_supported_python(tmp_path):
     assert floor
     versions = [f"3.{floor.group(1)}", "3.12", "3.13"]
     found = {v: _other_python(v) for v in versions}
-    if not any(found.values()):
-        pytest.skip("no other Python interpreter here")
+    assert any(found.values()), "needs another Python (3.10, 3.12 or 3.13): this project's machines have pyenv's"
     script = textwrap.dedent(f"""
         import pathlib, warnings
         warnings.simplefilter("error")
@@ -482,8 +481,7 @@ def test_stdlib_names_exist_on_the_oldest_supported_python(tmp_path):
     on the requires-python floor (e.g. ``asyncio.Runner``, ``hashlib.file_digest`` are 3.11+)."""
     floor = re.fullmatch(r">=\s*(3\.\d+)", PROJECT["requires-python"]).group(1)
     exe = _other_python(floor)
-    if exe is None:
-        pytest.skip(f"no Python {floor} here")
+    assert exe is not None, f"needs Python {floor} (requires-python's floor): this project's machines have pyenv's"
     uses: dict[tuple[str, str], list[str]] = {}
     for path in sorted(PKG.rglob("*.py")):
         src = path.read_text()
@@ -595,8 +593,6 @@ def test_import_touches_no_file_and_opens_no_socket(tmp_path):
     proc = _run(["strace", "-f", "-qq", "-o", log, "-e",
                  "trace=open,openat,creat,mkdir,mkdirat,unlink,unlinkat,rename,renameat,renameat2,socket,connect",
                  PY, "-c", "import fastload"], cwd=work, env={"HOME": str(work)}, check=False)
-    if proc.returncode != 0 and "ptrace" in proc.stderr:
-        pytest.skip("ptrace not permitted here")
     assert proc.returncode == 0, proc.stderr[-2000:]
     writes = []
     for line in log.read_text().splitlines():
