@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from contextlib import AsyncExitStack
 import time
+from contextlib import AsyncExitStack
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Awaitable, Callable, TypeVar
@@ -59,8 +59,8 @@ class Transient(Exception):
 
 
 class Fatal(Exception):
-    """Raised inside a transport for a failure no retry can mend (the process is out of file descriptors): the
-    load fails at once, with a ``TransferError`` naming the URL and byte range."""
+    """Raised inside a transport for a failure no retry can mend (the process is out of file descriptors, a
+    redirect loop): the load fails at once, with a ``TransferError`` naming the URL and byte range."""
 
 
 class RetryPolicy:
