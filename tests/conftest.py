@@ -194,3 +194,20 @@ def moto_auth(s3_server):
         yield
     finally:
         post(str(previous))
+
+
+@pytest.fixture(scope="module")
+def otel_spans():
+    """An in-memory exporter on the process's SDK tracer provider (made once if there is none); the SDK is a test
+    extra."""
+    from opentelemetry import trace as otel
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    if not isinstance(otel.get_tracer_provider(), TracerProvider):
+        otel.set_tracer_provider(TracerProvider())
+    exporter = InMemorySpanExporter()
+    otel.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()

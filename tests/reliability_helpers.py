@@ -146,13 +146,14 @@ def data_start(raw: bytes) -> int:
     return 8 + int.from_bytes(raw[:8], "little")
 
 
-def load_checked(url: str, ports: set[int], config, bound_s: float = 6.0, **kwargs):
-    """``(result or the FastloadError, seconds)`` of ``fastload.load``, checked to end within ``bound_s`` and to
-    leave no thread, socket or file behind."""
+def load_checked(url: str, ports: set[int], config, bound_s: float = 6.0, catch=None, **kwargs):
+    """``(result or the error, seconds)`` of ``fastload.load``, checked to end within ``bound_s`` and to leave no
+    thread, socket or file behind. ``catch``: the errors returned (default ``FastloadError``; ``Exception`` where
+    an untyped error is itself the finding)."""
     with Leaks(ports) as leaks, Timer() as timer:
         try:
             result = fastload.load(url, config=config, **kwargs)
-        except fastload.FastloadError as exc:
+        except catch or fastload.FastloadError as exc:
             result = exc
     assert timer.s < bound_s, f"took {timer.s:.1f} s"
     leaks.check(grace_s=0.5)

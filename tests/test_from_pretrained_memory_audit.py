@@ -20,7 +20,6 @@ import torch
 
 import fastload
 from checkpoints import llama_config, llama_like_tensors
-from test_trace_export_audit import otel_spans  # noqa: F401 -- fixture
 
 transformers = pytest.importorskip("transformers")
 

@@ -25,6 +25,7 @@ from reliability_helpers import (  # noqa: F401
     Timer,
     assert_bit_exact,
     data_start,
+    load_checked,
     private_tmp,
 )
 from safetensors.torch import load as st_load
@@ -201,14 +202,7 @@ def blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, torch.Tenso
 def load_bounded(url, ports, config, bound_s: float = 8.0, **kwargs):
     """``fastload.load`` or the exception it raised (any type: an untyped one is a finding), bounded in time,
     leaving no thread or socket behind."""
-    with Leaks(set(ports)) as leaks, Timer() as timer:
-        try:
-            result = fastload.load(url, config=config, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            result = exc
-    assert timer.s < bound_s, f"took {timer.s:.1f} s"
-    leaks.check(grace_s=0.5)
-    return result
+    return load_checked(url, set(ports), config, bound_s, catch=Exception, **kwargs)[0]
 
 
 def ok(got, want) -> None:

@@ -387,22 +387,6 @@ def test_opentelemetry_without_a_provider_sends_nothing(ckpt):
     assert "RESULT False True" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def otel_spans():
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry import trace as otel
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    if not isinstance(otel.get_tracer_provider(), TracerProvider):
-        otel.set_tracer_provider(TracerProvider())
-    exporter = InMemorySpanExporter()
-    otel.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
-
-
 def test_opentelemetry_spans_per_load(ckpt, otel_spans, http_server, http_dir):
     otel_spans.clear()
     trace = Trace()

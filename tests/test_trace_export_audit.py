@@ -46,23 +46,6 @@ def ckpt(tmp_path_factory) -> Path:
                         chunky_tensors(seed=11, layers=3, shape=(256, 256)))
 
 
-@pytest.fixture(scope="module")
-def otel_spans():
-    """An in-memory exporter on the process's SDK tracer provider (made once if there is none)."""
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry import trace as otel
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    if not isinstance(otel.get_tracer_provider(), TracerProvider):
-        otel.set_tracer_provider(TracerProvider())
-    exporter = InMemorySpanExporter()
-    otel.get_tracer_provider().add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
-
-
 def ok_bytes(server, suffix: str = "") -> int:
     return sum(r.body_bytes for r in server.log if 200 <= r.status < 300 and r.path.endswith(suffix))
 
