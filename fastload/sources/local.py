@@ -159,7 +159,8 @@ class LocalTransport:
         self._pool = DaemonThreadPool(threads, "fastload-pread")  # works in atexit handlers too (see runner)
         self._fds: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}  # threads holding a file's descriptors: those are never closed
-        self._max_fds = max_open or max_open_files()
+        # With direct_io a file may hold a second (O_DIRECT) descriptor: both count against the limit.
+        self._max_fds = max(1, (max_open or max_open_files()) // (2 if self._direct else 1))
         # When set, uncached ranges are read by at most this many threads at once (see OrderedGate).
         self._cold_readers = cold_readers
         self._gate = OrderedGate(cold_readers or 1)
@@ -207,7 +208,12 @@ class LocalTransport:
             self._users[url] = self._users.get(url, 0) + 1
         try:
             if fd is None:
-                fd = self._open(url)
+                try:
+                    fd = self._open(url)
+                except FileNotFoundError as exc:
+                    if etag is None:
+                        raise
+                    raise SourceChangedError("file removed since it was first read", url=url) from exc
                 if etag is not None and _changed(os.fstat(fd), etag):
                     raise SourceChangedError("file changed since it was first read", url=url)
             yield fd
