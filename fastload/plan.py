@@ -312,9 +312,11 @@ def build_plan(
         missing = [n for n, fname in index.weight_map.items()
                    if n not in specs or file_of.get(specs[n].file) != fname]
         if missing:
-            shards = files[first:first + len(index.files)]
-            raise FormatError(f"index names {len(missing)} tensor(s) not found in their shard: {missing[:10]} "
-                              f"(checkpoint {_where(shards)})")
+            where = [f"{n!r} in {index.weight_map[n]} but "
+                     + (f"it is in {redact_url(files[specs[n].file].url)}" if n in specs else "no shard holds it")
+                     for n in missing[:5]]
+            raise FormatError(f"{redact_url(index.url) or 'index'}: weight_map puts {len(missing)} tensor(s) where "
+                              f"they are not: {'; '.join(where)}" + (" ..." if len(missing) > 5 else ""))
     if names is not None:
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in specs]

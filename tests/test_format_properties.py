@@ -218,6 +218,7 @@ def test_index_names_never_escape(name):
     joined = posixpath.normpath(posixpath.join("/base/dir", shard))
     assert joined.startswith("/base/dir/") and joined != "/base/dir"
     assert not any(c in shard for c in "\\%?#\x00\n") and "://" not in shard and not shard.startswith("/")
+    assert shard == posixpath.normpath(shard)  # canonical: "./a" and "a//b" are stored as "a" and "a/b"
 
 
 # -- the planner ------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ MAX_SHARDS = 10_000
 
 @dataclass(frozen=True)
 class ShardIndex:
-    weight_map: Mapping[str, str]  # tensor name -> shard path relative to the index
+    weight_map: Mapping[str, str]  # tensor name -> shard path relative to the index (``./`` parts dropped)
     metadata: Mapping[str, object]
+    url: str = ""  # where the index was read (for messages)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -28,23 +29,29 @@ class ShardIndex:
 
 
 def _check_shard_name(name: object, url: str) -> str:
+    """``name`` as a plain relative path, ``./`` parts dropped (transformers joins ``./x`` as ``x``, and so
+    must we: else ``./x`` and ``x`` would be two files holding the same tensors)."""
     if not isinstance(name, str) or not name:
         raise FormatError(f"{url}: weight_map values must be non-empty file names, got {short(name)}")
-    bad = (
+    escapes = (
         "://" in name
         or name.startswith(("/", "\\"))
         or "\\" in name
         or (len(name) > 1 and name[1] == ":")
-        or any(part in ("..", ".") for part in name.split("/"))
-        or posixpath.normpath(name) != name
-        or any(ord(c) < 0x20 or c == "\x7f" for c in name)  # NUL, newlines, escapes
-        or "?" in name
-        or "#" in name
-        or "%" in name  # percent-escapes decode to "../" on the server
+        or ".." in name.split("/")
     )
-    if bad:
+    if escapes:
         raise FormatError(f"{url}: weight_map entry {short(name)} escapes the checkpoint directory")
-    return name
+    if any(ord(c) < 0x20 or c == "\x7f" or c in "?#%" for c in name):
+        # ('%': a percent-escape would decode to another name, even "../", on a server)
+        raise FormatError(f"{url}: weight_map entry {short(name)} holds a control character or one of ? # %, "
+                          "which shard file names may not")
+    if name.endswith("/"):
+        raise FormatError(f"{url}: weight_map entry {short(name)} names a directory, not a shard file")
+    canonical = "/".join(part for part in name.split("/") if part not in ("", "."))
+    if not canonical or posixpath.normpath(canonical) != canonical:
+        raise FormatError(f"{url}: weight_map entry {short(name)} names no file inside the checkpoint directory")
+    return canonical
 
 
 def parse_index(raw: bytes, *, url: str) -> ShardIndex:
@@ -56,11 +63,11 @@ def parse_index(raw: bytes, *, url: str) -> ShardIndex:
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise FormatError(f"{url}: index 'metadata' must be an object")
-    shard_names: set[str] = set()  # each distinct file is checked once; a map has 10^4 entries, 10^1 files
+    canonical: dict[str, str] = {}  # each distinct value is checked once; a map has 10^4 entries, 10^1 files
     for file in weight_map.values():
-        if not (isinstance(file, str) and file in shard_names):
-            shard_names.add(_check_shard_name(file, url))
-    shards = len(shard_names)
+        if not (isinstance(file, str) and file in canonical):
+            canonical[file] = _check_shard_name(file, url)
+    shards = len(set(canonical.values()))
     if shards > MAX_SHARDS:
         raise FormatError(f"{url}: index names {shards} shard files, more than the {MAX_SHARDS} allowed")
-    return ShardIndex(dict(weight_map), metadata)
+    return ShardIndex({name: canonical[file] for name, file in weight_map.items()}, metadata, url)

@@ -109,24 +109,25 @@ def _indexes() -> dict[str, tuple[object, str]]:
         return {"metadata": {}, "weight_map": {"a": SHARD, "b": name}}
 
     escape = "escapes|non-empty file names"
+    odd = "one of \\? # %, which shard file names may not"
     return {
         "parent_dir": (wm("../secret.safetensors"), escape),
         "absolute_path": (wm("/etc/passwd"), escape),
         "dot_dot_inside": (wm("sub/../../x.safetensors"), escape),
-        "dot_segment": (wm("./x.safetensors"), escape),
+        "dot_segment_then_parent": (wm("./../x.safetensors"), escape),
         "other_host_url": (wm("http://evil.example/x.safetensors"), escape),
         "scheme_relative_host": (wm("//evil.example/x.safetensors"), escape),
         "file_url": (wm("file:///etc/passwd"), escape),
         "windows_drive": (wm("C:\\x.safetensors"), escape),
         "backslash_escape": (wm("sub\\..\\..\\x.safetensors"), escape),
-        "percent_encoded_dots": (wm("%2e%2e/x.safetensors"), escape),
-        "query_string": (wm("x.safetensors?X-Amz-Signature=1"), escape),
-        "fragment": (wm("x.safetensors#f"), escape),
-        "nul_byte": (wm("x\x00.safetensors"), escape),
-        "newline": (wm("x\n.safetensors"), escape),
+        "percent_encoded_dots": (wm("%2e%2e/x.safetensors"), odd),
+        "query_string": (wm("x.safetensors?X-Amz-Signature=1"), odd),
+        "fragment": (wm("x.safetensors#f"), odd),
+        "nul_byte": (wm("x\x00.safetensors"), odd),
+        "newline": (wm("x\n.safetensors"), odd),
         "empty_name": (wm(""), escape),
         "name_not_string": (wm(5), escape),
-        "trailing_slash": (wm("sub/"), escape),
+        "trailing_slash": (wm("sub/"), "names a directory"),
         "weight_map_missing": ({"metadata": {}}, "weight_map"),
         "weight_map_empty": ({"weight_map": {}}, "weight_map"),
         "weight_map_list": ({"weight_map": [SHARD]}, "weight_map"),
@@ -137,7 +138,7 @@ def _indexes() -> dict[str, tuple[object, str]]:
         "index_duplicate_key": (b'{"weight_map": {"a": "x.safetensors"}, "weight_map": {"a": "y.safetensors"}}',
                                 "duplicate"),
         "too_many_shards": ({"weight_map": {f"t{i}": f"s{i}.safetensors" for i in range(10_001)}}, "shard files"),
-        "tensor_not_in_its_shard": ({"weight_map": {"a": SHARD, "ghost": SHARD}}, "not found in their shard"),
+        "tensor_not_in_its_shard": ({"weight_map": {"a": SHARD, "ghost": SHARD}}, "weight_map puts 1 tensor.* no shard holds it"),
     }
 
 
