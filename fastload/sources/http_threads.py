@@ -140,7 +140,7 @@ class ThreadedBodies:
                     url = target
                     continue
                 check(resp)
-                receive(resp.readinto)
+                receive(_soon(resp))
                 if resp.length is None and not resp.isclosed() and resp.read(1):
                     # No Content-Length (chunked): a body that goes on past the range is not the range.
                     raise BodyOverrun("server sent more than the bytes asked for")
@@ -288,3 +288,21 @@ def _with_basic_auth(headers: dict[str, str], parts) -> dict[str, str]:
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     return parts.scheme, parts.hostname or "", parts.port
+
+
+def _soon(resp: http.client.HTTPResponse):
+    """``readinto`` for a body whose first call returns what has come (``read1``), so the trace's first byte
+    is when the first bytes came, not when a whole first piece had; later calls fill their view."""
+    first = True
+
+    def readinto(view: memoryview) -> int:
+        nonlocal first
+        if not first:
+            return resp.readinto(view)
+        first = False
+        data = resp.read1(len(view))
+        view[:len(data)] = data
+        if resp.length == 0:
+            resp.read()  # read1 leaves a finished body open (readinto closes it): the connection is kept
+        return len(data)
+    return readinto

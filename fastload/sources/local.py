@@ -359,6 +359,7 @@ class LocalTransport:
                         break
                 views = _advance(views, usable)
                 done += usable
+                self.trace.count("bytes_fetched", usable, key=info.url)
         if record is not None and done and record.first_byte is None:
             record.first_byte = self.trace.now()
         self.trace.count("bytes_direct", done)
@@ -401,7 +402,6 @@ class LocalTransport:
             total += want
         # A file rewritten in place mid-load must not mix versions (a replaced file keeps our inode).
         _check_unchanged(fd, info, (segments[0].offset, segments[-1].end))
-        self.trace.count("bytes_fetched", total, key=info.url)
         return total
 
     def _preadv_all(self, fd: int, info: ObjectInfo, views: list[memoryview], offset: int, want: int,
@@ -418,6 +418,7 @@ class LocalTransport:
                                      url=info.url, byte_range=(offset, offset + want))
             if record is not None and record.first_byte is None:
                 record.first_byte = self.trace.now()
+            self.trace.count("bytes_fetched", n, key=info.url)  # as read: a load that fails later read them too
             got += n
             views = _advance(views, n)
 

@@ -210,6 +210,7 @@ class S3Transport:
                 raise
         # S3 refused a URL it took before: expired early (temporary credentials end with their session),
         # or its signature went stale. Once more with a URL signed now (botocore refreshes credentials).
+        self.http.trace.count("retries")  # an attempt the record counts (as every retry is)
         try:
             return await self.http.read(replace(info, fetch_url=await self._presign(info.url)), segments, record)
         except SourcePermissionError as exc:
