@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterator
 
 import torch
@@ -55,18 +56,18 @@ class LoadStream:
 
     def __init__(self, request):
         self._request = request
-        self._plan: LoadPlan | None = None
+        self._plans: list[LoadPlan] = []  # the producer fills it: it holds no reference to this object
         self._state = "new"  # -> "open" in the with block -> "closed"
+        plans = self._plans
         self._stream = runner.ThreadedStream(
-            lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=self._set_plan))
-
-    def _set_plan(self, plan: LoadPlan) -> None:
-        self._plan = plan
+            lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=plans.append))
+        # Dropped while open (entered by hand, never closed): the load stops instead of reading on for nobody.
+        self._dropped = weakref.finalize(self, self._stream.cancel)
 
     @property
     def plan(self) -> LoadPlan | None:
         """The plan, once headers have been read (None before)."""
-        return self._plan
+        return self._plans[0] if self._plans else None
 
     def __enter__(self) -> "LoadStream":
         if self._state != "new":
@@ -84,10 +85,13 @@ class LoadStream:
                                "with fastload.stream(src) as s: for name, tensor in s: ...")
         if self._state == "closed" and not self._stream.finished:
             raise RuntimeError("this stream was closed before its load finished; its other tensors were not read")
-        return iter(self._stream)
+        # From a coroutine (a notebook cell, asyncio.run): Ctrl-C cancels that task, which a thread blocked here
+        # would never see; the wait polls for it.
+        return self._stream.iterate(runner.cancel_requested())
 
     def close(self) -> None:
         self._state = "closed"
+        self._dropped.detach()
         self._stream.close()
 
 

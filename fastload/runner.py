@@ -65,7 +65,7 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         await main()
         put(None)
 
-    stream = ThreadedStream(produce_one, stop=_cancel_requested()).start()
+    stream = ThreadedStream(produce_one, stop=cancel_requested()).start()
     try:
         for _ in stream:
             return box.pop("value")
@@ -93,10 +93,14 @@ async def _in_our_loop(aw: Awaitable[T]) -> T:
     return await aw
 
 
-def _cancel_requested() -> Callable[[], bool] | None:
+def cancel_requested() -> Callable[[], bool] | None:
     """For a sync call made from a coroutine: whether that coroutine's task has been asked to cancel.
-    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees."""
-    task = asyncio.current_task()
+    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees.
+    None outside a coroutine."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        return None
     if task is None or not hasattr(task, "cancelling"):  # Python 3.10 cannot tell
         return None
     already = task.cancelling()
@@ -259,6 +263,7 @@ class ThreadedStream:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="fastload-stream", daemon=True)
         self._complete = False  # the producer ran to its end (an error included), not cancelled
+        self._error_tb = None  # the producer's error's own traceback, raised again by every later iteration
 
     @property
     def finished(self) -> bool:
@@ -290,23 +295,27 @@ class ThreadedStream:
         finally:
             self._ready.set()
 
-    def _get(self) -> Any:
-        if self._stop is None:
+    def _get(self, stop: Callable[[], bool] | None) -> Any:
+        if stop is None:
             return self._queue.get()
         while True:
             try:
                 return self._queue.get(timeout=_POLL_S)
             except queue.Empty:
-                if self._stop():
+                if stop():
                     self.close()
                     raise asyncio.CancelledError from None
 
     def __iter__(self) -> Iterator[Any]:
+        return self.iterate(self._stop)
+
+    def iterate(self, stop: Callable[[], bool] | None = None) -> Iterator[Any]:
         """What the producer put, then its end. Several threads may iterate one stream: each item goes to one
         of them, and the end marker stays in the queue, so every one of them sees the end (or the error, or
-        that the stream was closed before everything was handed out)."""
+        that the stream was closed before everything was handed out). ``stop``: polled while waiting; when it
+        says so, the stream is closed and CancelledError raised (see ``cancel_requested``)."""
         while True:
-            item = self._get()
+            item = self._get(stop)
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
                 self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
                 self._thread.join()
@@ -314,21 +323,28 @@ class ThreadedStream:
                     raise RuntimeError("the load was cancelled (closed) before it finished")
                 self._complete = True
                 if item[1] is not None:
-                    raise item[1]
+                    if self._error_tb is None:
+                        self._error_tb = item[1].__traceback__ or False
+                    raise item[1].with_traceback(self._error_tb or None)  # not a traceback grown by each raise
                 return
             box = [item]  # handed over without a reference left in this frame while it waits
             del item
             yield box.pop()
 
-    def close(self) -> None:
-        """Cancel whatever is still running and wait for the loop thread to end. What was produced and never
-        handed out goes with the stream (on a GPU: device memory), and a thread still iterating then learns
-        that the stream was closed before its end, not that it ended."""
+    def cancel(self) -> None:
+        """Ask the producer to stop, without waiting for it (a finalizer's part: it may run on any thread,
+        the loop's own included)."""
         if self._thread.is_alive() and self._loop is not None and self._task is not None:
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
             except RuntimeError:  # loop already closed
                 pass
+
+    def close(self) -> None:
+        """Cancel whatever is still running and wait for the loop thread to end. What was produced and never
+        handed out goes with the stream (on a GPU: device memory), and a thread still iterating then learns
+        that the stream was closed before its end, not that it ended."""
+        self.cancel()
         if self._thread.ident is not None:
             self._thread.join()
         end, dropped = None, False
