@@ -87,7 +87,12 @@ class LoadStream:
             raise RuntimeError("this stream was closed before its load finished; its other tensors were not read")
         # From a coroutine (a notebook cell, asyncio.run): Ctrl-C cancels that task, which a thread blocked here
         # would never see; the wait polls for it.
-        return self._stream.iterate(runner.cancel_requested())
+        return self._iterate(runner.cancel_requested())
+
+    def _iterate(self, stop) -> Iterator[tuple[str, torch.Tensor]]:
+        # (a generator of this object's: a thread iterating keeps the stream alive, and its load running, after
+        # the opener let go of it)
+        yield from self._stream.iterate(stop)
 
     def close(self) -> None:
         self._state = "closed"
