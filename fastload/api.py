@@ -27,8 +27,10 @@ def load(source, *, device="cpu", dtype=None, names=None, shard=None, config=Non
 async def aload(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
                 progress=None) -> dict[str, torch.Tensor]:
     """``load`` for async code: runs in the caller's event loop."""
-    return await _collect(make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config,
-                                       trace=trace, progress=progress))
+    request = make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config, trace=trace,
+                           progress=progress)
+    with runner.user_interrupts():
+        return await _collect(request)
 
 
 async def _collect(request, on_plan=None) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from .errors import ConfigError, DeviceError
 from .fetch import run_plan
 from .plan import LoadPlan, Shard, build_plan
 from .resolve import read_header, resolve
-from .runner import gather, own_workers
+from .runner import gather, guarded, own_workers
 from .sinks import HostSink, Sink
 from .sources import Transports
 from .trace import Trace, as_trace
@@ -79,7 +79,7 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
     elif not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
     check_progress(progress)
-    return LoadRequest(source, device, dtype, names, shard, config, as_trace(trace), progress)
+    return LoadRequest(source, device, dtype, names, shard, config, as_trace(trace), guarded(progress))
 
 
 def check_progress(progress) -> None:

@@ -51,6 +51,7 @@ from .pipeline import check_progress
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .redact import redact_url
 from .resolve import join
+from . import runner
 from .runner import gather, in_worker, own_workers
 from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
@@ -546,9 +547,10 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 trace: Trace | None = None, progress: Callable[[int, int], None] | None = None,
                 verify: bool = False) -> PullResult:
     """``pull`` for async code; returns what it did as a :class:`PullResult`."""
-    async with own_workers():  # file writes, flushes and hashes on a pool of the call's own
-        return await _apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config, trace=trace,
-                            progress=progress, verify=verify)
+    with runner.user_interrupts():
+        async with own_workers():  # file writes, flushes and hashes on a pool of the call's own
+            return await _apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config, trace=trace,
+                                progress=progress, verify=verify)
 
 
 async def _apull(source, *, to, cache_dir, revision, config, trace, progress, verify) -> PullResult:
@@ -558,6 +560,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
         raise ConfigError(f"source must be a path or URL, got {source!r}")
     source = normalize_url(source)
     check_progress(progress)
+    progress = runner.guarded(progress)
     config = config or LoadConfig()
     if not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
@@ -718,7 +721,5 @@ def pull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig |
     ``ChecksumSHA256``, HTTP ``Repr-Digest``): as it streams when read whole, else once written. Returns where the
     files are.
     """
-    from . import runner
-
     return runner.run(lambda: apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config,
                                     trace=trace, progress=progress, verify=verify)).path

@@ -14,7 +14,7 @@ import os
 import queue
 import sys
 import threading
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, TypeVar
@@ -40,8 +40,46 @@ async def gather(aws: Iterable[Awaitable[T]]) -> list[T]:
         raise
 
 
+class UserInterrupt(Exception):
+    """A KeyboardInterrupt or SystemExit raised by a caller's callback (``progress``), carried through the load's
+    loop as an ordinary error: asyncio re-raises those two straight out of the loop, past every task's cleanup
+    (threads, sockets and a stream's end were left behind, and a stream's reader waited forever). Raised again
+    as itself where the call returns (:func:`user_interrupts`)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(f"{type(exc).__name__} in a callback")
+        self.exc = exc
+
+
+def guarded(fn: Callable[..., T] | None) -> Callable[..., T] | None:
+    """``fn``, a caller's callback, with its KeyboardInterrupt / SystemExit turned into :class:`UserInterrupt`."""
+    if fn is None:
+        return None
+
+    def call(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            raise UserInterrupt(exc) from None
+    return call
+
+
+@contextmanager
+def user_interrupts() -> Iterator[None]:
+    """Within: a :class:`UserInterrupt` leaves as the KeyboardInterrupt / SystemExit it carries."""
+    try:
+        yield
+    except UserInterrupt as carried:
+        raise carried.exc from None
+
+
 def run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run the coroutine made by ``factory`` to completion, from sync code."""
+    with user_interrupts():
+        return _run(factory)
+
+
+def _run(factory: Callable[[], Awaitable[T]]) -> T:
     box: dict[str, Any] = {}
 
     async def main() -> None:
@@ -292,6 +330,8 @@ class ThreadedStream:
 
         try:
             run_loop(body())
+        except BaseException as exc:  # noqa: BLE001 - out of the loop past body(): a reader must still see an end
+            self._queue.put((_DONE, exc))
         finally:
             self._ready.set()
 
@@ -323,9 +363,10 @@ class ThreadedStream:
                     raise RuntimeError("the load was cancelled (closed) before it finished")
                 self._complete = True
                 if item[1] is not None:
+                    error = item[1].exc if isinstance(item[1], UserInterrupt) else item[1]
                     if self._error_tb is None:
-                        self._error_tb = item[1].__traceback__ or False
-                    raise item[1].with_traceback(self._error_tb or None)  # not a traceback grown by each raise
+                        self._error_tb = error.__traceback__ or False
+                    raise error.with_traceback(self._error_tb or None)  # not a traceback grown by each raise
                 return
             box = [item]  # handed over without a reference left in this frame while it waits
             del item

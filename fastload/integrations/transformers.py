@@ -31,10 +31,12 @@ do in ``transformers``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import tempfile
+import threading
 from dataclasses import replace
 from importlib import metadata, util
 from pathlib import Path
@@ -376,8 +378,12 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
             base = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
             guess = _dtypes(dtype, _raw_config(folder))[0]
 
+            given_up = threading.Event()
+
             def model_parts():  # in a thread of its own: transformers' imports take seconds; the weights stream
-                transformers = _transformers()
+                transformers = _transformers()  # (an import cannot be stopped: one the call gave up on ends here)
+                if given_up.is_set():
+                    raise asyncio.CancelledError
                 hf_config = transformers.AutoConfig.from_pretrained(folder)
                 return (transformers, hf_config, _model_class(transformers, hf_config, model_class),
                         *_dtypes(dtype, hf_config))
@@ -385,7 +391,11 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
             async def both():  # all or nothing: a config transformers refuses stops the load at once
                 return await runner.gather([runner.detached(model_parts), _stream_weights(base, request, guess)])
 
-            (transformers, hf_config, cls, create, dtype), (plan, state_dict, read) = runner.run(both)
+            try:
+                (transformers, hf_config, cls, create, dtype), (plan, state_dict, read) = runner.run(both)
+            except BaseException:
+                given_up.set()  # the folder goes with this call: the thread must not read it after
+                raise
             if create != guess:  # transformers read the config otherwise: load again, in the dtype it keeps
                 del state_dict
                 plan, state_dict, read = runner.run(lambda: _stream_weights(base, request, create))

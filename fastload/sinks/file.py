@@ -114,16 +114,20 @@ class FileSink:
         target = self.files[index]
         fresh = not target.done
         flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd = jfd = None
         try:
             target.temp.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(target.temp, flags | (os.O_TRUNC if fresh else 0), 0o644)
             if fresh:
                 os.ftruncate(fd, target.info.size)
             jfd = os.open(target.journal, flags | os.O_APPEND | (os.O_TRUNC if fresh else 0), 0o644)
+            if fresh:
+                os.write(jfd, (_header(target.info) + "\n").encode())
         except OSError as exc:
+            for opened in (fd, jfd):  # not ours to keep: a pull that fails here must not leak them
+                if opened is not None:
+                    os.close(opened)
             raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}", url=target.info.url) from exc
-        if fresh:
-            os.write(jfd, (_header(target.info) + "\n").encode())
         self._fds[index] = (fd, jfd)
 
     def initially_complete(self) -> list[int]:
@@ -180,9 +184,12 @@ class FileSink:
             except OSError as exc:
                 raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}",
                                     url=target.info.url) from exc
-            os.ftruncate(fd, target.info.size)
         try:
-            os.fsync(fd)
+            if jfd is None:
+                os.ftruncate(fd, target.info.size)
+            os.fsync(fd)  # (where a full or failing disk says so, if it did not on a write)
+        except OSError as exc:
+            raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}", url=target.info.url) from exc
         finally:
             os.close(fd)
             if jfd is not None:
