@@ -132,17 +132,19 @@ async def _in_our_loop(aw: Awaitable[T]) -> T:
 
 
 def cancel_requested() -> Callable[[], bool] | None:
-    """For a sync call made from a coroutine: whether that coroutine's task has been asked to cancel.
-    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees.
-    None outside a coroutine."""
+    """For a sync call made from a coroutine: whether a task of its loop has been asked to cancel since.
+    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees; and
+    the call's own task may not be that one (``asyncio.wait_for`` runs its coroutine in a task of its own on 3.11,
+    so the cancel stops at wait_for's waiter). While the call blocks the loop no task runs, so a count that
+    rises was raised by a signal handler or another thread: a Ctrl-C. None outside a coroutine."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # no running loop in this thread
         return None
     if task is None or not hasattr(task, "cancelling"):  # Python 3.10 cannot tell
         return None
-    already = task.cancelling()
-    return lambda: task.cancelling() > already
+    before = [(t, t.cancelling()) for t in asyncio.all_tasks() if not t.done()]
+    return lambda: any(t.cancelling() > n for t, n in before)
 
 
 #: The daemon pool a load's CPU work (conversion, hashing, file writes) runs on: set by :func:`own_workers`

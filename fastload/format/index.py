@@ -46,7 +46,7 @@ def _check_shard_name(name: object, url: str) -> str:
         # ('%': a percent-escape would decode to another name, even "../", on a server)
         raise FormatError(f"{url}: weight_map entry {short(name)} holds a control character or one of ? # %, "
                           "which shard file names may not")
-    if name.endswith("/"):
+    if name.endswith("/") or name.split("/")[-1] == ".":
         raise FormatError(f"{url}: weight_map entry {short(name)} names a directory, not a shard file")
     canonical = "/".join(part for part in name.split("/") if part not in ("", "."))
     if not canonical or posixpath.normpath(canonical) != canonical:
