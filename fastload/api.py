@@ -29,7 +29,7 @@ async def aload(source, *, device="cpu", dtype=None, names=None, shard=None, con
     """``load`` for async code: runs in the caller's event loop."""
     request = make_request(source, device=device, dtype=dtype, names=names, shard=shard, config=config, trace=trace,
                            progress=progress)
-    with runner.user_interrupts():
+    with runner.boundary():
         return await _collect(request)
 
 

@@ -547,7 +547,7 @@ async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadC
                 trace: Trace | None = None, progress: Callable[[int, int], None] | None = None,
                 verify: bool = False) -> PullResult:
     """``pull`` for async code; returns what it did as a :class:`PullResult`."""
-    with runner.user_interrupts():
+    with runner.boundary():
         async with own_workers():  # file writes, flushes and hashes on a pool of the call's own
             return await _apull(source, to=to, cache_dir=cache_dir, revision=revision, config=config, trace=trace,
                                 progress=progress, verify=verify)

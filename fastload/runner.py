@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import threading
+import traceback
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +45,7 @@ class UserInterrupt(Exception):
     """A KeyboardInterrupt or SystemExit raised by a caller's callback (``progress``), carried through the load's
     loop as an ordinary error: asyncio re-raises those two straight out of the loop, past every task's cleanup
     (threads, sockets and a stream's end were left behind, and a stream's reader waited forever). Raised again
-    as itself where the call returns (:func:`user_interrupts`)."""
+    as itself where the call returns (:func:`boundary`)."""
 
     def __init__(self, exc: BaseException):
         super().__init__(f"{type(exc).__name__} in a callback")
@@ -65,17 +66,34 @@ def guarded(fn: Callable[..., T] | None) -> Callable[..., T] | None:
 
 
 @contextmanager
-def user_interrupts() -> Iterator[None]:
-    """Within: a :class:`UserInterrupt` leaves as the KeyboardInterrupt / SystemExit it carries."""
+def boundary() -> Iterator[None]:
+    """Where a public call returns. A :class:`UserInterrupt` leaves as the KeyboardInterrupt / SystemExit it
+    carries; and an error lets go of the locals of the load's finished frames: its traceback holds them, and
+    with them the output tensors, buffers and sockets of the failed load, for as long as a caller keeps the
+    error (``self.last_error = exc``, a retry loop's log)."""
     try:
         yield
     except UserInterrupt as carried:
+        shed(carried.exc)
         raise carried.exc from None
+    except BaseException as exc:
+        shed(exc)
+        raise
+
+
+def shed(exc: BaseException | None) -> None:
+    """Clear the locals of the frames in ``exc``'s traceback and in those of its causes (frames still running,
+    the caller's, are left as they are)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:
     """Run the coroutine made by ``factory`` to completion, from sync code."""
-    with user_interrupts():
+    with boundary():
         return _run(factory)
 
 
@@ -367,6 +385,7 @@ class ThreadedStream:
                 if item[1] is not None:
                     error = item[1].exc if isinstance(item[1], UserInterrupt) else item[1]
                     if self._error_tb is None:
+                        shed(error)  # (see boundary)
                         self._error_tb = error.__traceback__ or False
                     raise error.with_traceback(self._error_tb or None)  # not a traceback grown by each raise
                 return
