@@ -36,7 +36,13 @@ async def aload(source, *, device="cpu", dtype=None, names=None, shard=None, con
 async def _collect(request, on_plan=None) -> dict[str, torch.Tensor]:
     got: dict[str, torch.Tensor] = {}
     plans: list[LoadPlan] = []
-    await produce(request, got.__setitem__, on_plan=plans.append)
+    try:
+        await produce(request, got.__setitem__, on_plan=plans.append)
+    except BaseException:
+        # The tensors done before the failure go now: the load's functions keep ``got.__setitem__`` in their
+        # closures, and an error that a caller keeps holds those functions through its traceback's frames.
+        got.clear()
+        raise
     if on_plan is not None:
         on_plan(plans[0])
     return {t.name: got[t.name] for t in plans[0].tensors}
