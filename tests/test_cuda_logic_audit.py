@@ -130,11 +130,14 @@ def test_reference_file_really_is_unaligned(tmp_path):
 @pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_unaligned_offsets_every_dtype_bit_exact(tmp_path, dtype):
     path = write_raw(tmp_path / "u.safetensors", unaligned_mix(1))
-    device = FakeDevice()
-    got, trace = run(drive(str(path), device, dtype=dtype))
-    assert device.violations == []
-    assert_bit_exact(got, expected(path, dtype))
-    assert all(e.completed and e.waited for e in device.events)
+    for _ in range(5):  # (on a loaded machine the fake's lanes can happen to finish in order: run it again)
+        device = FakeDevice()
+        got, trace = run(drive(str(path), device, dtype=dtype))
+        assert device.violations == []
+        assert_bit_exact(got, expected(path, dtype))
+        assert all(e.completed and e.waited for e in device.events)
+        if device.out_of_order():
+            break
     assert device.out_of_order()  # the fake really did complete copies out of issue order
     counters = trace.summary().counters
     want_bytes = sum(nbytes(t) for t in safetensors.torch.load_file(str(path)).values())

@@ -460,7 +460,11 @@ def test_a_stream_left_early_is_cancelled_not_failed(tmp_path):
     path = write_single(tmp_path / "m.safetensors", {f"t{i}": torch.full((50_000,), float(i)) for i in range(8)})
     trace = fastload.Trace(otel=False)
     config = fastload.LoadConfig(chunk_bytes=64 << 10, host_buffer_bytes=256 << 10, max_concurrency=1)
-    with fastload.stream(path, trace=trace, config=config) as s:
+
+    def slowly(done, total):  # ~1 s for the whole file: it cannot end on its own before the stream is left
+        time.sleep(0.04)
+
+    with fastload.stream(path, trace=trace, config=config, progress=slowly) as s:
         next(iter(s))
     summary = trace.summary()
     assert summary.errors == () and summary.counters["cancelled"] == 1
