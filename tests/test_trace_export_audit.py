@@ -398,7 +398,9 @@ def test_ten_thousand_reads_export_fast_and_linear(tmp_path):
         chrome = trace.to_chrome()
         text = json.dumps(chrome) + json.dumps(d)
         best = min(best, time.perf_counter() - start)
-    assert best < 1.0, f"exporting {reads} reads took {best:.2f} s"
+    # (a guard against quadratic work, not a benchmark: ~0.3 s alone, 1.5 s seen beside three test workers; a
+    # quadratic export of 10k reads takes minutes)
+    assert best < 6.0, f"exporting {reads} reads took {best:.2f} s"
     assert len(text) < 2000 * (reads + len(d["spans"])) + 100_000  # linear in what was recorded
     assert len(trace.summary().table().splitlines()) < 40  # the printed summary does not grow with the load
 
