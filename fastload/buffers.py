@@ -68,3 +68,8 @@ class BufferPool:
                 waiter.set_result(buf)
                 return
         self._free.append(buf)
+
+    def drain(self) -> None:
+        """Let go of the free buffers (the load is over): whatever still reaches the pool, such as a kept error's
+        frames through the fetch's closures, then holds no buffer memory."""
+        self._free.clear()

@@ -77,4 +77,7 @@ async def run_plan(
         for chunk in chunks:  # a shared iterator: each chunk goes to exactly one worker
             await one(chunk, index)
 
-    await gather(worker(i) for i in range(max(1, min(workers, len(plan.chunks)))))
+    try:
+        await gather(worker(i) for i in range(max(1, min(workers, len(plan.chunks)))))
+    finally:
+        pool.drain()  # (every chunk's work is over: gather waits for all of them)

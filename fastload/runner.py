@@ -14,7 +14,6 @@ import os
 import queue
 import sys
 import threading
-import traceback
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -68,27 +67,42 @@ def guarded(fn: Callable[..., T] | None) -> Callable[..., T] | None:
 @contextmanager
 def boundary() -> Iterator[None]:
     """Where a public call returns. A :class:`UserInterrupt` leaves as the KeyboardInterrupt / SystemExit it
-    carries; and an error lets go of the locals of the load's finished frames: its traceback holds them, and
-    with them the output tensors, buffers and sockets of the failed load, for as long as a caller keeps the
-    error (``self.last_error = exc``, a retry loop's log)."""
+    carries; and an error lets go of the locals of fastload's finished frames: its traceback holds them, and with
+    them the output tensors, buffers and sockets of the failed load, for as long as a caller keeps the error
+    (``self.last_error = exc``, a retry loop's log)."""
+    handled = sys.exc_info()[1]  # the caller's own error, if it calls us while handling one: never touched
     try:
         yield
     except UserInterrupt as carried:
-        shed(carried.exc)
+        shed(carried.exc, handled)
         raise carried.exc from None
     except BaseException as exc:
-        shed(exc)
+        shed(exc, handled)
         raise
 
 
-def shed(exc: BaseException | None) -> None:
-    """Clear the locals of the frames in ``exc``'s traceback and in those of its causes (frames still running,
-    the caller's, are left as they are)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def shed(exc: BaseException | None, stop: BaseException | None = None) -> None:
+    """Clear the locals of fastload's own frames in the tracebacks of ``exc``, its causes and contexts (up to
+    ``stop``). Only ours: a caller's frames (its callback's, a generator it still iterates, which clearing would
+    close) keep theirs; and frames still running refuse to be cleared."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or e is stop or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+                try:
+                    tb.tb_frame.clear()
+                except RuntimeError:  # still running (the caller's call into us, a live generator)
+                    pass
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
 
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:
@@ -149,20 +163,36 @@ async def _in_our_loop(aw: Awaitable[T]) -> T:
     return await aw
 
 
-def cancel_requested() -> Callable[[], bool] | None:
-    """For a sync call made from a coroutine: whether a task of its loop has been asked to cancel since.
-    ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never sees; and
-    the call's own task may not be that one (``asyncio.wait_for`` runs its coroutine in a task of its own on 3.11,
-    so the cancel stops at wait_for's waiter). While the call blocks the loop no task runs, so a count that
-    rises was raised by a signal handler or another thread: a Ctrl-C. None outside a coroutine."""
+class CancelWatch:
+    """For a sync call made from a coroutine: whether a task of its loop was asked to cancel while the call
+    waited. ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never
+    sees; and the call's own task may not be that one (``asyncio.wait_for`` runs its coroutine in a task of its
+    own on 3.11, so the cancel stops at wait_for's waiter). While the call blocks the loop no task runs, so a
+    count that rises then was raised by a signal handler or another thread: a Ctrl-C (or a SIGTERM handler's
+    cancel, which is a shutdown too). Each wait takes its own baseline (:meth:`arm`): between a stream's items the
+    caller may await, and tasks cancelled while the loop ran are the loop's business, not ours."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._before: list[tuple[asyncio.Task, int]] = []
+
+    def arm(self) -> None:
+        self._before = [(t, t.cancelling()) for t in asyncio.all_tasks(self._loop) if not t.done()]
+
+    def __call__(self) -> bool:
+        return any(t.cancelling() > n for t, n in self._before)
+
+
+def cancel_requested() -> CancelWatch | None:
+    """A :class:`CancelWatch` for a sync call made from a coroutine; None outside one (or on Python 3.10, whose
+    tasks cannot tell)."""
     try:
         task = asyncio.current_task()
     except RuntimeError:  # no running loop in this thread
         return None
-    if task is None or not hasattr(task, "cancelling"):  # Python 3.10 cannot tell
+    if task is None or not hasattr(task, "cancelling"):
         return None
-    before = [(t, t.cancelling()) for t in asyncio.all_tasks() if not t.done()]
-    return lambda: any(t.cancelling() > n for t, n in before)
+    return CancelWatch(asyncio.get_running_loop())
 
 
 #: The daemon pool a load's CPU work (conversion, hashing, file writes) runs on: set by :func:`own_workers`
@@ -312,7 +342,7 @@ class ThreadedStream:
     """Runs ``producer(put)`` in a private loop thread; iterate to receive what it puts."""
 
     def __init__(self, producer: Callable[[Callable[[Any], None]], Awaitable[None]],
-                 stop: Callable[[], bool] | None = None):
+                 stop: CancelWatch | None = None):
         self._producer = producer
         self._stop = stop
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -355,9 +385,10 @@ class ThreadedStream:
         finally:
             self._ready.set()
 
-    def _get(self, stop: Callable[[], bool] | None) -> Any:
+    def _get(self, stop: CancelWatch | None) -> Any:
         if stop is None:
             return self._queue.get()
+        stop.arm()
         while True:
             try:
                 return self._queue.get(timeout=_POLL_S)
@@ -369,7 +400,7 @@ class ThreadedStream:
     def __iter__(self) -> Iterator[Any]:
         return self.iterate(self._stop)
 
-    def iterate(self, stop: Callable[[], bool] | None = None) -> Iterator[Any]:
+    def iterate(self, stop: CancelWatch | None = None) -> Iterator[Any]:
         """What the producer put, then its end. Several threads may iterate one stream: each item goes to one
         of them, and the end marker stays in the queue, so every one of them sees the end (or the error, or
         that the stream was closed before everything was handed out). ``stop``: polled while waiting; when it
