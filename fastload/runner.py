@@ -10,10 +10,12 @@ thread, so nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import queue
 import sys
 import threading
+import traceback
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,7 +93,7 @@ def shed(exc: BaseException | None, stop: BaseException | None = None) -> None:
     todo, seen = [exc], set()
     while todo:
         e = todo.pop()
-        if e is None or e is stop or id(e) in seen:
+        if not isinstance(e, BaseException) or e is stop or id(e) in seen:
             continue
         seen.add(id(e))
         tb = e.__traceback__
@@ -102,7 +104,16 @@ def shed(exc: BaseException | None, stop: BaseException | None = None) -> None:
                 except RuntimeError:  # still running (the caller's call into us, a live generator)
                     pass
             tb = tb.tb_next
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, getattr(builtins, "BaseExceptionGroup", ())):  # (3.11 on; not any "exceptions" attribute)
+            todo += list(e.exceptions)
+
+
+def shed_callees(exc: BaseException) -> None:
+    """In the ``except`` that caught ``exc``: clear the locals of the frames below the catching one (finished
+    calls it made, a library's included; the weights they held go with them)."""
+    tb = exc.__traceback__
+    traceback.clear_frames(tb.tb_next if tb is not None else None)
 
 
 def run(factory: Callable[[], Awaitable[T]]) -> T:
@@ -164,22 +175,38 @@ async def _in_our_loop(aw: Awaitable[T]) -> T:
 
 
 class CancelWatch:
-    """For a sync call made from a coroutine: whether a task of its loop was asked to cancel while the call
-    waited. ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never
+    """For a sync call made from a coroutine: whether a task of its loop was asked to cancel while the loop could
+    not run. ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never
     sees; and the call's own task may not be that one (``asyncio.wait_for`` runs its coroutine in a task of its
-    own on 3.11, so the cancel stops at wait_for's waiter). While the call blocks the loop no task runs, so a
-    count that rises then was raised by a signal handler or another thread: a Ctrl-C (or a SIGTERM handler's
-    cancel, which is a shutdown too). Each wait takes its own baseline (:meth:`arm`): between a stream's items the
-    caller may await, and tasks cancelled while the loop ran are the loop's business, not ours."""
+    own on 3.11, so the cancel stops at wait_for's waiter). While the caller's thread is in our call or in its own
+    code between a stream's items, no task runs, so a count that rises then was raised by a signal handler or
+    another thread: a Ctrl-C (or a SIGTERM handler's cancel, a shutdown too). The baseline is taken again only
+    after the loop has run (the caller awaited between items): tasks cancelled then are the loop's business. Only
+    in the loop's own thread: a stream iterated elsewhere leaves the loop running, and this watch then says no."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
-        self._before: list[tuple[asyncio.Task, int]] = []
+        self._thread = threading.get_ident()
+        self._before: list[tuple[asyncio.Task, int]] | None = None
+        self._loop_ran = False
 
     def arm(self) -> None:
+        if self._off() or (self._before is not None and not self._loop_ran):
+            return
         self._before = [(t, t.cancelling()) for t in asyncio.all_tasks(self._loop) if not t.done()]
+        self._loop_ran = False
+        self._loop.call_soon(self._ran)  # runs only once the loop has control again
+
+    def _ran(self) -> None:
+        self._loop_ran = True
+
+    def _off(self) -> bool:
+        """Not in the loop's thread, or the loop is over (an iterator made in ``asyncio.run``, drained after it)."""
+        return threading.get_ident() != self._thread or self._loop.is_closed()
 
     def __call__(self) -> bool:
+        if self._off() or self._before is None:
+            return False
         return any(t.cancelling() > n for t, n in self._before)
 
 

@@ -10,6 +10,7 @@ one whose *remote* port is a test server's.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -237,3 +238,19 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.s = time.monotonic() - self.start
+
+
+def sigint_after(event: threading.Event, delay: float, sent: list[float] | None = None) -> threading.Thread:
+    """Once ``event`` is set, wait ``delay`` and send this process a SIGINT (to its main thread), as a user's
+    Ctrl-C; the time it was sent goes to ``sent`` (time a Ctrl-C from then, not from the start of a load that a
+    loaded machine stretches)."""
+    def body():
+        if event.wait(10):
+            time.sleep(delay)
+            if sent is not None:
+                sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=body, name="test-sigint", daemon=True)
+    thread.start()
+    return thread

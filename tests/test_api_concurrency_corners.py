@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,22 +29,12 @@ from reliability_helpers import (  # noqa: F401
     private_tmp,
     write_checkpoint,
 )
-from servers.faults import Hang
+from servers.faults import Hang, HangAfter
 
 import fastload
 from reliability_helpers import fds, wait_for_no_new_fds
 
 TESTS = Path(__file__).resolve().parent
-
-
-@dataclass(eq=False)
-class HangAfter(Hang):
-    """Answer the first ``after`` matching requests (size probe, header, a few chunks), then hang."""
-
-    after: int = 1
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
 
 
 @pytest.fixture

@@ -17,14 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from dataclasses import dataclass
 
 import pytest
 
 import fastload
 from checkpoints import llama_like_tensors, write_sharded
 from reliability_helpers import QUICK, Leaks, Timer, private_tmp, write_checkpoint  # noqa: F401
-from servers.faults import Hang
+from servers.faults import HangAfter
 
 TESTS = Path(__file__).resolve().parent
 
@@ -118,16 +117,6 @@ def child(tmp_path):
     yield proc
     proc.kill()
     proc.wait()
-
-
-@dataclass(eq=False)
-class HangAfter(Hang):
-    """Answer the first ``after`` matching requests (the size probe), then hang."""
-
-    after: int = 1
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
 
 
 def interrupt(proc, rule, mode: str, source: str, dest: str) -> tuple[dict, float]:

@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -26,7 +25,7 @@ import pytest
 import torch
 from reliability_helpers import QUICK, Leaks, assert_bit_exact, write_checkpoint
 from safetensors.torch import load_file, save_file
-from servers.faults import Hang
+from servers.faults import HangAfter
 
 import fastload
 
@@ -36,16 +35,6 @@ TESTS = Path(__file__).resolve().parent
 def child_env() -> dict[str, str]:
     """The environment as it is now (the S3 fixture points AWS_* at its server), with the repo importable."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-
-
-@dataclass(eq=False)
-class HangAfter(Hang):
-    """Answer the first ``after`` matching requests, then hang."""
-
-    after: int = 1
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
 
 
 def all_fds() -> dict[str, str]:

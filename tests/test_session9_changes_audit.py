@@ -31,7 +31,6 @@ import sys
 import textwrap
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -42,9 +41,9 @@ from safetensors.torch import save_file
 import fastload
 from checkpoints import evict, llama_config, llama_like_tensors, write_sharded, write_single
 from hub_server import HubServer, hub, hub_session, repo_name  # noqa: F401 -- fixtures
-from reliability_helpers import QUICK, Leaks, ScriptedHTTP, Timer, bounded, data_start, same_bytes
+from reliability_helpers import QUICK, Leaks, ScriptedHTTP, Timer, bounded, data_start, same_bytes, sigint_after
 from servers import RangeHTTPServer
-from servers.faults import Hang, SlowFirstByte
+from servers.faults import HangAfter, SlowFirstByte
 
 INDEX = "model.safetensors.index.json"
 KiB, MiB = 1024, 1 << 20
@@ -201,16 +200,6 @@ def test_hub_pull_into_the_cache_with_odd_spellings_then_hf_url_loads_offline(hu
 # -- 2. streams: collected, interrupted, outliving the interpreter ------------------------------------------------
 
 
-@dataclass(eq=False)
-class HangAfter(Hang):
-    """Answer the first ``after`` matching requests (size probe and header), then hang."""
-
-    after: int = 2
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
-
-
 @pytest.fixture
 def slow_http(tmp_path, http_server, http_dir):
     """A ~3 MB single file over HTTP whose every request waits 0.1 s for its first byte."""
@@ -223,19 +212,6 @@ def slow_http(tmp_path, http_server, http_dir):
 STREAM_CFG = fastload.LoadConfig(chunk_bytes=64 * KiB, host_buffer_bytes=4 * 64 * KiB, max_concurrency=2,
                                  stall_timeout_s=1.5, connect_timeout_s=2.0,
                                  retry=fastload.RetryConfig(max_attempts=1, deadline_s=10.0))
-
-
-def _sigint_after(event: threading.Event, delay: float, sent: list[float] | None = None) -> threading.Thread:
-    def body():
-        if event.wait(10):
-            time.sleep(delay)
-            if sent is not None:
-                sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)
-
-    thread = threading.Thread(target=body, name="test-sigint", daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.mark.parametrize("how", ["uvloop", "run_until_complete", "wait_for"])
@@ -268,7 +244,7 @@ def test_ctrl_c_reaches_a_coroutine_iterating_a_sync_stream(how, http_server, ht
             await consume()
 
     sent: list[float] = []
-    killer = _sigint_after(first, 0.2, sent)
+    killer = sigint_after(first, 0.2, sent)
     with Leaks({http_server.port}) as leaks:
         with Timer() as timer:
             try:

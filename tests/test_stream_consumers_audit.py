@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import signal
 import threading
 import time
@@ -31,8 +30,8 @@ import pytest
 import safetensors.torch
 import torch
 from checkpoints import llama_like_tensors, write_sharded, write_single
-from reliability_helpers import Leaks, Timer, assert_bit_exact, bounded, same_bytes
-from servers.faults import FailWith, Hang, SlowFirstByte
+from reliability_helpers import Leaks, Timer, assert_bit_exact, bounded, same_bytes, sigint_after
+from servers.faults import FailWith, HangAfter, SlowFirstByte
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import fastload
@@ -43,16 +42,6 @@ CONFIG = fastload.LoadConfig(chunk_bytes=CHUNK, host_buffer_bytes=4 * CHUNK, max
                              retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.05,
                                                         deadline_s=10.0))
 SHARD_RULES = {r"(q|k|v)_proj\.weight$": 0, r"(o|down)_proj\.weight$": 1}
-
-
-@dataclass(eq=False)
-class HangAfter(Hang):
-    """Answer the first ``after`` matching requests (size probe and header), then hang."""
-
-    after: int = 2
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
 
 
 @dataclass(eq=False)
@@ -316,21 +305,6 @@ def _wait_load_gone(leaks: Leaks, seconds: float) -> None:
 
 # -- Ctrl-C ------------------------------------------------------------------------------------------------
 
-def _interrupt_after(event: threading.Event, delay: float, sent: list[float] | None = None) -> threading.Thread:
-    """Once ``event`` is set, wait ``delay`` and send this process a SIGINT (to its main thread); the time it was
-    sent goes to ``sent``."""
-    def body():
-        if event.wait(10):
-            time.sleep(delay)
-            if sent is not None:
-                sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)
-
-    thread = threading.Thread(target=body, name="test-sigint", daemon=True)
-    thread.start()
-    return thread
-
-
 def test_sigint_while_iterating_an_http_stream_then_the_next_stream_works(ckpt, http_server, request):
     """A real SIGINT to this process while the main thread waits in the ``for`` over an HTTP stream whose
     second shard hangs: KeyboardInterrupt comes out of the loop at once, the ``with`` exit leaves no thread or
@@ -344,7 +318,7 @@ def test_sigint_while_iterating_an_http_stream_then_the_next_stream_works(ckpt, 
     got = []
     with Leaks({http_server.port}) as leaks:
         sent: list[float] = []
-        killer = _interrupt_after(first, 0.2, sent)
+        killer = sigint_after(first, 0.2, sent)
         with pytest.raises(KeyboardInterrupt), fastload.stream(source, config=CONFIG) as s:
             for name, _ in s:
                 got.append(name)
@@ -381,7 +355,7 @@ def test_sigint_while_a_coroutine_iterates_a_stream_under_asyncio_run(ckpt, http
 
     with Leaks({http_server.port}) as leaks:
         sent: list[float] = []
-        killer = _interrupt_after(first, 0.2, sent)
+        killer = sigint_after(first, 0.2, sent)
         with Timer() as timer:
             try:
                 asyncio.run(main())

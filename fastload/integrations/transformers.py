@@ -409,7 +409,12 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
         kwargs = dict(hf_kwargs, dtype=dtype)
         if request.device.type != "cpu":
             kwargs.setdefault("device_map", {"": request.device})
-        result = cls.from_pretrained(None, config=str(folder), state_dict=state_dict, **kwargs)
+        try:
+            result = cls.from_pretrained(None, config=str(folder), state_dict=state_dict, **kwargs)
+        except BaseException as exc:  # transformers refused the model: a kept error must not keep its weights
+            state_dict.clear()
+            runner.shed_callees(exc)
+            raise
         del state_dict
         model = result[0] if isinstance(result, tuple) else result
         model.config.name_or_path = redact_url(source)  # configs get logged (W&B, MLflow): no tokens in them

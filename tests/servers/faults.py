@@ -147,6 +147,16 @@ class Hang(Rule):
 
 
 @dataclass(eq=False)
+class HangAfter(Hang):
+    """Answer the first ``after`` matching requests (the size probe, a header, a few chunks), then hang."""
+
+    after: int = 1
+
+    def wants_to_fire(self) -> bool:
+        return self.seen > self.after
+
+
+@dataclass(eq=False)
 class FailWith(Rule):
     status: int = 503
     retry_after: int | None = None
