@@ -419,7 +419,9 @@ def test_no_progress_after_stream_closed(ckpt):
 def test_no_progress_after_aload_cancelled(sharded, http_server, http_dir):
     directory, _ = sharded
     url = serve_dir(http_server, http_dir, directory)
-    http_server.faults.slow_first_byte(0.3, path="*model-00003-of-00003.safetensors")
+    # (1.5 s: the load must still be waiting on its last shard when the cancel lands, even on a loaded machine;
+    # 0.3 s was once not enough beside three test workers)
+    http_server.faults.slow_first_byte(1.5, path="*model-00003-of-00003.safetensors")
     rec = Recorder()
 
     async def main():
