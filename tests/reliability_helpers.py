@@ -9,6 +9,7 @@ one whose *remote* port is a test server's.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import tempfile
@@ -254,3 +255,10 @@ def sigint_after(event: threading.Event, delay: float, sent: list[float] | None 
     thread = threading.Thread(target=body, name="test-sigint", daemon=True)
     thread.start()
     return thread
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage still alive in this process (after a collection)."""
+    gc.collect()
+    # (type(), not isinstance: isinstance reads __class__, and torch's deprecated module attributes warn on that)
+    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))

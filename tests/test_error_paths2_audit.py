@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import pickle
@@ -35,7 +34,6 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -45,12 +43,14 @@ from reliability_helpers import (  # noqa: F401 - private_tmp: autouse
     Leaks,
     assert_bit_exact,
     bounded,
+    live_tensor_bytes,
     private_tmp,
     write_checkpoint,
 )
 from servers.faults import CutAfter
 
 import fastload
+from test_error_paths_audit import CutLater, _frames, _stream, served  # noqa: F401 - served: a fixture
 
 ONCE = QUICK.replace(retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.001, backoff_max_s=0.002,
                                                 deadline_s=10.0))
@@ -73,30 +73,6 @@ if sys.version_info >= (3, 11):
     exec(_EXCEPT_STAR, _GROUPS)  # noqa: S102 - a fixed snippet
 
 
-@dataclass(eq=False)
-class CutLater(CutAfter):
-    """Answer the first ``after`` matching GETs, then cut every later one right after its headers."""
-
-    after: int = 3
-
-    def wants_to_fire(self) -> bool:
-        return self.seen > self.after
-
-
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    # (type(), not isinstance: isinstance reads __class__, and torch's deprecated module attributes warn on that)
-    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-
-
-def _frames(exc: BaseException) -> list:
-    tb, out = exc.__traceback__, []
-    while tb is not None:
-        out.append(tb.tb_frame)
-        tb = tb.tb_next
-    return out
-
-
 def _format_error_file(directory: Path) -> Path:
     """A file whose header lacks what safetensors needs: a FormatError."""
     path = directory / "headerless.safetensors"
@@ -110,18 +86,6 @@ def _touching(path: Path):
         if done:
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     return touch
-
-
-@pytest.fixture
-def served(http_server, http_dir):
-    """(url, file, tensors) of a ~1.2 MB checkpoint on the HTTP server."""
-    file, tensors = write_checkpoint(http_dir / "model.safetensors")
-    return http_server.url_for(file), file, tensors
-
-
-def _stream(source, **kwargs):
-    with fastload.stream(source, **kwargs) as s:
-        return dict(s)
 
 
 CALLS = {
@@ -212,11 +176,11 @@ def test_two_failing_aloads_in_a_task_group_kept_as_a_group_keep_no_tensors(tmp_
                 tg.create_task(fastload.aload(str(path), config=config, dtype=dtype, progress=_touching(path)))
 
     assert sys.version_info >= (3, 11), "asyncio.TaskGroup and except* need Python 3.11"
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     kept, others = _GROUPS["except_star"](lambda: bounded(lambda: asyncio.run(both()), 10.0),
                                           fastload.SourceChangedError, asyncio.CancelledError)
     assert kept and not others, "the loads should have failed with SourceChangedError"
-    grown = _live_tensor_bytes() - before
+    grown = live_tensor_bytes() - before
     assert grown < 64 << 10, f"{grown} bytes of tensors alive while the group is kept"
 
 
@@ -350,14 +314,14 @@ def test_from_pretrained_failing_in_transformers_keeps_no_tensors_in_the_kept_er
     dict (a real model's: gigabytes) that fastload built, through fastload's frame or the frames it called."""
     with contextlib.suppress(Exception):  # warm-up: transformers' imports and lazy caches
         fastload.from_pretrained(str(mismatched_llama), **kwargs)
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     kept = []
     try:
         fastload.from_pretrained(str(mismatched_llama), **kwargs)
     except (RuntimeError, ValueError) as exc:
         kept.append(exc)
     assert kept, "transformers should have refused the model"
-    grown = _live_tensor_bytes() - before
+    grown = live_tensor_bytes() - before
     holders = [f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_code.co_name}" for f in _frames(kept[0])
                if any(isinstance(v, (dict, torch.nn.Module)) and v and "state_dict" in k
                       for k, v in f.f_locals.items())]
@@ -547,7 +511,7 @@ def test_staged_loads_leave_no_staging_buffer_alive(how, served, http_server, tm
     it kept, the error it kept), never a staging buffer (the pool here allows 2 MiB of them)."""
     url, file, _ = served
     path = "/" + url.split("/", 3)[3]
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     held: list = []
     if how == "load":
         got = fastload.load(url, config=STAGED, dtype=torch.float16)
@@ -576,5 +540,5 @@ def test_staged_loads_leave_no_staging_buffer_alive(how, served, http_server, tm
             assert (tmp_path / "dest" / "model.safetensors").read_bytes() == file.read_bytes()
         else:
             kept_error = caught.value  # noqa: F841
-    grown = _live_tensor_bytes() - before - _bytes_of(held)
+    grown = live_tensor_bytes() - before - _bytes_of(held)
     assert grown < 64 << 10, f"{grown} bytes of tensors alive beyond the {len(held)} the caller holds"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import io
 import itertools
 import os
@@ -46,6 +45,7 @@ from reliability_helpers import (  # noqa: F401 - private_tmp: autouse
     Leaks,
     assert_bit_exact,
     bounded,
+    live_tensor_bytes,
     private_tmp,
     write_checkpoint,
 )
@@ -56,12 +56,6 @@ from fastload.cli import main as cli_main
 
 ONCE = QUICK.replace(retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.001, backoff_max_s=0.002,
                                                 deadline_s=10.0))
-
-
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    # (type(), not isinstance: isinstance reads __class__, and torch's deprecated module attributes warn on that)
-    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
 
 @dataclass(eq=False)
@@ -182,7 +176,7 @@ def _keep_errors(fail, n: int = 30) -> tuple[list[BaseException], int]:
     """``fail()`` ``n`` times, each error kept (a retry loop's log); the live tensor bytes grown meanwhile."""
     with contextlib.suppress(fastload.FastloadError):  # warm-up: imports, lazy caches
         fail()
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     kept = []
     for _ in range(n):
         try:
@@ -190,7 +184,7 @@ def _keep_errors(fail, n: int = 30) -> tuple[list[BaseException], int]:
         except fastload.FastloadError as exc:
             kept.append(exc)
     assert len(kept) == n, f"only {len(kept)} of {n} loads failed"
-    return kept, _live_tensor_bytes() - before
+    return kept, live_tensor_bytes() - before
 
 
 @pytest.mark.parametrize("how", ["load-threads", "load-aiohttp", "stream-aiohttp", "convert-threads", "pull-threads",

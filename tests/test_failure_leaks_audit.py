@@ -20,7 +20,6 @@ loads' RSS). Real servers from conftest; nothing of fastload is mocked.
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import json
 import logging
@@ -37,12 +36,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from reliability_helpers import (
     QUICK,
     assert_bit_exact,
     bounded,
     client_sockets,
+    live_tensor_bytes,
     write_checkpoint,
 )
 from servers.faults import FailWith
@@ -115,12 +114,6 @@ def _settled(ports: set[int], watch: list[Path], grace_s: float = 0.5) -> Snapsh
     return snap
 
 
-def _live_tensor_bytes() -> int:
-    gc.collect()
-    # (type(), not isinstance: isinstance reads __class__, and torch's deprecated module attributes warn on that)
-    return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
-
-
 class Complaints(logging.Handler):
     """The first line of each warning or error logged, as text (no record, no traceback kept)."""
 
@@ -152,7 +145,7 @@ def repeat_failing(fail, check, *, n: int = REPEAT, ports=(), watch=(), bound_s:
                 bounded(lambda i=i: fail(i), bound_s)
             except BaseException:  # noqa: BLE001, S110 - warm-up: imports, lazy caches
                 pass
-        tensor_bytes = _live_tensor_bytes() if tensors else 0
+        tensor_bytes = live_tensor_bytes() if tensors else 0
         base = _settled(ports, watch, grace_s=1.0)
         complaints.messages.clear()
         errors = []
@@ -180,7 +173,7 @@ def repeat_failing(fail, check, *, n: int = REPEAT, ports=(), watch=(), bound_s:
         while (extra := Snapshot(ports, watch).extra_over(base)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not extra, f"after {n} failures, left over the baseline: {extra}"
-        grown = _live_tensor_bytes() - tensor_bytes if tensors else 0
+        grown = live_tensor_bytes() - tensor_bytes if tensors else 0
         assert grown <= 0, f"{grown} bytes of tensors stayed alive after {n} failed loads"
         assert not complaints.messages, f"asyncio complained: {sorted(set(complaints.messages))[:5]}"
     finally:
@@ -629,7 +622,7 @@ def test_a_kept_error_does_not_keep_the_failed_loads_tensors(tmp_path, how):
         if done:
             os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
 
-    before = _live_tensor_bytes()
+    before = live_tensor_bytes()
     kept = []
     try:
         if how == "load":
@@ -643,5 +636,5 @@ def test_a_kept_error_does_not_keep_the_failed_loads_tensors(tmp_path, how):
     except fastload.SourceChangedError as exc:
         kept.append(exc)
     assert kept, "the load should have failed"
-    grown = _live_tensor_bytes() - before
+    grown = live_tensor_bytes() - before
     assert grown < 64 << 10, f"{grown} bytes of tensors alive while the error is kept"
