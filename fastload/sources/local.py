@@ -159,6 +159,7 @@ class LocalTransport:
         self._pool = DaemonThreadPool(threads, "fastload-pread")  # works in atexit handlers too (see runner)
         self._fds: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._users: dict[str, int] = {}  # threads holding a file's descriptors: those are never closed
+        self._opening = 0  # opens under way: each has a place kept for it under the limit
         # With direct_io a file may hold a second (O_DIRECT) descriptor: both count against the limit.
         self._max_fds = max(1, (max_open or max_open_files()) // (2 if self._direct else 1))
         # When set, uncached ranges are read by at most this many threads at once (see OrderedGate).
@@ -224,19 +225,29 @@ class LocalTransport:
                     del self._users[url]
 
     def _open(self, url: str) -> int:
-        # O_NONBLOCK: a path swapped for a FIFO after the stat fails its reads instead of hanging the open (no
-        # effect on regular files).
-        fd = os.open(to_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        # Room is made before the open, counting the opens under way: closing after it let every thread opening at
+        # that instant add one over the limit (a load under ulimit -n 64 held 19 where it should hold 16).
         with self._lock:
-            if url in self._fds:  # another thread opened it meanwhile: one descriptor per file
-                os.close(fd)
-                return self._fds[url]
+            self._opening += 1
             idle = [u for u in self._fds if u not in self._users]
-            for old in idle[:max(0, len(self._fds) + 1 - self._max_fds)]:
+            for old in idle[:max(0, len(self._fds) + self._opening - self._max_fds)]:
                 os.close(self._fds.pop(old))
                 direct = self._direct_fds.pop(old, None)
                 if direct is not None:
                     os.close(direct)
+        try:
+            # O_NONBLOCK: a path swapped for a FIFO after the stat fails its reads instead of hanging the open (no
+            # effect on regular files).
+            fd = os.open(to_path(url), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        except BaseException:
+            with self._lock:
+                self._opening -= 1
+            raise
+        with self._lock:  # (the place kept becomes the descriptor in one step: no instant where it counts for none)
+            self._opening -= 1
+            if url in self._fds:  # another thread opened it meanwhile: one descriptor per file
+                os.close(fd)
+                return self._fds[url]
             self._fds[url] = fd
             return fd
 
