@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -262,3 +263,19 @@ def live_tensor_bytes() -> int:
     gc.collect()
     # (type(), not isinstance: isinstance reads __class__, and torch's deprecated module attributes warn on that)
     return sum(o.untyped_storage().nbytes() for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+
+def dir_source(kind: str, directory: Path, request) -> str:
+    """``directory`` as a checkpoint-directory source of ``kind``: local path, file:// URL, HTTP or S3 prefix (the
+    servers are the conftest fixtures, asked of ``request``)."""
+    if kind == "local":
+        return str(directory)
+    if kind == "file":
+        return directory.as_uri() + "/"
+    if kind == "http":
+        server, root = request.getfixturevalue("http_server"), request.getfixturevalue("http_dir")
+        shutil.copytree(directory, root / directory.name)
+        return server.url_for(root / directory.name) + "/"
+    s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+    s3.upload_dir(bucket, directory.name, directory)
+    return f"s3://{bucket}/{directory.name}/"

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 import fastload
 from checkpoints import write_single
-from reliability_helpers import QUICK, bounded, same_bytes
+from reliability_helpers import QUICK, bounded, dir_source, same_bytes
 
 INDEX = "model.safetensors.index.json"
 CFG = QUICK
@@ -53,21 +53,6 @@ def _two_shards_with_an_extra(directory: Path) -> dict[str, torch.Tensor]:
     write_single(directory / "s2.safetensors", s2)
     _write_index(directory, {"a": "s1.safetensors", "b": "s2.safetensors", "c": "s2.safetensors"})
     return s1 | s2
-
-
-def _source(kind: str, directory: Path, request) -> str:
-    """``directory`` as a checkpoint-directory source of ``kind``: local path, file:// URL, HTTP or S3 prefix."""
-    if kind == "local":
-        return str(directory)
-    if kind == "file":
-        return directory.as_uri() + "/"
-    if kind == "http":
-        server, root = request.getfixturevalue("http_server"), request.getfixturevalue("http_dir")
-        shutil.copytree(directory, root / directory.name)
-        return server.url_for(root / directory.name) + "/"
-    s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-    s3.upload_dir(bucket, directory.name, directory)
-    return f"s3://{bucket}/{directory.name}/"
 
 
 def _stream_all(source, **kwargs) -> dict[str, torch.Tensor]:
@@ -91,7 +76,7 @@ def test_unlisted_shard_tensors_are_loaded_alike_by_plan_load_stream_and_names(t
     """transformers takes every tensor of every shard the weight_map names (an unlisted one becomes an
     "unexpected key"); fastload must give the same set from every entry point, bit for bit."""
     want = _two_shards_with_an_extra(tmp_path / "ck")
-    source = _source(kind, tmp_path / "ck", request)
+    source = dir_source(kind, tmp_path / "ck", request)
     planned = [t.name for t in _entry("plan", source).tensors]
     loaded = _entry("load", source)
     streamed = _entry("stream", source)
@@ -138,7 +123,7 @@ def test_same_tensor_in_two_shards_is_ambiguous_and_names_both(tmp_path, request
     write_single(tmp_path / "ck" / "s2.safetensors", {"b": torch.ones(5), "a": torch.zeros(4)})
     if layout == "index":
         _write_index(tmp_path / "ck", {"a": "s1.safetensors", "b": "s2.safetensors"})
-    source = _source(kind, tmp_path / "ck", request)
+    source = dir_source(kind, tmp_path / "ck", request)
     for entry, kwargs in (("plan", {}), ("load", {}), ("load", {"names": ["b"]})):
         with pytest.raises(fastload.FormatError) as info:
             _entry(entry, source, **kwargs)
@@ -150,7 +135,7 @@ def test_same_tensor_in_two_shards_is_ambiguous_and_names_both(tmp_path, request
 def test_weight_map_naming_a_missing_shard_names_it_over_the_network(tmp_path, request, kind):
     write_single(tmp_path / "ck" / "s1.safetensors", {"a": torch.ones(4)})
     _write_index(tmp_path / "ck", {"a": "s1.safetensors", "b": "gone-00002.safetensors"})
-    source = _source(kind, tmp_path / "ck", request)
+    source = dir_source(kind, tmp_path / "ck", request)
     with pytest.raises(fastload.SourceNotFoundError, match="gone-00002.safetensors"):
         _entry("load", source)
 
@@ -167,7 +152,7 @@ def test_weight_map_values_with_a_dot_slash_prefix_load_like_transformers(tmp_pa
     write_single(tmp_path / "ck" / "s1.safetensors", {"a": torch.arange(4.0), "a2": torch.ones(2)})
     write_single(tmp_path / "ck" / "sub" / "s2.safetensors", {"b": torch.arange(3, dtype=torch.int16)})
     _write_index(tmp_path / "ck", {"a": "./s1.safetensors", "a2": "s1.safetensors", "b": "./sub/s2.safetensors"})
-    source = _source(kind, tmp_path / "ck", request)
+    source = dir_source(kind, tmp_path / "ck", request)
     got = _entry("load", source)
     assert set(got) == {"a", "a2", "b"}
     assert same_bytes(got["a"], torch.arange(4.0)) and same_bytes(got["b"], torch.arange(3, dtype=torch.int16))
@@ -186,7 +171,7 @@ def test_index_in_a_directory_with_url_delimiters_and_odd_shard_names(tmp_path, 
     write_single(d / "shard one ü.safetensors", {"a": want["a"]})
     write_single(d / "sub dir" / "ß 2.safetensors", {"b": want["b"]})
     _write_index(d, {"a": "shard one ü.safetensors", "b": "sub dir/ß 2.safetensors"})
-    base = _source(kind.partition("-")[0], d, request)
+    base = dir_source(kind.partition("-")[0], d, request)
     config = CFG.replace(http_engine=kind.partition("-")[2]) if kind.startswith("http") else CFG
     for source in (base, base + INDEX):
         got = bounded(lambda source=source: fastload.load(source, config=config))
@@ -205,7 +190,7 @@ def test_index_wins_over_a_stray_model_safetensors_over_the_network(tmp_path, re
     other values (an older export) must not be read, over HTTP and S3 as on disk."""
     want = _two_shards_with_an_extra(tmp_path / "ck")
     write_single(tmp_path / "ck" / "model.safetensors", {"a": torch.zeros(3000), "stray": torch.ones(1)})
-    source = _source(kind, tmp_path / "ck", request)
+    source = dir_source(kind, tmp_path / "ck", request)
     got = _entry("load", source)
     assert set(got) == set(want) and same_bytes(got["a"], want["a"])
     assert all("model.safetensors" != f.info.url.rsplit("/", 1)[-1] for f in _entry("plan", source).files)
@@ -225,7 +210,7 @@ def test_listing_takes_only_the_safetensors_files_of_that_directory_local_and_s3
     write_single(d / "sub" / "deep.safetensors", {"deep": torch.ones(2)})
     write_single(d / "dir.safetensors" / "inner.safetensors", {"inner": torch.ones(2)})
     for kind in ("local", "s3"):
-        source = _source(kind, d, request)
+        source = dir_source(kind, d, request)
         got = _entry("load", source)
         assert set(got) == set(want) and all(same_bytes(got[n], want[n]) for n in want), kind
 
@@ -235,7 +220,7 @@ def test_list_of_an_index_dir_and_a_single_file_sharing_a_name_is_an_error_namin
     (here on S3) and the other a single local file, and also for ``names=`` that avoid the shared name."""
     _two_shards_with_an_extra(tmp_path / "ck")
     single = write_single(tmp_path / "other" / "single.safetensors", {"c": torch.ones(9, dtype=torch.int64)})
-    source = [_source("s3", tmp_path / "ck", request), str(single)]
+    source = [dir_source("s3", tmp_path / "ck", request), str(single)]
     for entry, kwargs in (("plan", {}), ("load", {}), ("load", {"names": ["a"]})):
         with pytest.raises(fastload.FormatError) as info:
             _entry(entry, source, **kwargs)
@@ -332,7 +317,7 @@ def test_from_pretrained_takes_model_safetensors_over_the_index_as_transformers_
     save_file(single, directory / "model.safetensors", metadata={"format": "pt"})
     theirs = transformers.LlamaForCausalLM.from_pretrained(directory)
     assert same_bytes(theirs.state_dict()["model.norm.weight"], single["model.norm.weight"])
-    source = _source(kind, directory, request)
+    source = dir_source(kind, directory, request)
     _same_models(fastload.from_pretrained(source), theirs)
     loaded = _entry("load", source)
     assert set(loaded) == set(sharded) and all(same_bytes(loaded[n], sharded[n]) for n in sharded)

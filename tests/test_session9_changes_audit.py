@@ -41,25 +41,14 @@ from safetensors.torch import save_file
 import fastload
 from checkpoints import evict, llama_config, llama_like_tensors, write_sharded, write_single
 from hub_server import HubServer, hub, hub_session, repo_name  # noqa: F401 -- fixtures
-from reliability_helpers import QUICK, Leaks, ScriptedHTTP, Timer, bounded, data_start, same_bytes, sigint_after
+from reliability_helpers import (QUICK, Leaks, ScriptedHTTP, Timer, bounded, data_start, dir_source, same_bytes,
+                                 sigint_after)
 from servers import RangeHTTPServer
 from servers.faults import HangAfter, SlowFirstByte
 
 INDEX = "model.safetensors.index.json"
 KiB, MiB = 1024, 1 << 20
 CFG = QUICK
-
-
-def _source(kind: str, directory: Path, request) -> str:
-    if kind == "local":
-        return str(directory)
-    if kind == "http":
-        server, root = request.getfixturevalue("http_server"), request.getfixturevalue("http_dir")
-        shutil.copytree(directory, root / directory.name)
-        return server.url_for(root / directory.name) + "/"
-    s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
-    s3.upload_dir(bucket, directory.name, directory)
-    return f"s3://{bucket}/{directory.name}/"
 
 
 def _write_index(directory: Path, weight_map: dict[str, str]) -> None:
@@ -81,7 +70,7 @@ def test_one_shard_spelled_four_ways_is_one_file_read_once(tmp_path, request, ki
     write_single(ck / "c.safetensors", c)
     spellings = ["./a/./b.safetensors", "a//b.safetensors", "a/b.safetensors", "./a//./b.safetensors"]
     _write_index(ck, {f"t{i}": spellings[i] for i in range(4)} | {"z": "./c.safetensors"})
-    source = _source(kind, ck, request)
+    source = dir_source(kind, ck, request)
     plan = bounded(lambda: fastload.plan(source, config=CFG))
     if kind == "http":
         request.getfixturevalue("http_server").reset()
@@ -137,7 +126,7 @@ def test_misplaced_tensor_on_s3_names_the_index_url_not_a_presigned_one(tmp_path
     write_single(ck / "s1.safetensors", {"a": torch.ones(4)})
     write_single(ck / "sub" / "s2.safetensors", {"b": torch.ones(5), "c": torch.ones(1)})
     _write_index(ck, {"a": "s1.safetensors", "b": "./s1.safetensors", "c": "sub//s2.safetensors"})
-    source = _source("s3", ck, request)
+    source = dir_source("s3", ck, request)
     with pytest.raises(fastload.FormatError) as info:
         bounded(lambda: fastload.load(source, config=CFG))
     message = str(info.value)
