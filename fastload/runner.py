@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import traceback
+import weakref
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ T = TypeVar("T")
 _DONE = object()
 _CANCELLED = object()  # the load was cancelled (closed from another thread, or its caller's task cancelled)
 _POLL_S = 0.05  # how often a sync call made from a coroutine checks whether its task was asked to cancel
+_EXIT_WAIT_S = 2.0  # at interpreter exit, how long a load still running (stream, thread) is waited for
 
 
 async def gather(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -136,7 +138,10 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
     except RuntimeError:
         running = False
     if not running:  # (outside the except block: the load's errors must not carry "no running event loop")
-        run_loop(_in_our_loop(main()))
+        if threading.current_thread() is threading.main_thread():
+            run_loop(_in_our_loop(main()))
+        else:
+            _run_stopped_at_exit(main)
         return box.pop("value")
 
     # Inside a running loop (Jupyter, an async server): the load gets its own loop in a private
@@ -153,6 +158,60 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
         raise RuntimeError("the load ended without a result")  # pragma: no cover - producer always puts
     finally:
         stream.close()
+
+
+class AtExit:
+    """``fn`` is called at interpreter exit (before daemon threads are stopped) unless :meth:`cancel` came first.
+    ``weakref.finalize`` keeps the process's list of them, with one ``atexit`` function for all: a cancelled one
+    leaves nothing behind, where each ``atexit.register`` leaves a slot that ``unregister`` never frees (a
+    service making loads all day would grow that list, and scan it at every unregister). Collected before then,
+    the object calls ``fn`` too: ``fn`` must be a no-op for a load that is gone."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self._finalizer = weakref.finalize(self, fn)
+
+    def cancel(self) -> None:
+        self._finalizer.detach()
+
+
+def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
+    """``run_loop(main())`` in a thread other than the main one, which interpreter exit may find still loading
+    (a daemon thread preloading weights while the service stops). Exit stops daemon threads where they next
+    take the GIL, and one stopped inside torch aborts the process (see ``ThreadedStream._stop_at_exit``); so
+    at exit the load is cancelled and waited for, briefly, until no thread of it runs torch any more. The calling
+    thread then waits for the end of the process, as the interpreter would have it: a load stopped by exit
+    returns nothing and raises nothing (no cancellation printed at every exit)."""
+    task: list[tuple[asyncio.AbstractEventLoop, asyncio.Task]] = []
+    ended, exiting = threading.Event(), threading.Event()
+    handled = sys.exc_info()[1]
+
+    async def watched() -> None:
+        task.append((asyncio.get_running_loop(), asyncio.current_task()))
+        await main()
+
+    def at_exit() -> None:
+        if task:
+            loop, running = task[0]
+            exiting.set()
+            try:
+                loop.call_soon_threadsafe(running.cancel)
+            except RuntimeError:  # the loop has closed: the load is over
+                return
+            ended.wait(_EXIT_WAIT_S)
+
+    hook = AtExit(at_exit)
+    try:
+        run_loop(_in_our_loop(watched()))
+    except BaseException as exc:
+        shed(exc, handled)  # the tensors the cancelled load's frames held are freed here, while exit waits
+        if exiting.is_set():
+            del exc
+            ended.set()
+            threading.Event().wait()  # until the process ends
+        raise
+    finally:
+        ended.set()
+        hook.cancel()
 
 
 def run_loop(coro: Awaitable[T]) -> T:
@@ -365,6 +424,16 @@ class DaemonThreadPool(ThreadPoolExecutor):
                 thread.join()
 
 
+def _stop_at_exit(ref: "weakref.ref[ThreadedStream]") -> Callable[[], None]:
+    """The exit hook of one stream; it holds the stream weakly (a stream dropped by its caller is collected, and
+    stopped, as if there were none)."""
+    def hook() -> None:
+        stream = ref()
+        if stream is not None:
+            stream._stop_at_exit()
+    return hook
+
+
 class ThreadedStream:
     """Runs ``producer(put)`` in a private loop thread; iterate to receive what it puts."""
 
@@ -379,6 +448,8 @@ class ThreadedStream:
         self._thread = threading.Thread(target=self._main, name="fastload-stream", daemon=True)
         self._complete = False  # the producer ran to its end (an error included), not cancelled
         self._error_tb = None  # the producer's error's own traceback, raised again by every later iteration
+        self._exiting = False  # stopped by interpreter exit: no end is handed out (see _stop_at_exit)
+        self._at_exit: AtExit | None = None
 
     @property
     def finished(self) -> bool:
@@ -386,11 +457,27 @@ class ThreadedStream:
         return self._complete
 
     def start(self) -> "ThreadedStream":
+        self._at_exit = AtExit(_stop_at_exit(weakref.ref(self)))  # before the thread starts: its end cancels it
         self._thread.start()
         self._ready.wait()
         return self
 
+    def _stop_at_exit(self) -> None:
+        """At interpreter exit, with the stream still running (entered and never closed): cancel it and wait
+        (briefly) for its thread. Python stops daemon threads where they next take the GIL, and one stopped
+        inside torch (a conversion, an allocation) aborts the whole process: "terminate called without an
+        active exception", status 134, on every exit of a script that left a stream converting. A thread
+        still iterating gets nothing more and no end: it stops with the interpreter, silently, as daemon
+        threads do, instead of printing a cancellation at exit."""
+        self._exiting = True
+        self.cancel()
+        self._thread.join(_EXIT_WAIT_S)
+
     def _main(self) -> None:
+        def end(outcome: Any) -> None:
+            if not self._exiting:
+                self._queue.put((_DONE, outcome))
+
         async def body() -> None:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
@@ -398,19 +485,20 @@ class ThreadedStream:
             try:
                 await _in_our_loop(self._producer(self._queue.put))
             except asyncio.CancelledError:
-                self._queue.put((_DONE, _CANCELLED))  # not an end: a thread still iterating must not think so
+                end(_CANCELLED)  # not an end: a thread still iterating must not think so
                 return
             except BaseException as exc:
-                self._queue.put((_DONE, exc))
+                end(exc)
                 return
-            self._queue.put((_DONE, None))
+            end(None)
 
         try:
             run_loop(body())
         except BaseException as exc:  # noqa: BLE001 - out of the loop past body(): a reader must still see an end
-            self._queue.put((_DONE, exc))
+            end(exc)
         finally:
             self._ready.set()
+            self._at_exit.cancel()
 
     def _get(self, stop: CancelWatch | None) -> Any:
         if stop is None:
