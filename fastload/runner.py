@@ -441,7 +441,10 @@ class ThreadedStream:
                  stop: CancelWatch | None = None):
         self._producer = producer
         self._stop = stop
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: before Python 3.13, SimpleQueue.get(timeout=) waits for ever once a
+        # signal handler has run past its deadline (the time left comes out negative, and a negative wait is
+        # unbounded), so a Ctrl-C landing late in one 50 ms poll of _get was never seen.
+        self._queue: queue.Queue = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._ready = threading.Event()

@@ -216,6 +216,7 @@ def test_ctrl_c_reaches_a_coroutine_iterating_a_sync_stream(how, http_server, ht
     path = write_single(http_dir / "m.safetensors", {f"t{i:02d}": torch.randn(10_000) for i in range(40)})
     hang = http_server.faults._add(HangAfter(pattern="*/m.safetensors", after=4))
     first = threading.Event()
+    got: list[float] = []  # when each tensor came (a failure says how far the load got)
 
     # (a stall timeout far past the Ctrl-C: on a loaded machine the first tensor can come late, and the hung
     # reads' timeout must not end the load before the Ctrl-C is sent)
@@ -224,6 +225,7 @@ def test_ctrl_c_reaches_a_coroutine_iterating_a_sync_stream(how, http_server, ht
     async def consume():
         with fastload.stream(http_server.url_for(path), config=config) as s:
             for _ in s:
+                got.append(time.monotonic())
                 first.set()
 
     async def main():
@@ -255,8 +257,58 @@ def test_ctrl_c_reaches_a_coroutine_iterating_a_sync_stream(how, http_server, ht
         killer.join(5)
         assert hang.fired >= 1, "the load never reached the hanging reads"
         leaks.check(grace_s=1.0)
-    assert isinstance(outcome, KeyboardInterrupt), f"Ctrl-C ended in {outcome!r} after {timer.s:.1f} s"
-    assert after_kill is not None and after_kill < 1.5, f"Ctrl-C took {after_kill} s"
+    seen = (f"{len(got)} tensors, Ctrl-C sent {after_kill} s before the end, requests {hang.seen} "
+            f"({hang.fired} hung), handler {signal.getsignal(signal.SIGINT)!r}, "
+            f"blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
+    assert isinstance(outcome, KeyboardInterrupt), f"Ctrl-C ended in {outcome!r} after {timer.s:.1f} s; {seen}"
+    assert after_kill is not None and after_kill < 1.5, f"Ctrl-C took {after_kill} s; {seen}"
+
+
+def test_a_signal_handler_slower_than_the_poll_cannot_hide_a_cancel(http_server, http_dir):
+    """The sync stream, iterated from a coroutine, polls for its task's cancellation every 50 ms. A SIGINT handler
+    that takes longer than what is left of one poll (asyncio's own did, on a loaded machine) cancels the task:
+    the stream notices at once. Before Python 3.13, ``queue.SimpleQueue.get(timeout=)`` then waited for ever
+    (its time left came out negative), and the load ran on to its stall timeout: 2 of 3 full suite runs
+    failed the Ctrl-C test above that way."""
+    path = write_single(http_dir / "m.safetensors", {f"t{i:02d}": torch.randn(10_000) for i in range(40)})
+    http_server.faults._add(HangAfter(pattern="*/m.safetensors", after=4))
+    first = threading.Event()
+    sent: list[float] = []
+
+    tasks: list[asyncio.Task] = []
+
+    def slow_handler(signum, frame):
+        until = time.monotonic() + 0.08  # past any 50 ms poll's deadline
+        while time.monotonic() < until:
+            pass
+        for task in tasks:
+            task.cancel()
+
+    async def main():
+        tasks.append(asyncio.current_task())
+        with fastload.stream(http_server.url_for(path), config=STREAM_CFG.replace(stall_timeout_s=8.0)) as s:
+            for _ in s:
+                first.set()
+
+    def interrupt():  # to the main thread itself: it is the one waiting in the poll
+        if first.wait(10):
+            for _ in range(3):
+                time.sleep(0.15)
+                sent.append(time.monotonic())
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, slow_handler)  # (asyncio.run keeps a handler it did not install)
+    try:
+        killer = threading.Thread(target=interrupt, daemon=True)
+        killer.start()
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(main())
+        noticed = time.monotonic() - sent[0]
+        tasks.clear()
+        killer.join(5)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert noticed < 1.0, f"the cancel was noticed {noticed:.1f} s after the first signal"
 
 
 def test_progress_callback_dropping_the_last_reference_stops_the_load(slow_http, http_server):
