@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -237,24 +239,37 @@ class CancelWatch:
     """For a sync call made from a coroutine: whether a task of its loop was asked to cancel while the loop could
     not run. ``asyncio.run`` answers Ctrl-C by cancelling its main task, which a task blocked in a sync call never
     sees; and the call's own task may not be that one (``asyncio.wait_for`` runs its coroutine in a task of its
-    own on 3.11, so the cancel stops at wait_for's waiter). While the caller's thread is in our call or in its own
-    code between a stream's items, no task runs, so a count that rises then was raised by a signal handler or
-    another thread: a Ctrl-C (or a SIGTERM handler's cancel, a shutdown too). The baseline is taken again only
-    after the loop has run (the caller awaited between items): tasks cancelled then are the loop's business. Only
-    in the loop's own thread: a stream iterated elsewhere leaves the loop running, and this watch then says no."""
+    own on 3.11, so the cancel stops at wait_for's waiter). While the caller's thread waits in our call, no task
+    runs, so a count that rises then was raised by a signal handler or another thread: a Ctrl-C (or a SIGTERM
+    handler's cancel, a shutdown too). Between a stream's items the caller's own code runs, and may cancel a task
+    of its own (a heartbeat): a rise seen at the first poll after an item counts only for the caller's task and
+    for the task asyncio's Ctrl-C handler cancels; others join the baseline. The whole baseline is taken again
+    only after the loop has run (the caller awaited between items): tasks cancelled then are the loop's
+    business. Only in the loop's own thread: a stream iterated elsewhere leaves the loop running, and this watch
+    then says no."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, own: asyncio.Task):
         self._loop = loop
         self._thread = threading.get_ident()
-        self._before: list[tuple[asyncio.Task, int]] | None = None
+        self._own = own
+        handler = signal.getsignal(signal.SIGINT)  # asyncio.Runner's: partial(_on_sigint, main_task=...), 3.11-3.13
+        self._main = handler.keywords.get("main_task") if isinstance(handler, functools.partial) else None
+        self._before: dict[asyncio.Task, int] | None = None
         self._loop_ran = False
+        self._caller_ran = False  # the caller's code ran since the last poll (it took an item)
 
     def arm(self) -> None:
-        if self._off() or (self._before is not None and not self._loop_ran):
+        """At each wait's start: O(1), unless the loop has run (a stream of many tensors beside an async
+        server's thousands of idle tasks must not cost a snapshot of every task per tensor)."""
+        if self._off():
             return
-        self._before = [(t, t.cancelling()) for t in asyncio.all_tasks(self._loop) if not t.done()]
-        self._loop_ran = False
-        self._loop.call_soon(self._ran)  # runs only once the loop has control again
+        if self._before is None or self._loop_ran:
+            self._before = {t: t.cancelling() for t in asyncio.all_tasks(self._loop) if not t.done()}
+            self._loop_ran = False
+            self._caller_ran = False
+            self._loop.call_soon(self._ran)  # runs only once the loop has control again
+        else:
+            self._caller_ran = True
 
     def _ran(self) -> None:
         self._loop_ran = True
@@ -264,9 +279,17 @@ class CancelWatch:
         return threading.get_ident() != self._thread or self._loop.is_closed()
 
     def __call__(self) -> bool:
+        """At each poll that found nothing (every 50 ms at most)."""
         if self._off() or self._before is None:
             return False
-        return any(t.cancelling() > n for t, n in self._before)
+        caller_ran, self._caller_ran = self._caller_ran, False
+        for task, count in self._before.items():
+            now = task.cancelling()
+            if now > count:
+                if not caller_ran or task is self._own or task is self._main:
+                    return True
+                self._before[task] = now  # maybe the caller's own doing, between items
+        return False
 
 
 def cancel_requested() -> CancelWatch | None:
@@ -278,37 +301,54 @@ def cancel_requested() -> CancelWatch | None:
         return None
     if task is None or not hasattr(task, "cancelling"):
         return None
-    return CancelWatch(asyncio.get_running_loop())
+    return CancelWatch(asyncio.get_running_loop(), task)
+
+
+class _Workers:
+    """A call's daemon pool and how many calls in its loop use it: the last to leave shuts it down."""
+
+    def __init__(self) -> None:
+        self.pool = DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker")
+        self.loop = asyncio.get_running_loop()
+        self.users = 0
 
 
 #: The daemon pool a load's CPU work (conversion, hashing, file writes) runs on: set by :func:`own_workers`
 #: for the duration of one call, inherited by the tasks it starts. A context variable, not shared state: two
 #: loads in one loop each see their own.
-_WORKERS: ContextVar[ThreadPoolExecutor | None] = ContextVar("fastload_workers", default=None)
+_WORKERS: ContextVar[_Workers | None] = ContextVar("fastload_workers", default=None)
 
 
 @asynccontextmanager
 async def own_workers() -> AsyncIterator[None]:
     """Within: :func:`in_worker` jobs run on a daemon pool of this call's own, never on the caller's default
     executor (an ``aload`` in a loop whose one executor thread waits for the weights would deadlock, and
-    ``concurrent.futures`` pools refuse work in ``atexit`` handlers). Nested calls share the outer pool."""
-    if _WORKERS.get() is not None:
-        yield
-        return
-    pool = DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker")
-    token = _WORKERS.set(pool)
+    ``concurrent.futures`` pools refuse work in ``atexit`` handlers). Nested calls share the outer pool, and
+    it lasts as long as any of them: a task that a load's progress callback starts (a prefetch of the next
+    checkpoint) inherits the load's context and may run on after the load. One inherited from a call that has
+    ended, or from another loop (``asyncio.to_thread(fastload.load)`` copies the context), is not shared."""
+    workers = _WORKERS.get()
+    token = None
+    if workers is None or workers.users == 0 or workers.loop is not asyncio.get_running_loop():
+        workers = _Workers()
+        token = _WORKERS.set(workers)
+    workers.users += 1
     try:
         yield
     finally:
-        _WORKERS.reset(token)
-        pool.shutdown(wait=True)  # quick: in_worker saw every job to its end, so the threads are idle
+        if token is not None:
+            _WORKERS.reset(token)
+        workers.users -= 1
+        if workers.users == 0:
+            workers.pool.shutdown(wait=True)  # quick: in_worker saw every job to its end, so the threads are idle
 
 
 async def in_worker(fn: Callable[..., T], /, *args: Any) -> T:
     """``fn(*args)`` on the call's worker pool (see :func:`own_workers`), awaited to its end even when the
     caller is cancelled: the job writes into memory and files the caller is about to release, so a cancel
     waits for it (a conversion or a chunk's write: milliseconds) and is then raised."""
-    return await to_the_end(asyncio.get_running_loop().run_in_executor(_WORKERS.get(), fn, *args))
+    workers = _WORKERS.get()
+    return await to_the_end(asyncio.get_running_loop().run_in_executor(workers and workers.pool, fn, *args))
 
 
 async def to_the_end(future: asyncio.Future, on_cancel: Callable[[], None] | None = None) -> Any:
@@ -452,6 +492,10 @@ class ThreadedStream:
         self._complete = False  # the producer ran to its end (an error included), not cancelled
         self._error_tb = None  # the producer's error's own traceback, raised again by every later iteration
         self._exiting = False  # stopped by interpreter exit: no end is handed out (see _stop_at_exit)
+        # close() dropped items nobody was handed: a thread iterating at that moment must not take the end the
+        # producer put after them for the stream's end (it would end its loop normally, tensors missing)
+        self._dropped_any = False
+        self._drop_lock = threading.Lock()
         self._at_exit: AtExit | None = None
 
     @property
@@ -528,11 +572,15 @@ class ThreadedStream:
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
                 self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
                 self._thread.join()
-                if item[1] is _CANCELLED:
+                outcome = item[1]
+                with self._drop_lock:  # (after close() has said whether it dropped what came before this end)
+                    if outcome is None and self._dropped_any:
+                        outcome = _CANCELLED
+                if outcome is _CANCELLED:
                     raise RuntimeError("the load was cancelled (closed) before it finished")
                 self._complete = True
-                if item[1] is not None:
-                    error = item[1].exc if isinstance(item[1], UserInterrupt) else item[1]
+                if outcome is not None:
+                    error = outcome.exc if isinstance(outcome, UserInterrupt) else outcome
                     if self._error_tb is None:
                         shed(error)  # (see boundary)
                         self._error_tb = error.__traceback__ or False
@@ -558,18 +606,19 @@ class ThreadedStream:
         self.cancel()
         if self._thread.ident is not None:
             self._thread.join()
-        end, dropped = None, False
+        end = None
         while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                end = item
-            else:
-                dropped = True
+            with self._drop_lock:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
+                    end = item
+                else:
+                    self._dropped_any = True
         if end is None and self._thread.ident is not None:
-            return  # a thread took the end marker this instant: it puts it back (nothing came after it)
-        if end is None or (dropped and end[1] is None):
+            return  # a thread took the end marker this instant: it puts it back, and sees what was dropped
+        if end is None or (self._dropped_any and end[1] is None):
             end = (_DONE, _CANCELLED)
         self._queue.put(end)
