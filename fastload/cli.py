@@ -137,6 +137,7 @@ def _load(args: argparse.Namespace) -> int:
     from .trace import Trace, check_path
 
     if args.trace:
+        args.trace = os.path.expanduser(args.trace)  # (a shell leaves --trace=~/t.json as it is)
         check_path(args.trace)
     trace = Trace(args.trace)
     tensors = load(args.source, device=args.device, dtype=args.dtype, names=args.names,
@@ -152,7 +153,7 @@ def _load(args: argparse.Namespace) -> int:
               f"from {printable(redact_url(args.source))}")
         print(summary.table())
     if args.trace:
-        print(f"trace written to {args.trace}", file=sys.stderr)
+        print(f"trace written to {printable(args.trace)}", file=sys.stderr)
     return 0
 
 
@@ -199,8 +200,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _own_streams() -> bool:
+    """Make stdout and stderr safe to write, as a command line tool's are: names any checkpoint may hold are
+    escaped where the terminal's encoding cannot show them (``PYTHONIOENCODING=ascii``, a latin-1 locale) instead
+    of ending in UnicodeEncodeError; a closed stderr (``2>&-``) swallows messages instead of Python sending
+    ``print(file=None)`` to stdout, among the machine-readable output. False if stdout is closed (``>&-``)."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    return sys.stdout is not None
+
+
+def _drop_unwritable_stdout() -> None:
+    """After an error: if what stdout holds cannot be written (a full disk, ``> /dev/full``), let it go, so that
+    the interpreter's flush at exit does not fail a second time, with a traceback and status 120."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not _own_streams():
+        print("fastload: error: stdout is closed", file=sys.stderr)
+        return 1
     try:
         status = args._run(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (| true) is then a BrokenPipeError we handle
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fastload: error: {printable(str(exc))}", file=sys.stderr)  # one line, whatever a file name holds
+        _drop_unwritable_stdout()
         return 1
 
 

@@ -201,7 +201,7 @@ class LoadPlan:
         lines = [f"{len(self.files)} file(s), {len(self.tensors)} tensor(s), {len(self.chunks)} chunk(s), "
                  f"{self.total_bytes / 1e6:.1f} MB to fetch"]
         for f in self.files:
-            lines.append(f"  file {redact_url(f.info.url)}  {f.info.size} bytes")
+            lines.append(f"  file {printable(redact_url(f.info.url))}  {f.info.size} bytes")
         names = [printable(t.name) for t in self.tensors]
         width = min(max([len("name")] + [len(n) for n in names]), NAME_COLUMN)  # longer names overflow their row
         lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")

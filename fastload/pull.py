@@ -529,13 +529,13 @@ def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None
         source = with_revision(source, revision)
         if to is not None and cache_dir is not None:
             raise ConfigError("give either a destination directory (to) or a cache directory, not both")
-        return source, None if to is None else Path(to)
+        return source, None if to is None else Path(to).expanduser()
     if revision is not None:
         raise ConfigError("a revision applies to hf:// sources only")
     if cache_dir is not None:
         raise ConfigError("a cache directory applies to hf:// sources only (use a destination directory)")
     if to is not None:
-        return source, Path(to)
+        return source, Path(to).expanduser()  # as cache_dir is (a shell leaves --to=~/models as it is)
     name = (str(to_path(source)) if scheme_of(source) == "local" else unquote(_path_of(source)))
     name = name.rstrip("/\\").replace("\\", "/")
     name = name.rsplit("/", 1)[-1]
