@@ -30,14 +30,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", help="bytes per ranged read, e.g. 16MiB")
     parser.add_argument("--direct-io", action="store_true", default=None,
                         help="read local bytes that are not in the page cache with O_DIRECT (faster cold loads)")
+    parser.add_argument("--anonymous", action="store_true", default=None,
+                        help="read s3:// sources without credentials (a public bucket)")
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import from_env, parse_size
+    from .config import S3Options, from_env, parse_size
 
     chunk = parse_size(args.chunk_size) if getattr(args, "chunk_size", None) is not None else None
+    s3 = S3Options(anonymous=True) if getattr(args, "anonymous", None) else None
     return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk,
-                    direct_io=getattr(args, "direct_io", None))
+                    direct_io=getattr(args, "direct_io", None), s3=s3)
 
 
 # -- inspect ---------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from .format import DTYPES, INDEX_NAME, SINGLE_NAME, TensorSpec, parse_index
 from .integrity import GIT_BLOB, verify_file
 from .pipeline import check_progress
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
-from .redact import redact_url
+from .redact import printable, redact_url
 from .resolve import join
 from . import runner
 from .runner import gather, in_worker, own_workers
@@ -535,12 +535,28 @@ def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None
     if cache_dir is not None:
         raise ConfigError("a cache directory applies to hf:// sources only (use a destination directory)")
     if to is not None:
-        return source, Path(to).expanduser()  # as cache_dir is (a shell leaves --to=~/models as it is)
+        return source, _not_the_source(source, Path(to).expanduser())  # ~ as in cache_dir (a shell leaves --to=~/x)
     name = (str(to_path(source)) if scheme_of(source) == "local" else unquote(_path_of(source)))
     name = name.rstrip("/\\").replace("\\", "/")
     name = name.rsplit("/", 1)[-1]
     single = _names_file(source) or (scheme_of(source) == "local" and os.path.isfile(to_path(source)))
-    return source, Path.cwd() if single else Path.cwd() / name
+    return source, _not_the_source(source, Path.cwd() if single else Path.cwd() / name)
+
+
+def _not_the_source(source: str, destination: Path) -> Path:
+    """``destination``, unless it is the local source's own directory (``fastload pull llama`` run in llama's
+    parent, a file pulled where it lies): the pull would copy every file onto itself, each time."""
+    if scheme_of(source) == "local":
+        where = Path(to_path(source))
+        where = where.parent if where.is_file() else where
+        try:
+            same = destination.is_dir() and os.path.samefile(where, destination)
+        except OSError:  # the source is missing: the pull says so itself
+            same = False
+        if same:
+            raise ConfigError(f"the destination {printable(str(destination))} is where the source already is: "
+                              "give another one (to=, --to)")
+    return destination
 
 
 async def apull(source, *, to=None, cache_dir=None, revision=None, config: LoadConfig | None = None,

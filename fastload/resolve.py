@@ -177,7 +177,12 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         return Resolved((info,))
     if is_dir:
         return await _resolve_dir(transports, url)
-    info = await transports.for_url(url).stat(url)
+    try:
+        info = await transports.for_url(url).stat(url)
+    except SourceNotFoundError:
+        if scheme_of(url) == "s3" and await transports.for_url(url).no_such_bucket(url):
+            raise SourceNotFoundError(f"no such bucket: {url}", url=url) from None
+        raise
     if _url_path(url).endswith(".json"):
         return await _from_index(transports, info, url)
     return Resolved((info,))

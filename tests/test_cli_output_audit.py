@@ -308,3 +308,52 @@ def test_exit_status_and_streams_per_outcome(uni, http_server, http_dir, s3_serv
     assert {t["name"] for t in outcomes["inspect"]["tensors"]} == set(safetensors.torch.load_file(uni))
     assert outcomes["inspect"]["files"][0]["metadata"]["note"] == "日本語"
     assert outcomes["load"]["bytes_fetched"] == uni.stat().st_size - (48 + 20 + 16)  # header and "x" only
+
+
+# -- added after the audit: what its report saw but did not test ---------------------------------------------------
+
+
+def test_anonymous_flag_reads_a_public_bucket_with_no_credentials_anywhere(uni, s3_server, s3_bucket, tmp_path):
+    """A shell user with no AWS credentials at all: the error says how to read a public bucket from the command
+    line (``--anonymous``), and with it the same command works (moto serves unsigned requests)."""
+    s3_server.put(s3_bucket, "public.safetensors", uni.read_bytes())
+    s3_server.client().put_object_acl(Bucket=s3_bucket, Key="public.safetensors", ACL="public-read")
+    env = base_env()
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(var, None)
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    source = f"s3://{s3_bucket}/public.safetensors"
+    refused = cli("inspect", source, env=env, text=True)
+    assert refused.returncode == 1 and one_line_error(refused.stderr), refused.stderr
+    assert "--anonymous" in refused.stderr, refused.stderr
+    done = cli("inspect", source, "--anonymous", "--json", env=env, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["tensors"]) == 4
+
+
+def test_a_missing_bucket_is_named_as_a_bucket(s3_server):
+    proc = cli("inspect", "s3://no-such-bucket-here/m.safetensors", text=True)
+    assert proc.returncode == 1 and one_line_error(proc.stderr), proc.stderr
+    assert "no such bucket" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["directory-from-its-parent", "file-where-it-lies", "to-the-same-directory"])
+def test_pull_onto_the_source_itself_is_refused_and_touches_nothing(how, uni, tmp_path):
+    """``fastload pull llama`` run in llama's parent would make ./llama, the source itself, its destination and
+    copy every file onto itself on each run. It is refused in one line, and the files are left as they were."""
+    src = tmp_path / "llama"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(uni.read_bytes())
+    before = (src / "model.safetensors").stat()
+    argv, cwd = {
+        "directory-from-its-parent": (["pull", "llama"], tmp_path),
+        "file-where-it-lies": (["pull", "model.safetensors"], src),
+        "to-the-same-directory": (["pull", str(src), "--to", str(tmp_path / "." / "llama")], tmp_path),
+    }[how]
+    proc = cli(*argv, cwd=cwd, text=True)
+    assert proc.returncode == 1 and one_line_error(proc.stderr), proc.stderr
+    assert "is where the source already is" in proc.stderr, proc.stderr
+    after = (src / "model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in src.iterdir()) == ["model.safetensors"]

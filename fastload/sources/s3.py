@@ -21,7 +21,7 @@ from email.utils import format_datetime
 from functools import partial
 
 from ..config import LoadConfig
-from ..errors import ConfigError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import ConfigError, FastloadError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..integrity import checksum_from_base64
 from ..redact import describe, scrub
 from ..runner import detached
@@ -86,6 +86,8 @@ def _translate(exc: Exception, url: str) -> Exception:
     if isinstance(exc, bx.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code == "NoSuchBucket":
+            return SourceNotFoundError(f"no such bucket: {url}", url=url)
         if code in _NOT_FOUND or status == "404":
             return SourceNotFoundError(f"no such object: {url}", url=url)
         if code in _DENIED or status == "403":
@@ -97,13 +99,14 @@ def _translate(exc: Exception, url: str) -> Exception:
     if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
         return SourcePermissionError(
             f"no AWS credentials found for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile, "
-            "or pass LoadConfig(s3=S3Options(anonymous=True)) for a public bucket", url=url)
+            "or, for a public bucket, pass LoadConfig(s3=S3Options(anonymous=True)) (command line: --anonymous)",
+            url=url)
     if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):  # trust, not the network
         return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in "
                              "AWS_CA_BUNDLE or the AWS config's ca_bundle", url=url)
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                         bx.ConnectTimeoutError)):
-        return Transient(f"{type(exc).__name__}")
+        return Transient(describe(scrub(exc)))  # (botocore's message names the endpoint it could not reach)
     if isinstance(exc, bx.ParamValidationError):  # e.g. a bucket name S3 cannot have
         return ConfigError(f"invalid S3 request for {url}: {describe(scrub(exc))}")
     return TransferError(f"S3 request failed: {type(exc).__name__}", url=url)
@@ -194,6 +197,17 @@ class S3Transport:
                           last_modified=format_datetime(modified.astimezone(timezone.utc), usegmt=True)
                           if modified else None,
                           fetch_url=await self._presign(url), checksum=_whole_object_sha256(head))
+
+    async def no_such_bucket(self, url: str) -> bool:
+        """Whether S3 says the bucket of ``url`` does not exist: asked once an object named was not found, as a
+        HEAD's 404 has no body to say which of the two is missing."""
+        try:
+            await self._call(url, "head_bucket", Bucket=split_url(url)[0])
+        except SourceNotFoundError:
+            return True
+        except FastloadError:  # denied, unreachable: the object's own error says enough
+            return False
+        return False
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
         if info.url in self._presigned:
