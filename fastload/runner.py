@@ -17,6 +17,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 import weakref
 from contextlib import asynccontextmanager, contextmanager
@@ -27,6 +28,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, 
 T = TypeVar("T")
 
 _DONE = object()
+_EXITING = object()  # the stream was stopped by interpreter exit (see ThreadedStream._stop_at_exit)
 _CANCELLED = object()  # the load was cancelled (closed from another thread, or its caller's task cancelled)
 _POLL_S = 0.05  # how often a sync call made from a coroutine checks whether its task was asked to cancel
 _EXIT_WAIT_S = 2.0  # at interpreter exit, how long a load still running (stream, thread) is waited for
@@ -167,10 +169,18 @@ class AtExit:
     ``weakref.finalize`` keeps the process's list of them, with one ``atexit`` function for all: a cancelled one
     leaves nothing behind, where each ``atexit.register`` leaves a slot that ``unregister`` never frees (a
     service making loads all day would grow that list, and scan it at every unregister). Collected before then,
-    the object calls ``fn`` too: ``fn`` must be a no-op for a load that is gone."""
+    the object calls ``fn`` too: ``fn`` must be a no-op for a load that is gone. A forked child inherits the
+    list; there ``fn`` does nothing (the load runs in the parent, and waiting for it would hold the child's exit).
+    """
 
     def __init__(self, fn: Callable[[], None]):
-        self._finalizer = weakref.finalize(self, fn)
+        pid = os.getpid()
+
+        def in_this_process() -> None:
+            if os.getpid() == pid:
+                fn()
+
+        self._finalizer = weakref.finalize(self, in_this_process)
 
     def cancel(self) -> None:
         self._finalizer.detach()
@@ -180,12 +190,13 @@ def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
     """``run_loop(main())`` in a thread other than the main one, which interpreter exit may find still loading
     (a daemon thread preloading weights while the service stops). Exit stops daemon threads where they next
     take the GIL, and one stopped inside torch aborts the process (see ``ThreadedStream._stop_at_exit``); so
-    at exit the load is cancelled and waited for, briefly, until no thread of it runs torch any more. The calling
-    thread then waits for the end of the process, as the interpreter would have it: a load stopped by exit
-    returns nothing and raises nothing (no cancellation printed at every exit)."""
+    at exit the load is cancelled and waited for, briefly, until no thread of it runs torch any more. The call
+    then raises SystemExit, which ends the calling thread quietly (an atexit handler of the caller's that joins
+    it returns), and exit waits for that thread too, so that what it unwinds (frees) is not cut in the middle."""
     task: list[tuple[asyncio.AbstractEventLoop, asyncio.Task]] = []
     ended, exiting = threading.Event(), threading.Event()
     handled = sys.exc_info()[1]
+    caller = threading.current_thread()
 
     async def watched() -> None:
         task.append((asyncio.get_running_loop(), asyncio.current_task()))
@@ -195,11 +206,13 @@ def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
         if task:
             loop, running = task[0]
             exiting.set()
+            deadline = time.monotonic() + _EXIT_WAIT_S
             try:
                 loop.call_soon_threadsafe(running.cancel)
             except RuntimeError:  # the loop has closed: the load is over
                 return
-            ended.wait(_EXIT_WAIT_S)
+            if ended.wait(_EXIT_WAIT_S):
+                caller.join(max(0.0, deadline - time.monotonic()))
 
     hook = AtExit(at_exit)
     try:
@@ -209,7 +222,7 @@ def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
         if exiting.is_set():
             del exc
             ended.set()
-            threading.Event().wait()  # until the process ends
+            raise SystemExit from None  # the interpreter is exiting: not an error of the load's
         raise
     finally:
         ended.set()
@@ -232,6 +245,7 @@ async def _in_our_loop(aw: Awaitable[T]) -> T:
     ``atexit`` handler (a service saving or loading as it stops) would fail with a bare RuntimeError."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker"))
+    _OUR_LOOP.set(True)
     return await aw
 
 
@@ -308,9 +322,16 @@ class _Workers:
     """A call's daemon pool and how many calls in its loop use it: the last to leave shuts it down."""
 
     def __init__(self) -> None:
-        self.pool = DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker")
         self.loop = asyncio.get_running_loop()
+        # In the caller's own loop (aload, apull), nothing else of fastload's stops the load at interpreter
+        # exit: the pool does, by cancelling the call's task (see DaemonThreadPool).
+        owner = None if _OUR_LOOP.get() else (self.loop, asyncio.current_task())
+        self.pool = DaemonThreadPool(min(32, (os.cpu_count() or 1) + 4), "fastload-worker", owner=owner)
         self.users = 0
+
+
+#: Whether the running task is in a loop fastload started (a sync call's, a stream's): see _in_our_loop.
+_OUR_LOOP: ContextVar[bool] = ContextVar("fastload_our_loop", default=False)
 
 
 #: The daemon pool a load's CPU work (conversion, hashing, file writes) runs on: set by :func:`own_workers`
@@ -335,6 +356,10 @@ async def own_workers() -> AsyncIterator[None]:
     workers.users += 1
     try:
         yield
+    except BaseException:
+        if token is not None and workers.pool.exiting:  # the interpreter is exiting, not the load failing:
+            raise SystemExit from None  # the caller's thread ends quietly (a thread's SystemExit is not printed)
+        raise
     finally:
         if token is not None:
             _WORKERS.reset(token)
@@ -407,24 +432,39 @@ class DaemonThreadPool(ThreadPoolExecutor):
     the threads as usual. It subclasses ``ThreadPoolExecutor`` only to be accepted as a loop's default executor
     (``loop.set_default_executor`` requires one); ``submit`` and ``shutdown`` are its own, and none of the base
     class's state is used.
+
+    At interpreter exit, a pool still open (a load in a daemon thread's own loop, ``aload`` included, that nobody
+    cancels) starts no more jobs, and exit waits for the running ones (a conversion: milliseconds): a worker
+    stopped by the interpreter inside torch would abort the process.
     """
 
-    def __init__(self, max_workers: int, thread_name_prefix: str):
+    def __init__(self, max_workers: int, thread_name_prefix: str,
+                 owner: tuple[asyncio.AbstractEventLoop, asyncio.Task | None] | None = None):
         self._max_workers = max_workers
+        self._owner = owner  # the loop and task of the call it serves, to cancel at exit; None: another hook does
         self._prefix = thread_name_prefix
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._closed = False
+        self._exiting = False
+        self._running = 0  # jobs under way
+        self._quiet = threading.Condition(self._lock)  # notified when a job ends
+        self._at_exit: AtExit | None = None
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future: Future = Future()
+            if self._exiting:  # (see the class docstring)
+                future.cancel()
+                return future
             self._work.put((future, fn, args, kwargs))
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max_workers:
+                if self._at_exit is None:
+                    self._at_exit = AtExit(_quiet_at_exit(weakref.ref(self)))
                 thread = threading.Thread(target=self._worker, name=f"{self._prefix}_{len(self._threads)}",
                                           daemon=True)
                 thread.start()
@@ -433,21 +473,69 @@ class DaemonThreadPool(ThreadPoolExecutor):
 
     def _worker(self) -> None:
         while (item := self._work.get()) is not None:
+            with self._lock:
+                exiting = self._exiting
+                self._running += not exiting
+            if exiting:  # the interpreter is exiting: no new job (see the class docstring)
+                item[0].cancel()
+                threading.Event().wait()
             future, fn, args, kwargs = item
             del item
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn(*args, **kwargs)
+                    except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                        future.set_exception(exc)
+                    else:
+                        future.set_result(result)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._quiet.notify_all()
             del future, fn, args, kwargs  # nothing of the job outlives it in this frame
             self._idle.release()
+
+    def _stop_at_exit(self) -> None:
+        """Start no more jobs (those waiting are cancelled: whoever awaits them goes on), and wait for the
+        running ones."""
+        with self._lock:
+            self._exiting = True
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+                else:
+                    self._work.put(None)  # (a shutdown's stop for a worker: put back, in order enough)
+                    break
+            if self._owner is None:  # a load in fastload's own loop: its own exit hook stops it and waits
+                self._quiet.wait_for(lambda: self._running == 0, _EXIT_WAIT_S)
+                return
+            loop, task = self._owner
+        if task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # that loop is closed
+                pass
+        with self._lock:
+            # The running jobs end, the cancelled call unwinds to its own_workers (SystemExit for its caller),
+            # which shuts this pool down: what it frees on the way is not cut by the interpreter.
+            self._quiet.wait_for(lambda: self._running == 0 and self._closed, _EXIT_WAIT_S)
+
+    @property
+    def exiting(self) -> bool:
+        """Stopped by interpreter exit (see the class docstring)."""
+        return self._exiting
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
+            self._quiet.notify_all()
+            if self._at_exit is not None:
+                self._at_exit.cancel()
             if cancel_futures:
                 while True:
                     try:
@@ -462,6 +550,15 @@ class DaemonThreadPool(ThreadPoolExecutor):
         if wait:
             for thread in threads:
                 thread.join()
+
+
+def _quiet_at_exit(ref: "weakref.ref[DaemonThreadPool]") -> Callable[[], None]:
+    """The exit hook of one pool; it holds the pool weakly."""
+    def hook() -> None:
+        pool = ref()
+        if pool is not None:
+            pool._stop_at_exit()
+    return hook
 
 
 def _stop_at_exit(ref: "weakref.ref[ThreadedStream]") -> Callable[[], None]:
@@ -496,6 +593,7 @@ class ThreadedStream:
         # producer put after them for the stream's end (it would end its loop normally, tensors missing)
         self._dropped_any = False
         self._drop_lock = threading.Lock()
+        self._iterating: dict[threading.Thread, int] = {}  # threads waiting for an item (see _stop_at_exit)
         self._at_exit: AtExit | None = None
 
     @property
@@ -514,11 +612,18 @@ class ThreadedStream:
         (briefly) for its thread. Python stops daemon threads where they next take the GIL, and one stopped
         inside torch (a conversion, an allocation) aborts the whole process: "terminate called without an
         active exception", status 134, on every exit of a script that left a stream converting. A thread
-        still iterating gets nothing more and no end: it stops with the interpreter, silently, as daemon
-        threads do, instead of printing a cancellation at exit."""
+        still iterating then gets SystemExit, which ends it quietly (an atexit handler of the caller's that
+        joins it returns), and exit waits for it too, so that what it frees on the way is not cut."""
+        deadline = time.monotonic() + _EXIT_WAIT_S
         self._exiting = True
         self.cancel()
         self._thread.join(_EXIT_WAIT_S)
+        if self._thread.is_alive():
+            return
+        self._queue.put((_DONE, _EXITING))
+        for thread in list(self._iterating.copy()):  # (a copy: made at once, while other threads change it)
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _main(self) -> None:
         def end(outcome: Any) -> None:
@@ -568,9 +673,19 @@ class ThreadedStream:
         that the stream was closed before everything was handed out). ``stop``: polled while waiting; when it
         says so, the stream is closed and CancelledError raised (see ``cancel_requested``)."""
         while True:
-            item = self._get(stop)
+            me = threading.current_thread()
+            self._iterating[me] = self._iterating.get(me, 0) + 1  # (for _stop_at_exit; counts: nested iterations)
+            try:
+                item = self._get(stop)
+            finally:
+                if self._iterating[me] == 1:
+                    del self._iterating[me]
+                else:
+                    self._iterating[me] -= 1
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
                 self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
+                if item[1] is _EXITING:
+                    raise SystemExit
                 self._thread.join()
                 outcome = item[1]
                 with self._drop_lock:  # (after close() has said whether it dropped what came before this end)

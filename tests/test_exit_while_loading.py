@@ -110,3 +110,37 @@ def test_a_load_in_a_thread_that_fails_still_raises_its_error(tmp_path):
     thread.start()
     thread.join(30)
     assert len(got) == 1 and isinstance(got[0], fastload.SourceNotFoundError), got
+
+
+def test_a_shutdown_hook_joining_the_streams_consumer_thread_returns(converting):
+    """A service's own atexit handler (registered before torch and fastload are imported, so it runs after
+    fastload's exit hooks) joins the thread that iterates a stream: the thread has ended (SystemExit, quiet), and
+    the join returns at once instead of hanging or timing out."""
+    code = f"""
+        import atexit, threading, time
+        consumer = []
+
+        def stop_service():
+            began = time.monotonic()
+            consumer[0].join(5)
+            print("ended" if not consumer[0].is_alive() else "alive", round(time.monotonic() - began, 1))
+
+        atexit.register(stop_service)
+        import fastload, torch
+        s = fastload.stream({converting!r}, dtype=torch.float64).__enter__()
+        first = threading.Event()
+
+        def consume():
+            for _ in s:
+                first.set()
+
+        consumer.append(threading.Thread(target=consume, daemon=True))
+        consumer[0].start()
+        first.wait(30)
+        print("leaving", flush=True)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, ""), out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "leaving" and lines[1].split()[0] == "ended", out.stdout
+    assert float(lines[1].split()[1]) < 1.0, out.stdout
