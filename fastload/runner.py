@@ -501,16 +501,8 @@ class DaemonThreadPool(ThreadPoolExecutor):
         running ones."""
         with self._lock:
             self._exiting = True
-            while True:
-                try:
-                    item = self._work.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-                else:
-                    self._work.put(None)  # (a shutdown's stop for a worker: put back, in order enough)
-                    break
+            for _ in range(self._cancel_queued()):
+                self._work.put(None)  # (a shutdown's stops for its workers: put back)
             if self._owner is None:  # a load in fastload's own loop: its own exit hook stops it and waits
                 self._quiet.wait_for(lambda: self._running == 0, _EXIT_WAIT_S)
                 return
@@ -525,6 +517,19 @@ class DaemonThreadPool(ThreadPoolExecutor):
             # which shuts this pool down: what it frees on the way is not cut by the interpreter.
             self._quiet.wait_for(lambda: self._running == 0 and self._closed, _EXIT_WAIT_S)
 
+    def _cancel_queued(self) -> int:
+        """Cancel the jobs not started yet; how many workers' stops (None) were among them."""
+        stops = 0
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                return stops
+            if item is None:
+                stops += 1
+            else:
+                item[0].cancel()
+
     @property
     def exiting(self) -> bool:
         """Stopped by interpreter exit (see the class docstring)."""
@@ -537,13 +542,7 @@ class DaemonThreadPool(ThreadPoolExecutor):
             if self._at_exit is not None:
                 self._at_exit.cancel()
             if cancel_futures:
-                while True:
-                    try:
-                        item = self._work.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        item[0].cancel()
+                self._cancel_queued()
             for _ in self._threads:
                 self._work.put(None)
             threads = list(self._threads)

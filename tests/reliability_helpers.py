@@ -9,11 +9,16 @@ one whose *remote* port is a test server's.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
+import pty
 import shutil
 import signal
+import struct
+import subprocess
 import tempfile
+import termios
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -279,3 +284,35 @@ def dir_source(kind: str, directory: Path, request) -> str:
     s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
     s3.upload_dir(bucket, directory.name, directory)
     return f"s3://{bucket}/{directory.name}/"
+
+
+def run_on_pty(command: list[str], env: dict, timeout: float = 60.0) -> tuple[int, str, str]:
+    """Run ``command`` with stderr on a terminal (a pty, 40x120) and stdout a pipe, as in an interactive shell;
+    returns (status, stdout, what reached the terminal)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, out.decode(errors="replace"), b"".join(chunks).decode(errors="replace")

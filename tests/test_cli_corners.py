@@ -6,14 +6,10 @@ the fixtures; nothing under test is mocked.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import threading
 import time
 from pathlib import Path
@@ -24,6 +20,7 @@ from safetensors.torch import save_file
 
 import fastload
 from checkpoints import chunky_tensors, write_single
+from reliability_helpers import run_on_pty
 from servers.faults import Hang
 
 FASTLOAD = str(Path(sys.executable).with_name("fastload"))
@@ -132,43 +129,12 @@ def base_env(**extra) -> dict:
     return env
 
 
-def run_on_pty(argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run fastload with stderr on a terminal (stdout a pipe); returns (rc, stdout, terminal output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([FASTLOAD, *argv], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                            env=base_env(TERM="xterm"))
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
-        os.close(master)
-    return proc.returncode, out.decode(errors="replace"), b"".join(chunks).decode(errors="replace")
-
-
 def test_pull_progress_bar_goes_to_stderr_on_a_terminal(ckpt, tmp_path):
     """README: "a progress bar on a terminal". With stderr a terminal and stdout a pipe, the bar reaches
     100% on stderr and stdout carries only the destination path."""
     dest = tmp_path / "dest"
-    rc, out, err = run_on_pty(["pull", str(ckpt), "--to", str(dest), "--chunk-size", "64KiB"])
+    rc, out, err = run_on_pty([FASTLOAD, "pull", str(ckpt), "--to", str(dest), "--chunk-size", "64KiB"],
+                               base_env(TERM="xterm"))
     assert rc == 0, err
     assert out.strip() == str(dest / ckpt.name)
     assert "pull: 100%" in err and "1 file(s) fetched" in err, err

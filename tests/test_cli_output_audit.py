@@ -10,15 +10,10 @@ streams of a success and of each error class over HTTP and S3.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
-import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ import safetensors.torch
 import torch
 
 from checkpoints import write_single
+from reliability_helpers import run_on_pty
 
 FASTLOAD = str(Path(sys.executable).with_name("fastload"))
 TIMEOUT = 60
@@ -176,43 +172,11 @@ def test_reader_that_leaves_after_ten_bytes(many):
 # -- the pull progress bar on a pseudo-terminal ------------------------------------------------------------------
 
 
-def run_on_pty(argv: list[str], env: dict, timeout: float = TIMEOUT) -> tuple[int, str, str]:
-    """Run fastload with stderr on a terminal, stdout a pipe; returns (status, stdout, terminal output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([FASTLOAD, *argv], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
-                            env=env)
-    os.close(slave)
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain)
-    reader.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=10)
-        os.close(master)
-    return proc.returncode, out.decode(errors="replace"), b"".join(chunks).decode(errors="replace")
-
-
 def test_pull_bar_on_a_dumb_terminal_has_no_escape_sequences(uni, tmp_path):
     """``TERM=dumb NO_COLOR=1`` (Emacs shell, CI consoles): a bar made of plain text and carriage returns, no
     ANSI escape sequences; stdout is still only the path."""
     dest = tmp_path / "dest"
-    rc, out, term = run_on_pty(["pull", str(uni), "--to", str(dest), "--chunk-size", "64KiB"],
+    rc, out, term = run_on_pty([FASTLOAD, "pull", str(uni), "--to", str(dest), "--chunk-size", "64KiB"],
                                base_env(TERM="dumb", NO_COLOR="1"))
     assert rc == 0, term
     assert out == f"{dest / uni.name}\n"
@@ -227,8 +191,8 @@ def test_pull_failing_under_the_bar_prints_its_error_on_a_line_of_its_own(uni, t
     write_single(big, {f"w{i}": torch.full((256, 256), float(i)) for i in range(4)})
     http_server.faults.change_etag_after(3)
     dest = tmp_path / "dest"
-    rc, out, term = run_on_pty(["pull", http_server.url_for(big), "--to", str(dest), "--chunk-size", "64KiB",
-                                "--concurrency", "1"], base_env(TERM="xterm"))
+    rc, out, term = run_on_pty([FASTLOAD, "pull", http_server.url_for(big), "--to", str(dest),
+                                "--chunk-size", "64KiB", "--concurrency", "1"], base_env(TERM="xterm"))
     assert rc == 1 and out == "", (rc, out, term)
     assert "pull:" in term, term  # the bar was drawn
     lines = term.replace("\r\n", "\n").split("\n")
