@@ -547,11 +547,11 @@ def _not_the_source(source: str, destination: Path) -> Path:
     """``destination``, unless it is the local source's own directory (``fastload pull llama`` run in llama's
     parent, a file pulled where it lies): the pull would copy every file onto itself, each time."""
     if scheme_of(source) == "local":
-        where = Path(to_path(source))
-        where = where.parent if where.is_file() else where
         try:
+            where = Path(to_path(source))
+            where = where.parent if where.is_file() else where
             same = destination.is_dir() and os.path.samefile(where, destination)
-        except OSError:  # the source is missing: the pull says so itself
+        except OSError:  # the source is missing, or its name too long: the pull says so itself
             same = False
         if same:
             raise ConfigError(f"the destination {printable(str(destination))} is where the source already is: "
