@@ -236,7 +236,44 @@ def run_loop(coro: Awaitable[T]) -> T:
     if sys.version_info < (3, 11):  # pragma: no cover
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            return _run_interruptible(runner, coro)
         return runner.run(coro)
+
+
+def _run_interruptible(runner: Any, coro: Awaitable[T]) -> T:  # (runner: asyncio.Runner, 3.11 on)
+    """``runner.run(coro)`` with Ctrl-C handled as ``asyncio.Runner`` does (the first press cancels the load,
+    which then ends in KeyboardInterrupt), except for a second press: Runner raises KeyboardInterrupt from
+    wherever the main thread is at that instant, and a quick double press landed inside the first one's
+    cleanup (closing the transports, joining the readers), which then left threads and a socket running for
+    ever. Here a second press cancels again; a third raises at once (a way out of a cleanup that hangs)."""
+    presses = 0
+    task: list[asyncio.Task] = []
+    loop = runner.get_loop()
+
+    async def main() -> T:
+        task.append(asyncio.current_task())
+        return await coro
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal presses
+        presses += 1
+        if presses >= 3 or not task:
+            raise KeyboardInterrupt
+        task[0].cancel()
+        loop.call_soon_threadsafe(lambda: None)  # (wake the loop if it sleeps in its selector)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return runner.run(main())
+    except asyncio.CancelledError:
+        if presses:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
 
 
 async def _in_our_loop(aw: Awaitable[T]) -> T:
@@ -467,8 +504,10 @@ class DaemonThreadPool(ThreadPoolExecutor):
                     self._at_exit = AtExit(_quiet_at_exit(weakref.ref(self)))
                 thread = threading.Thread(target=self._worker, name=f"{self._prefix}_{len(self._threads)}",
                                           daemon=True)
-                thread.start()
+                # Known before it starts: a KeyboardInterrupt inside start() (its wait for the thread) would
+                # leave a worker that shutdown() neither stops nor counts, and that takes another's stop.
                 self._threads.append(thread)
+                thread.start()
             return future
 
     def _worker(self) -> None:
@@ -548,7 +587,10 @@ class DaemonThreadPool(ThreadPoolExecutor):
             threads = list(self._threads)
         if wait:
             for thread in threads:
-                thread.join()
+                try:
+                    thread.join()
+                except RuntimeError:  # never started (start() failed): nothing to wait for
+                    pass
 
 
 def _quiet_at_exit(ref: "weakref.ref[DaemonThreadPool]") -> Callable[[], None]:

@@ -453,13 +453,15 @@ class LocalTransport:
             raise _os_error(exc, url) from exc
 
     async def aclose(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._scratch_free = queue.SimpleQueue()  # the scratch buffers go with the load
-        with self._lock:
-            fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
-            self._fds, self._direct_fds = OrderedDict(), {}
-        for fd in fds:
-            os.close(fd)
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # (a second Ctrl-C can land in the join: the descriptors are closed all the same)
+            self._scratch_free = queue.SimpleQueue()  # the scratch buffers go with the load
+            with self._lock:
+                fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
+                self._fds, self._direct_fds = OrderedDict(), {}
+            for fd in fds:
+                os.close(fd)
 
 
 def load_libc() -> ctypes.CDLL:
