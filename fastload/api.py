@@ -71,7 +71,7 @@ class LoadStream:
             lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=plans.append))
         # Dropped while open (entered by hand, never closed): the load stops instead of reading on for nobody.
         self._dropped = weakref.finalize(self, self._stream.cancel)
-        self._dropped.atexit = False  # at exit the stream stops itself, handing a reader no end (ThreadedStream)
+        self._dropped.atexit = False  # at exit the stream stops by a hook of its own (ThreadedStream._stop_at_exit)
 
     @property
     def plan(self) -> LoadPlan | None:
