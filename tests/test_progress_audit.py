@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 import fastload
 from checkpoints import write_sharded
 from hub_server import hub, hub_session, repo_name  # noqa: F401 -- fixtures
-from reliability_helpers import Leaks, bounded
-from test_cli_corners import run_on_pty
+from reliability_helpers import Leaks, bounded, run_on_pty
+from test_cli_corners import FASTLOAD, base_env
 
 FASTLOAD = str(Path(sys.executable).with_name("fastload"))
 KiB = 1024
@@ -508,7 +508,8 @@ def test_cli_pull_tty_failure_closes_bar_then_one_error_line(sharded, http_serve
     directory, _ = sharded
     url = with_secrets(serve_dir(http_server, http_dir, directory))
     http_server.faults.change_etag_after(1, path="*model-00003-of-00003.safetensors")
-    rc, out, err = run_on_pty(["pull", url, "--to", str(tmp_path / "out"), "--chunk-size", "64KiB"])
+    rc, out, err = run_on_pty([FASTLOAD, "pull", url, "--to", str(tmp_path / "out"), "--chunk-size", "64KiB"],
+                              base_env(TERM="xterm"))
     assert rc == 1, err
     assert out == "", out
     assert "Traceback" not in err, err
@@ -529,7 +530,7 @@ def test_cli_pull_output_on_a_terminal(tmp_path, http_server, http_dir):
     save_file({"a": torch.randn(50_000)}, str(src))
     url = with_secrets(http_server.url_for(src))
     dest = tmp_path / "out"
-    argv = ["pull", url, "--to", str(dest), "--chunk-size", "64KiB"]
+    argv = [FASTLOAD, "pull", url, "--to", str(dest), "--chunk-size", "64KiB"]
 
     def clean(text: str) -> None:
         assert "hunter2pw" not in text and "SECRETTOKEN123" not in text, text
@@ -538,13 +539,13 @@ def test_cli_pull_output_on_a_terminal(tmp_path, http_server, http_dir):
     fastload.pull(url, to=dest)  # in-process (the non-terminal CLI output is test_cli_audit2's)
     assert (dest / nasty).read_bytes() == src.read_bytes()
 
-    rc, out, err = run_on_pty(argv)
+    rc, out, err = run_on_pty(argv, base_env(TERM="xterm"))
     assert rc == 0, err
     clean(out + err)
     assert "pull: 100%" in err, repr(err)
     assert "0 file(s) fetched" in err and "1 already complete" in err, repr(err)
 
-    rc, out, err = run_on_pty(argv + ["--quiet"])
+    rc, out, err = run_on_pty(argv + ["--quiet"], base_env(TERM="xterm"))
     assert rc == 0, err
     clean(out)
     assert err == "", f"--quiet wrote to the terminal: {err!r}"
