@@ -470,9 +470,10 @@ class DaemonThreadPool(ThreadPoolExecutor):
     (``loop.set_default_executor`` requires one); ``submit`` and ``shutdown`` are its own, and none of the base
     class's state is used.
 
-    At interpreter exit, a pool still open (a load in a daemon thread's own loop, ``aload`` included, that nobody
-    cancels) starts no more jobs, and exit waits for the running ones (a conversion: milliseconds): a worker
-    stopped by the interpreter inside torch would abort the process.
+    At interpreter exit, a pool still open starts no more jobs: a worker stopped by the interpreter inside torch
+    would abort the process. Serving a call in the caller's own loop (``aload``), it also cancels that call and
+    waits for the running jobs and the call's end; in fastload's own loops, the stream's or thread's exit hook
+    does that.
     """
 
     def __init__(self, max_workers: int, thread_name_prefix: str,
@@ -542,8 +543,10 @@ class DaemonThreadPool(ThreadPoolExecutor):
             self._exiting = True
             for _ in range(self._cancel_queued()):
                 self._work.put(None)  # (a shutdown's stops for its workers: put back)
-            if self._owner is None:  # a load in fastload's own loop: its own exit hook stops it and waits
-                self._quiet.wait_for(lambda: self._running == 0, _EXIT_WAIT_S)
+            if self._owner is None:
+                # A load in fastload's own loop: its own exit hook cancels it and waits for its loop thread, which
+                # waits for the running jobs. Waiting here too would wait on jobs that only that cancel ends (a
+                # read from a server that hangs), before the hook that cancels has run.
                 return
             loop, task = self._owner
         if task is not None:
