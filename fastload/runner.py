@@ -516,9 +516,11 @@ class DaemonThreadPool(ThreadPoolExecutor):
             with self._lock:
                 exiting = self._exiting
                 self._running += not exiting
-            if exiting:  # the interpreter is exiting: no new job (see the class docstring)
-                item[0].cancel()
-                threading.Event().wait()
+            if exiting:  # the interpreter is exiting: no new job (see the class docstring); the thread stays
+                item[0].cancel()  # free to take shutdown()'s stop, so that the pool's shutdown can join it
+                del item
+                self._idle.release()
+                continue
             future, fn, args, kwargs = item
             del item
             try:
