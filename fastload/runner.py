@@ -539,8 +539,8 @@ class DaemonThreadPool(ThreadPoolExecutor):
             self._idle.release()
 
     def _stop_at_exit(self) -> None:
-        """Start no more jobs (those waiting are cancelled: whoever awaits them goes on), and wait for the
-        running ones."""
+        """Start no more jobs (those waiting are cancelled: whoever awaits them goes on). Serving a call in the
+        caller's own loop, also cancel that call and wait for its running jobs and its end."""
         with self._lock:
             self._exiting = True
             for _ in range(self._cancel_queued()):
