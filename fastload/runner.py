@@ -639,7 +639,7 @@ class ThreadedStream:
         # producer put after them for the stream's end (it would end its loop normally, tensors missing)
         self._dropped_any = False
         self._drop_lock = threading.Lock()
-        self._iterating: dict[threading.Thread, int] = {}  # threads waiting for an item (see _stop_at_exit)
+        self._waiting: set[threading.Thread] = set()  # threads waiting for an item (see _stop_at_exit)
         self._at_exit: AtExit | None = None
 
     @property
@@ -667,7 +667,7 @@ class ThreadedStream:
         if self._thread.is_alive():
             return
         self._queue.put((_DONE, _EXITING))
-        for thread in list(self._iterating.copy()):  # (a copy: made at once, while other threads change it)
+        for thread in self._waiting.copy():  # (a copy: made at once, while other threads change the set)
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
 
@@ -720,14 +720,11 @@ class ThreadedStream:
         says so, the stream is closed and CancelledError raised (see ``cancel_requested``)."""
         while True:
             me = threading.current_thread()
-            self._iterating[me] = self._iterating.get(me, 0) + 1  # (for _stop_at_exit; counts: nested iterations)
+            self._waiting.add(me)  # (for _stop_at_exit; a thread waits in one _get at a time)
             try:
                 item = self._get(stop)
             finally:
-                if self._iterating[me] == 1:
-                    del self._iterating[me]
-                else:
-                    self._iterating[me] -= 1
+                self._waiting.discard(me)
             if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
                 self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
                 if item[1] is _EXITING:

@@ -50,10 +50,7 @@ from reliability_helpers import (  # noqa: F401 - private_tmp: autouse
 from servers.faults import CutAfter
 
 import fastload
-from test_error_paths_audit import CutLater, _frames, _stream, served  # noqa: F401 - served: a fixture
-
-ONCE = QUICK.replace(retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.001, backoff_max_s=0.002,
-                                                deadline_s=10.0))
+from test_error_paths_audit import ONCE, CutLater, _frames, _stream, served  # noqa: F401 - served: a fixture
 TESTS = Path(__file__).parent
 
 #: ``except*`` is syntax of Python 3.11+: compiled at run time so that this file imports on 3.10 too.
