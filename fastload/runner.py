@@ -235,25 +235,22 @@ def run_loop(coro: Awaitable[T]) -> T:
     ``asyncio.get_event_loop()``). Python 3.10 has no ``Runner``: there it is ``asyncio.run``."""
     if sys.version_info < (3, 11):  # pragma: no cover
         return asyncio.run(coro)
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        return _run_interruptible(coro)
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            return _run_interruptible(runner, coro)
         return runner.run(coro)
 
 
-def _run_interruptible(coro: Awaitable[T]) -> T:
+def _run_interruptible(runner: Any, coro: Awaitable[T]) -> T:  # (runner: asyncio.Runner, 3.11 on)
     """``runner.run(coro)`` with Ctrl-C handled as ``asyncio.Runner`` does (the first press cancels the load,
     which then ends in KeyboardInterrupt), except for a second press: Runner raises KeyboardInterrupt from
     wherever the main thread is at that instant, and a quick double press landed inside the first one's
     cleanup (closing the transports, joining the readers), which then left threads and a socket running for
-    ever. Here a second press cancels again; a third raises at once (a way out of a cleanup that hangs). The
-    handler stays through the runner's own close (shutting down async generators and the executor)."""
-    if sys.version_info < (3, 11):  # pragma: no cover - (run_loop's guard; named here for the checks of 3.10)
-        return asyncio.run(coro)
+    ever. Here a second press cancels again; a third raises at once (a way out of a cleanup that hangs)."""
     presses = 0
     task: list[asyncio.Task] = []
-    loops: list[asyncio.AbstractEventLoop] = []
+    loop = runner.get_loop()
 
     async def main() -> T:
         task.append(asyncio.current_task())
@@ -265,16 +262,11 @@ def _run_interruptible(coro: Awaitable[T]) -> T:
         if presses >= 3 or not task:
             raise KeyboardInterrupt
         task[0].cancel()
-        try:
-            loops[0].call_soon_threadsafe(lambda: None)  # (wake the loop if it sleeps in its selector)
-        except RuntimeError:  # closed: nothing to wake
-            pass
+        loop.call_soon_threadsafe(lambda: None)  # (wake the loop if it sleeps in its selector)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
-            loops.append(runner.get_loop())
-            return runner.run(main())
+        return runner.run(main())
     except asyncio.CancelledError:
         if presses:
             raise KeyboardInterrupt from None
