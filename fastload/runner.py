@@ -235,22 +235,26 @@ def run_loop(coro: Awaitable[T]) -> T:
     ``asyncio.get_event_loop()``). Python 3.10 has no ``Runner``: there it is ``asyncio.run``."""
     if sys.version_info < (3, 11):  # pragma: no cover
         return asyncio.run(coro)
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        return _run_interruptible(coro)
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            return _run_interruptible(runner, coro)
         return runner.run(coro)
 
 
-def _run_interruptible(runner: Any, coro: Awaitable[T]) -> T:  # (runner: asyncio.Runner, 3.11 on)
-    """``runner.run(coro)`` with Ctrl-C handled as ``asyncio.Runner`` does (the first press cancels the load,
+def _run_interruptible(coro: Awaitable[T]) -> T:
+    """``asyncio.run(coro)`` with Ctrl-C handled as ``asyncio.Runner`` does (the first press cancels the load,
     which then ends in KeyboardInterrupt), except for a second press: Runner raises KeyboardInterrupt from
     wherever the main thread is at that instant, and a quick double press landed inside the first one's
     cleanup (closing the transports, joining the readers), which then left threads and a socket running for
-    ever. Here a second press cancels again; a third raises at once (a way out of a cleanup that hangs)."""
+    ever. Here a second press cancels again; a third raises at once (a way out of a cleanup that hangs).
+    The handler stays through the runner's own close (ending async generators, joining the executor): a
+    press there, raised at once, broke that close half-way; it is raised once the close is over."""
+    if sys.version_info < (3, 11):  # pragma: no cover - (run_loop's version_info guard, for 3.10's checks)
+        return asyncio.run(coro)
     presses = 0
     task: list[asyncio.Task] = []
-    loop = runner.get_loop()
+    loops: list[asyncio.AbstractEventLoop] = []
 
     async def main() -> T:
         task.append(asyncio.current_task())
@@ -261,19 +265,30 @@ def _run_interruptible(runner: Any, coro: Awaitable[T]) -> T:  # (runner: asynci
         presses += 1
         if presses >= 3 or not task:
             raise KeyboardInterrupt
+        if task[0].done():  # the runner is closing: raised when it is done
+            return
         task[0].cancel()
-        loop.call_soon_threadsafe(lambda: None)  # (wake the loop if it sleeps in its selector)
+        loops[0].call_soon_threadsafe(lambda: None)  # (wake the loop if it sleeps in its selector)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        return runner.run(main())
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            loops.append(runner.get_loop())
+            result = runner.run(main())
     except asyncio.CancelledError:
         if presses:
             raise KeyboardInterrupt from None
         raise
+    except BaseException as exc:
+        if presses and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise KeyboardInterrupt from exc
+        raise
     finally:
         if signal.getsignal(signal.SIGINT) is on_sigint:
             signal.signal(signal.SIGINT, previous)
+    if presses:
+        raise KeyboardInterrupt
+    return result
 
 
 async def _in_our_loop(aw: Awaitable[T]) -> T:

@@ -179,6 +179,44 @@ def test_a_second_ctrl_c_while_a_sync_load_handles_the_first_leaves_nothing_runn
     assert not problems, "\n".join(problems)
 
 
+PRESS_IN_CLOSE = """
+import asyncio, os, signal
+from fastload import runner
+
+closed = []
+
+async def generator():
+    try:
+        yield 1
+    finally:  # run by the runner's close (its shutdown of async generators), after the call's task is done
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.2)
+        closed.append(True)
+
+async def call():
+    global left_open
+    left_open = generator()
+    return await left_open.__anext__()
+
+try:
+    runner.run_loop(call())
+    print("returned", closed)
+except KeyboardInterrupt:
+    print("interrupted", closed)
+"""
+
+
+def test_a_ctrl_c_during_the_sync_runners_own_close_is_raised_once_the_close_is_over(tmp_path):
+    """A press landing after the load's task is done, while its event loop closes (ending async generators,
+    joining the executor): raised there at once, it broke that close half-way (in the full suite: asyncio's
+    'coroutine ... shutdown_asyncgens was never awaited'); swallowed, the Ctrl-C was lost. It is raised once the
+    close is over: a KeyboardInterrupt, the close whole, nothing on stderr."""
+    script = tmp_path / "press_in_close.py"
+    script.write_text(PRESS_IN_CLOSE)
+    done = subprocess.run([sys.executable, "-X", "dev", str(script)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "interrupted [True]", ""), done
+
+
 @pytest.mark.parametrize("how", ["for", "asyncio-run", "uvloop"])
 def test_a_second_ctrl_c_while_a_stream_closes_leaves_nothing_running(how, http_server, http_dir):
     """The same double Ctrl-C against a stream, whose loop runs in a thread of its own: iterated in a plain
