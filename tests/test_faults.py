@@ -307,6 +307,35 @@ def test_retries_in_flight_are_capped_and_budget_resets_on_progress():
     assert peak <= 2
 
 
+def test_a_cancel_in_the_turn_an_attempt_completes_is_never_lost():
+    """With a deadline, each attempt runs under a time limit. ``asyncio.wait_for`` (3.11) returned the result
+    and dropped the cancel when the operation finished in the same turn of the loop as the task was cancelled
+    (a Ctrl-C or a closed stream, as a chunk completes): the chunk's task then went on as if never cancelled."""
+    async def main():
+        policy = RetryPolicy(fastload.RetryConfig(deadline_s=30.0), Trace())
+        lost = 0
+        for _ in range(50):
+            done = asyncio.get_running_loop().create_future()
+
+            async def op():
+                await done
+                return 1
+
+            task = asyncio.create_task(policy.run(op, url="x", byte_range=None))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the attempt is waiting on ``done``
+            done.set_result(None)
+            task.cancel()
+            try:
+                await task
+                lost += 1
+            except asyncio.CancelledError:
+                pass
+        return lost
+
+    assert asyncio.run(main()) == 0
+
+
 def test_no_progress_exhausts_the_budget_with_the_last_cause_chained():
     async def main():
         policy = RetryPolicy(fastload.RetryConfig(max_attempts=3, backoff_base_s=0.0, backoff_max_s=0.0), Trace())

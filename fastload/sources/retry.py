@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timezone
@@ -145,9 +146,19 @@ class RetryPolicy:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Transient("no time left for another attempt")
+        if sys.version_info < (3, 11):  # pragma: no cover - no asyncio.timeout before 3.11
+            try:
+                return await asyncio.wait_for(op(), remaining)
+            except asyncio.TimeoutError:
+                if time.monotonic() < deadline:
+                    raise  # the operation's own timeout, not the deadline
+                raise Transient("attempt cut off at the deadline") from None
+        # Not wait_for: on 3.11 it returns the result, and loses the cancel, when the operation ends in the
+        # same turn of the loop as the task is cancelled (a Ctrl-C or a closed stream, as a chunk completes).
         try:
-            return await asyncio.wait_for(op(), remaining)
-        except asyncio.TimeoutError:
-            if time.monotonic() < deadline:
+            async with asyncio.timeout(remaining) as limit:
+                return await op()
+        except TimeoutError:
+            if not limit.expired():
                 raise  # the operation's own timeout, not the deadline
             raise Transient("attempt cut off at the deadline") from None
