@@ -53,7 +53,7 @@ from .redact import printable, redact_url
 from .resolve import join
 from . import runner
 from .runner import gather, in_worker, own_workers
-from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, resume_ranges
+from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, journal_path, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
@@ -379,6 +379,16 @@ class PlainLayout:
                 pass
 
 
+def _drop_leftovers(temps: Sequence[Path]) -> None:
+    """The temporary files and journals of files already whole under their final names (best effort)."""
+    for temp in temps:
+        for path in (temp, journal_path(temp)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
 def _remove_empty(folders: Sequence[Path]) -> None:
     """Remove these folders, innermost first, while they are empty."""
     for folder in folders:
@@ -670,6 +680,8 @@ async def _fetch(judged: list[tuple[Entry, bool]], layout, single: bool, transpo
                  config: LoadConfig, trace: Trace, progress, verify: bool) -> PullResult:
     entries = [e for e, _ in judged]
     present = [e for e, here in judged if here]
+    if present:  # what a pull killed between a file's rename and its journal's removal left, or a stale partial
+        await in_worker(_drop_leftovers, [layout.temp(e) for e in present])
     todo, shared = [], []  # shared: the same content as a file already in todo (the Hub's one blob, two paths)
     temps: set[Path] = set()
     for e, here in judged:

@@ -460,3 +460,34 @@ def test_single_file_pull_removes_nothing(tmp_path: Path) -> None:
     one = make_src(tmp_path / "one", {"config.json": b"{}"})
     assert pull_result(str(one / "config.json"), to=out).removed == ()
     assert (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("into", ["plain", "hub-cache"])
+def test_a_pull_killed_between_rename_and_journal_removal_leaves_nothing_after_the_next(
+        into: str, hub: HubServer, tmp_path: Path) -> None:
+    """A pull renames a finished file into place, then removes its journal: killed in between, it left the
+    journal (and, had a partial of the same file been there, that too) for ever, since the file was whole and
+    the next pull never opened its temporary file again. The next pull now removes what belongs to a file
+    already whole under its final name."""
+    data = weights(1 << 20, seed=5)
+    if into == "plain":
+        source, out = str(make_src(tmp_path, {"model.safetensors": data})), tmp_path / "out"
+        pull_result(source, to=out)
+        unfinished = out / ".fastload" / "incomplete"
+        leftovers = [unfinished / "model.safetensors.journal", unfinished / "model.safetensors"]
+        kwargs = {"to": out}
+    else:
+        repo = repo_name("leftovers")
+        hub.add_repo(repo, make_src(tmp_path, {"model.safetensors": data}))
+        source = f"hf://{repo}"
+        blob = (pull_result(source).path / "model.safetensors").resolve()
+        leftovers = [blob.with_name(blob.name + ".fastload-incomplete.journal"),
+                     blob.with_name(blob.name + ".fastload-incomplete")]
+        kwargs = {}
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left by a pull killed after its rename\n")
+    again = pull_result(source, **kwargs)
+    assert again.fetched == () and again.present == ("model.safetensors",)
+    assert [p for p in leftovers if os.path.lexists(p)] == []
+    assert (again.path / "model.safetensors").read_bytes() == data
