@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .plan import NAME_COLUMN, LoadPlan
-from .redact import printable, redact_url
+from .redact import columns, pad, printable, redact_url
 
 
 def human_bytes(n: float) -> str:
@@ -46,10 +46,10 @@ def describe(plan: LoadPlan, *, top: int = 10, every_tensor: bool = False) -> st
     largest = sorted(plan.tensors, key=lambda t: (-t.nbytes, t.name))[:top]
     if largest:
         names = [printable(t.name) for t in largest]
-        width = min(max(len(n) for n in names), NAME_COLUMN)
+        width = min(max(columns(n) for n in names), NAME_COLUMN)
         lines += ["", f"largest {len(largest)} tensor(s):"]
         for name, t in zip(names, largest):
-            lines.append(f"  {name:<{width}}  {t.spec.dtype.name:<8} {_shape(t.shape):<20} {human_bytes(t.nbytes)}")
+            lines.append(f"  {pad(name, width)}  {t.spec.dtype.name:<8} {_shape(t.shape):<20} {human_bytes(t.nbytes)}")
 
     metadata = {}
     for f in plan.files:

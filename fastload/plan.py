@@ -19,7 +19,7 @@ from typing import Iterator, Mapping, Sequence
 from .config import LoadConfig
 from .errors import ConfigError, FormatError
 from .format import FileHeader, ShardIndex, TensorSpec
-from .redact import printable, redact_url
+from .redact import columns, pad, printable, redact_url
 from .sources import ObjectInfo
 
 
@@ -203,11 +203,11 @@ class LoadPlan:
         for f in self.files:
             lines.append(f"  file {printable(redact_url(f.info.url))}  {f.info.size} bytes")
         names = [printable(t.name) for t in self.tensors]
-        width = min(max([len("name")] + [len(n) for n in names]), NAME_COLUMN)  # longer names overflow their row
-        lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")
+        width = min(max([len("name")] + [columns(n) for n in names]), NAME_COLUMN)  # longer names overflow their row
+        lines.append(f"  {pad('name', width)}  {'dtype':<8} {'shape':<20} {'file':>4} {'bytes':>14}")
         for name, t in zip(names, self.tensors):
             shape = "x".join(map(str, t.shape)) or "scalar"
-            lines.append(f"  {name:<{width}}  {t.spec.dtype.name:<8} {shape:<20} {t.spec.file:>4} {t.nbytes:>14}")
+            lines.append(f"  {pad(name, width)}  {t.spec.dtype.name:<8} {shape:<20} {t.spec.file:>4} {t.nbytes:>14}")
         return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ URL, query string included, into some messages and the request headers into
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import SplitResult, urlsplit
 
 HIDDEN = "***"
@@ -67,6 +68,18 @@ def printable(text: str) -> str:
     """``text`` safe for a terminal line: control characters (escape sequences, newlines) escaped, as ``repr``
     writes them. Tensor names and metadata come from the file, which anyone may have written."""
     return text if text.isprintable() else repr(text)[1:-1]
+
+
+def columns(text: str) -> int:
+    """Terminal columns ``text`` takes: two for an East Asian wide or fullwidth character (a CJK tensor name),
+    none for a combining mark or a format character (a zero-width joiner), one for the others."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) == "Cf" else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` and spaces up to ``width`` terminal columns (``str.ljust`` counts characters, not columns)."""
+    return text + " " * (width - columns(text))
 
 
 def redact_text(text: str) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,16 @@ def test_every_tensor_table_escapes_control_characters_in_file_names(uni, tmp_pa
     assert "\x1b" not in out, [line for line in out.splitlines() if "\x1b" in line]
 
 
+def _columns(text: str) -> int:
+    """Terminal columns: a CJK character takes two (what a terminal shows, not what ``len`` counts)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def test_c_locale_prints_names_whole_and_aligned(uni):
     """``LC_ALL=C`` (cron, minimal containers): Python's C-locale coercion makes stdout UTF-8, so names and
     metadata come out as stored. A name longer than the name column is printed whole (never cut: users copy it
-    into ``--names``) and only its own row overflows: every other row's dtype column starts at the same place."""
+    into ``--names``) and only its own row overflows: every other row's dtype column starts at the same place
+    on the screen, the row of the CJK name (4 characters, 7 columns) too."""
     proc = cli("inspect", str(uni), "--all", "--top", "4", env=base_env(LC_ALL="C"))
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     out = proc.stdout.decode("utf-8")
@@ -102,7 +109,7 @@ def test_c_locale_prints_names_whole_and_aligned(uni):
         rows = out.split(section, 1)[1].strip("\n").split("\n\n")[0].splitlines()
         rows = [r for r in rows if LONG not in r and (" F32 " in r or " I64 " in r)]
         assert len(rows) == 3, (section, rows)
-        starts = {r.index(" F32 " if " F32 " in r else " I64 ") for r in rows}
+        starts = {_columns(r[:r.index(" F32 " if " F32 " in r else " I64 ")]) for r in rows}
         assert len(starts) == 1, (section, rows)
 
 
