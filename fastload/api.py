@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Iterator
 
@@ -66,6 +67,7 @@ class LoadStream:
         self._request = request
         self._plans: list[LoadPlan] = []  # the producer fills it: it holds no reference to this object
         self._state = "new"  # -> "open" in the with block -> "closed"
+        self._entering = threading.Lock()
         plans = self._plans
         self._stream = runner.ThreadedStream(
             lambda put: produce(request, lambda name, tensor: put((name, tensor)), on_plan=plans.append))
@@ -79,10 +81,15 @@ class LoadStream:
         return self._plans[0] if self._plans else None
 
     def __enter__(self) -> "LoadStream":
-        if self._state != "new":
-            raise RuntimeError("a fastload stream runs once: call fastload.stream(...) again for another load")
-        self._state = "open"
-        self._stream.start()
+        with self._entering:  # two threads entering one stream: one runs it, the other is told
+            if self._state != "new":
+                raise RuntimeError("a fastload stream runs once: call fastload.stream(...) again for another load")
+            self._state = "open"
+        try:
+            self._stream.start()
+        except BaseException:  # a Ctrl-C while the loader's thread starts: there is no with block to close it
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

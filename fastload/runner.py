@@ -29,9 +29,26 @@ T = TypeVar("T")
 
 _DONE = object()
 _EXITING = object()  # the stream was stopped by interpreter exit (see ThreadedStream._stop_at_exit)
+_NOTHING = object()  # a poll of a stream's queue that found nothing
 _CANCELLED = object()  # the load was cancelled (closed from another thread, or its caller's task cancelled)
 _POLL_S = 0.05  # how often a sync call made from a coroutine checks whether its task was asked to cancel
 _EXIT_WAIT_S = 2.0  # at interpreter exit, how long a load still running (stream, thread) is waited for
+
+
+def _patient(wait: Callable[[float], Any], done: Callable[[Any], bool]) -> Any:
+    """``wait(None)``, except on the main thread: there in turns of ``_POLL_S``. CPython runs a Ctrl-C's
+    handler when the main thread's wait is interrupted, and a signal landing just before the thread went to
+    sleep in an untimed wait interrupts nothing: the KeyboardInterrupt came when the wait ended (a stream's
+    next tensor, seconds later; 8 s, a stall timeout, in the test that found it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return wait(None)
+    while not done(got := wait(_POLL_S)):
+        pass
+    return got
+
+
+def _join(thread: threading.Thread) -> None:
+    _patient(thread.join, lambda _: not thread.is_alive())
 
 
 async def gather(aws: Iterable[Awaitable[T]]) -> list[T]:
@@ -656,6 +673,8 @@ class ThreadedStream:
         self._drop_lock = threading.Lock()
         self._waiting: set[threading.Thread] = set()  # threads waiting for an item (see _stop_at_exit)
         self._at_exit: AtExit | None = None
+        self._starting = False  # start() was called (the thread may not say so yet: see close)
+        self._cancelled = False  # cancel() was called: a producer that had no task yet cancels itself at once
 
     @property
     def finished(self) -> bool:
@@ -664,8 +683,9 @@ class ThreadedStream:
 
     def start(self) -> "ThreadedStream":
         self._at_exit = AtExit(_stop_at_exit(weakref.ref(self)))  # before the thread starts: its end cancels it
+        self._starting = True
         self._thread.start()
-        self._ready.wait()
+        _patient(self._ready.wait, bool)
         return self
 
     def _stop_at_exit(self) -> None:
@@ -694,6 +714,8 @@ class ThreadedStream:
         async def body() -> None:
             self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
+            if self._cancelled:  # cancelled before there was a task to cancel (a Ctrl-C in start's wait)
+                self._task.cancel()
             self._ready.set()
             try:
                 await _in_our_loop(self._producer(self._queue.put))
@@ -715,7 +737,7 @@ class ThreadedStream:
 
     def _get(self, stop: CancelWatch | None) -> Any:
         if stop is None:
-            return self._queue.get()
+            return _patient(self._next, lambda item: item is not _NOTHING)
         stop.arm()
         while True:
             try:
@@ -724,6 +746,12 @@ class ThreadedStream:
                 if stop():
                     self.close()
                     raise asyncio.CancelledError from None
+
+    def _next(self, timeout: float | None) -> Any:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return _NOTHING
 
     def __iter__(self) -> Iterator[Any]:
         return self.iterate(self._stop)
@@ -744,7 +772,7 @@ class ThreadedStream:
                 self._queue.put(item)  # the end, for every other thread iterating, and for a later iteration
                 if item[1] is _EXITING:
                     raise SystemExit
-                self._thread.join()
+                _join(self._thread)
                 outcome = item[1]
                 with self._drop_lock:  # (after close() has said whether it dropped what came before this end)
                     if outcome is None and self._dropped_any:
@@ -766,6 +794,7 @@ class ThreadedStream:
     def cancel(self) -> None:
         """Ask the producer to stop, without waiting for it (a finalizer's part: it may run on any thread,
         the loop's own included)."""
+        self._cancelled = True  # (before looking for the task: the producer looks at this after setting it)
         if self._thread.is_alive() and self._loop is not None and self._task is not None:
             try:
                 self._loop.call_soon_threadsafe(self._task.cancel)
@@ -777,8 +806,10 @@ class ThreadedStream:
         handed out goes with the stream (on a GPU: device memory), and a thread still iterating then learns
         that the stream was closed before its end, not that it ended."""
         self.cancel()
+        if self._starting and self._thread.ident is None:  # a Ctrl-C cut start() before the thread said it runs
+            self._ready.wait(_EXIT_WAIT_S)  # (set as soon as it runs; never, if it was never made)
         if self._thread.ident is not None:
-            self._thread.join()
+            _join(self._thread)
         end = None
         while True:
             with self._drop_lock:

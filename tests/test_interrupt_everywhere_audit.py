@@ -302,6 +302,40 @@ def test_a_ctrl_c_at_any_moment_of_a_converting_local_load_is_a_clean_keyboard_i
     assert not problems, "\n".join(problems)
 
 
+def test_a_ctrl_c_while_a_named_stream_starts_leaves_nothing_running(http_server, http_dir):
+    """``s = fastload.stream(...)`` then ``with s:``: a Ctrl-C landing in ``__enter__`` (while it waits for the
+    loader's thread to start) comes before the with block, so no ``__exit__`` closed the stream, and the name
+    ``s`` kept it from being collected: its load went on for nobody (here: held by a server that never answers,
+    until the stall timeout). Ctrl-Cs spread over the stream's first milliseconds, 25 trials: each a
+    KeyboardInterrupt, with no thread, socket or file of the load left, the stream still held."""
+    path = write_single(http_dir / "named-stream.safetensors", _tensors(3))
+    http_server.faults._add(HangAfter(pattern="*/named-stream.safetensors", after=2))  # data never comes
+    held, problems = [], []
+    for trial in range(25):
+        url = http_server.url_for(path) + f"?trial={trial}"
+        entered = threading.Event()
+
+        def consume(url=url, entered=entered):
+            s = fastload.stream(url, config=CONFIG)
+            held.append(s)
+            entered.set()
+            with s:
+                for _ in s:
+                    pass
+
+        sent: list[float] = []
+        with Leaks({http_server.port}) as leaks:
+            killer = sigints_when(entered.is_set, (0.0002 * trial,), sent)
+            outcome, took = interrupted(consume, sent, killer)
+            try:
+                leaks.check(grace_s=0.5)
+            except AssertionError as exc:
+                problems.append(f"trial {trial}: {exc}")
+        if not isinstance(outcome, KeyboardInterrupt) or took is None or took > 1.0:
+            problems.append(f"trial {trial}: ended in {outcome!r} after {took} s")
+    assert not problems, "\n".join(problems)
+
+
 def test_a_ctrl_c_at_any_moment_of_a_local_pull_leaves_only_whole_files(local_ckpt, tmp_path):
     """``fastload.pull`` of a local checkpoint directory into a fresh destination, Ctrl-C at moments spread over
     the pull (listing, lock, writes, fsync, rename, records): whatever is under a final name afterwards is the
