@@ -125,8 +125,8 @@ def make_sink(plan: LoadPlan, request: LoadRequest) -> Sink:
 
 
 async def plan_only(request: LoadRequest) -> LoadPlan:
-    request.trace.begin()
     transports = Transports(request.config, request.trace)
+    request.trace.begin()  # (right before the try: each begin has its finish)
     error = None
     try:
         return await make_plan(request, transports)
@@ -148,8 +148,8 @@ async def produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None]
 async def _produce(request: LoadRequest, put: Callable[[str, torch.Tensor], None],
                    on_plan: Callable[[LoadPlan], None] | None) -> None:
     trace, config = request.trace, request.config
-    trace.begin()
     transports = Transports(config, trace)
+    trace.begin()  # (right before the try: each begin has its finish)
     sink = error = None
     try:
         plan = await make_plan(request, transports)

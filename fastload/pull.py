@@ -595,8 +595,8 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
     trace = as_trace(trace)
     source, plain = _destination(source, to, cache_dir, revision)
     scheme = scheme_of(source)
-    trace.begin()
     transports = Transports(config, trace)
+    trace.begin()  # (right before the try: each begin has its finish)
     error = None
     try:
         with trace.span("resolve"):

@@ -266,6 +266,7 @@ class Trace:
         self._emitted: dict = {}  # what was already sent to OpenTelemetry (see unsent)
         self._sent_lock = threading.Lock()
         self._parts = 0  # > 0 inside one_load(): the loads of its parts do not publish (see finish)
+        self._active = 0  # loads begun and not finished: the clock runs while any does, or a one_load is open
         self.anchor = (time.perf_counter(), time.time_ns())  # maps the trace clock to the epoch
 
     @staticmethod
@@ -273,12 +274,17 @@ class Trace:
         return time.perf_counter()
 
     def begin(self) -> None:
+        """A load starts (each one that calls this calls :meth:`finish` when it ends)."""
         with self._lock:
+            self._active += 1
             if self._begin is None:
                 self._begin = self.now()
 
     def end(self) -> None:
+        """A load ends: the clock stops once no other load of this trace runs (two loads sharing a trace, the
+        first to end froze the wall time while the other went on: spans past the wall, stages longer than it)."""
         with self._lock:
+            self._active = max(0, self._active - 1)
             self._end = self.now()
 
     def interval(self, stage: str, start: float, end: float) -> None:
@@ -316,13 +322,26 @@ class Trace:
         Raises ``ConfigError`` if the trace file cannot be written.
         """
         self.end()
-        if self._parts:  # a part of one load (one_load): the whole is finished, and published, once
-            return
-        if isinstance(error, asyncio.CancelledError):  # a stream left early, Ctrl-C: stopped, not failed
-            self.count("cancelled")
-        elif error is not None:
-            with self._lock:
-                self._errors.append(f"{type(error).__name__}: {error}".rstrip(": "))
+        self._note(error)
+        with self._lock:
+            part = self._parts > 0
+        if not part:  # a part of one load (one_load): the whole is published once, when it ends
+            self._publish(error)
+
+    def _note(self, error: BaseException | None, since: tuple[int, int] | None = None) -> None:
+        """Record how a load ended: cancelled (a stream left early, Ctrl-C: stopped, not failed) or its error.
+        With ``since`` (errors and cancels counted when a one_load began), not again what a part noted."""
+        with self._lock:
+            if isinstance(error, asyncio.CancelledError):
+                if since is None or self._counters.get("cancelled", 0) == since[1]:
+                    self._counters["cancelled"] += 1
+            elif error is not None:
+                text = f"{type(error).__name__}: {error}".rstrip(": ")
+                if since is None or text not in self._errors[since[0]:]:
+                    self._errors.append(text)
+
+    def _publish(self, error: BaseException | None) -> None:
+        """Write the trace file (``path``) and emit OpenTelemetry spans."""
         from . import trace_export
 
         try:
@@ -342,6 +361,7 @@ class Trace:
         OpenTelemetry span and one trace file for them all, when the outermost ``one_load`` ends."""
         with self._lock:
             self._parts += 1
+            since = (len(self._errors), self._counters.get("cancelled", 0))
         error = None
         try:
             yield
@@ -352,8 +372,10 @@ class Trace:
             with self._lock:
                 self._parts -= 1
                 whole = self._parts == 0
+                self._end = self.now()
+            self._note(error, since)  # (an error of its own: a part's was noted when that part ended)
             if whole:
-                self.finish(error)
+                self._publish(error)
 
     def unsent(self) -> dict:
         """A snapshot of what was recorded since the last call (for OpenTelemetry: one span per load of a
@@ -380,7 +402,8 @@ class Trace:
     def snapshot(self) -> dict:
         """A consistent copy of everything recorded (for exporters)."""
         with self._lock:
-            snap = {"begin": self._begin, "end": self._end if self._end is not None else self.now(),
+            running = self._end is None or self._active > 0 or self._parts > 0
+            snap = {"begin": self._begin, "end": self.now() if running else self._end,
                     "spans": list(self._spans), "chunks": list(self._chunks), "counters": dict(self._counters),
                     "keyed": {k: dict(v) for k, v in self._keyed.items()}, "errors": list(self._errors)}
         snap["chunks"] = [c if isinstance(c, dict) else c.as_dict() for c in snap["chunks"]]

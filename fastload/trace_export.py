@@ -69,7 +69,7 @@ def _rel(t: float | None, begin: float) -> float | None:
 
 def to_dict(trace: Trace) -> dict:
     snap = trace.snapshot()
-    summary = trace.summary()
+    summary = trace.summary(snap)
     begin = snap["begin"] if snap["begin"] is not None else snap["end"]
     chunks = []
     for c in snap["chunks"]:
@@ -179,7 +179,7 @@ def to_chrome(trace: Trace) -> dict:
         if nbytes:
             events.append({"ph": "C", "pid": 1, "name": "MB fetched", "ts": us(t), "args": {"MB": fetched / 1e6}})
 
-    summary = trace.summary()
+    summary = trace.summary(snap)
     return {
         "traceEvents": events,
         "displayTimeUnit": "ms",
