@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 from urllib.parse import urlsplit
 import threading
@@ -40,7 +41,7 @@ from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, Sourc
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
-from ..runner import in_worker
+from ..runner import detached, in_worker
 from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of
 from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxies, env_proxy
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
@@ -186,6 +187,19 @@ def _validator_headers(info: ObjectInfo) -> dict[str, str]:
     return {}
 
 
+class _OwnThreads:
+    """What aiohttp's ``ThreadedResolver`` asks of its loop, name lookups, on daemon threads of fastload's own.
+    The loop's are ``run_in_executor(None)``: the caller's default executor, where an ``aload`` by host name
+    waited behind the caller's own work, and deadlocked when that work was waiting for the load. Detached, a
+    lookup that hangs (a DNS server that does not answer) never holds up a cancel either."""
+
+    async def getaddrinfo(self, host, port, *, family=0, type=0, proto=0, flags=0):
+        return await detached(socket.getaddrinfo, host, port, family, type, proto, flags)
+
+    async def getnameinfo(self, sockaddr, flags=0):
+        return await detached(socket.getnameinfo, sockaddr, flags)
+
+
 class HttpTransport:
     def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace, *, ca_file: str | None = None):
         self.config = config
@@ -214,6 +228,7 @@ class HttpTransport:
                 limit=max(2 * cfg.max_concurrency, 8),  # deliberately above our own concurrency cap
                 limit_per_host=0,
                 ttl_dns_cache=300,
+                resolver=aiohttp.ThreadedResolver(loop=_OwnThreads()),  # (not the caller's executor: see there)
                 # a TLS connection cut mid-body (a stream left early) is closed now, not when the GC runs
                 enable_cleanup_closed=True,
             )
