@@ -22,7 +22,7 @@ class ObjectInfo:
     size: int
     etag: str | None = None
     last_modified: str | None = None
-    fetch_url: str | None = None  # what is actually requested (e.g. a presigned URL); never shown
+    fetch_url: str | None = field(default=None, repr=False)  # what is requested (a presigned URL): never shown
     checksum: str | None = None  # a published checksum ("sha256:<hex>"), when the source has one
     # The object's first bytes, when finding its size brought them (HTTP's ranged probe): a request saved.
     prefix: bytes = field(default=b"", repr=False)
