@@ -42,7 +42,7 @@ from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
 from ..runner import detached, in_worker
-from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of
+from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of, unresolvable
 from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxies, env_proxy
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
 
@@ -293,6 +293,8 @@ class HttpTransport:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             if out_of_files(exc):
                 raise Fatal(out_of_files_message()) from scrub(exc)
+            if unresolvable(exc):
+                raise Fatal(f"no such host: {urlsplit(url).hostname}") from scrub(exc)
             raise Transient(describe(scrub(exc))) from exc
 
     async def stat(self, url: str) -> ObjectInfo:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.client
+import ipaddress
 import socket
 import ssl
 import threading
@@ -34,7 +36,7 @@ from ..config import CREDENTIAL_HEADERS
 from ..errors import ConfigError, FastloadError, SourceNotFoundError
 from ..redact import describe, redact_url, scrub
 from ..runner import DaemonThreadPool, to_the_end
-from .base import out_of_files, out_of_files_message
+from .base import out_of_files, out_of_files_message, unresolvable
 from .retry import Fatal, Transient
 
 MAX_REDIRECTS = 10
@@ -53,6 +55,7 @@ class _Attempt:
     def __init__(self) -> None:
         self.aborted = False
         self.sock: socket.socket | None = None
+        self.lookup: threading.Event | None = None  # set when the name lookup ends, or when aborted
         self._lock = threading.Lock()
 
     def attach(self, sock: socket.socket | None) -> None:
@@ -61,11 +64,24 @@ class _Attempt:
             if self.aborted and sock is not None:
                 _shutdown(sock)
 
+    def wait_lookup(self, done: threading.Event, timeout: float) -> bool:
+        """Wait for a name lookup (``done``), or until aborted: whether it ended in time and not aborted."""
+        with self._lock:
+            self.lookup = done
+            if self.aborted:
+                done.set()
+        ended = done.wait(timeout)
+        with self._lock:
+            self.lookup = None
+            return ended and not self.aborted
+
     def abort(self) -> None:
         with self._lock:
             self.aborted = True
             if self.sock is not None:
                 _shutdown(self.sock)
+            if self.lookup is not None:
+                self.lookup.set()
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -89,6 +105,7 @@ class ThreadedBodies:
         self._attempts: set[_Attempt] = set()
         self._lock = threading.Lock()
         self._ssl_context = ssl_context
+        self._addresses: dict[tuple[str, int], list[str]] = {}  # names looked up, for the load's life
         # HTTP(S)_PROXY / NO_PROXY, read once per load (as curl and requests read them; aiohttp: options())
         self._proxies = env_proxies()
 
@@ -156,6 +173,8 @@ class ThreadedBodies:
                 # OSErrors, or a certificate that does not verify) and anything else go up as they are.
                 if out_of_files(exc):
                     raise Fatal(out_of_files_message()) from scrub(exc)
+                if unresolvable(exc):
+                    raise Fatal(f"no such host: {parts.hostname}") from scrub(exc)
                 if isinstance(exc, (OSError, http.client.HTTPException)) and not isinstance(
                         exc, (FastloadError, ssl.SSLCertVerificationError)):
                     raise Transient(describe(scrub(exc))) from exc
@@ -168,6 +187,7 @@ class ThreadedBodies:
         if attempt.aborted:
             raise Transient("request aborted")
         if conn.sock is None:
+            conn._create_connection = functools.partial(self._dial, attempt)  # (http.client's hook for it)
             conn.connect()
             conn.sock.settimeout(self._stall_timeout)  # a stall, first byte included
         attempt.attach(conn.sock)
@@ -178,6 +198,51 @@ class ThreadedBodies:
             headers = {**headers, **conn.fastload_forward}
         conn.request("GET", target, headers=headers)
         return conn.getresponse()
+
+    def _dial(self, attempt: _Attempt, address: tuple[str, int], timeout: float | None,
+              source_address=None) -> socket.socket:
+        """``socket.create_connection`` whose name lookup an abort cuts short (a cancel, Ctrl-C): glibc's
+        ``getaddrinfo`` cannot be interrupted, and against a DNS server that stopped answering it blocks 5 s per
+        try and server; the cancel of a load waited for it. The lookup runs on a daemon thread of its own, is
+        bounded by ``connect_timeout_s`` and kept for the load's other connections."""
+        host, port = address
+        last: OSError | None = None
+        for ip in self._lookup(attempt, host, port):
+            try:
+                return socket.create_connection((ip, port), timeout, source_address)
+            except OSError as exc:  # the next address of the name, as create_connection itself goes on
+                last = exc
+        raise last or OSError(f"no address for {host}")
+
+    def _lookup(self, attempt: _Attempt, host: str, port: int) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        with self._lock:
+            known = self._addresses.get((host, port))
+        if known:
+            return known
+        done, box = threading.Event(), {}
+
+        def look() -> None:
+            try:
+                box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except BaseException as exc:  # noqa: BLE001 - raised in the attempt's thread
+                box["error"] = exc
+            done.set()
+
+        threading.Thread(target=look, name="fastload-detached", daemon=True).start()
+        if not attempt.wait_lookup(done, self._connect_timeout):
+            if attempt.aborted:
+                raise ConnectionAbortedError("request aborted")
+            raise TimeoutError(f"the name lookup of {host} took more than {self._connect_timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        addresses = list(dict.fromkeys(info[4][0] for info in box["infos"]))
+        with self._lock:
+            self._addresses[(host, port)] = addresses
+        return addresses
 
     def _proxy_for(self, scheme: str, host: str) -> tuple[str, int, dict[str, str]] | None:
         """(host, port, Proxy-Authorization header) of the proxy the environment names for ``host``, if any."""
@@ -286,8 +351,11 @@ def _with_basic_auth(headers: dict[str, str], parts) -> dict[str, str]:
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port, the default port spelled out: ``http://h`` and ``http://h:80`` are one origin
+    (RFC 9110 4.3.1), and a redirect between them keeps the credentials."""
     parts = urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname or "", parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _soon(resp: http.client.HTTPResponse):

@@ -25,7 +25,7 @@ from ..errors import ConfigError, FastloadError, SourceNotFoundError, SourcePerm
 from ..integrity import checksum_from_base64
 from ..redact import describe, scrub
 from ..runner import detached
-from .base import ObjectInfo, Segment
+from .base import ObjectInfo, Segment, unresolvable
 from .http import BadRequest, HttpTransport
 from .retry import RETRY_STATUSES, RetryPolicy, Transient, retry_after
 
@@ -104,6 +104,8 @@ def _translate(exc: Exception, url: str) -> Exception:
     if isinstance(exc, bx.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):  # trust, not the network
         return TransferError(f"TLS certificate not trusted ({describe(scrub(exc))}); a private CA goes in "
                              "AWS_CA_BUNDLE or the AWS config's ca_bundle", url=url)
+    if unresolvable(exc):  # the endpoint's host name does not exist: no retry finds it
+        return TransferError(f"no such host: {describe(scrub(exc))}", url=url)
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                         bx.ConnectTimeoutError)):
         return Transient(describe(scrub(exc)))  # (botocore's message names the endpoint it could not reach)
