@@ -634,7 +634,7 @@ def test_a_name_lookup_that_hangs_never_holds_up_a_cancel(answers, engine, site,
     if got is not None:
         assert engine == "aiohttp" and answers == 1, "a load whose name never resolved returned tensors"
         assert_bit_exact(got, WANT)
-    assert seconds < 0.8, (f"cancelling the load took {seconds:.1f} s: it waited for a name lookup that hangs "
+    assert seconds < 1.2, (f"cancelling the load took {seconds:.1f} s: it waited for a name lookup that hangs "
                            f"({resolver.calls} lookups of weights.test)")
 
 
