@@ -284,7 +284,7 @@ class PlainLayout:
         if record["etag"] is None and record["last_modified"] is None:
             return False  # nothing says the file did not change: fetch it again
         try:
-            saved = json.loads(self._meta(e).read_text())
+            saved = json.loads(self._meta(e).read_text(encoding="utf-8"))
             st = (self.root / e.rel).stat()
         except (OSError, ValueError):
             return False
@@ -344,7 +344,7 @@ class PlainLayout:
                 continue
             final = self.root / rel
             try:
-                saved = json.loads(meta.read_text())
+                saved = json.loads(meta.read_text(encoding="utf-8"))
                 st = final.lstat()
             except (OSError, ValueError):
                 continue
@@ -448,7 +448,7 @@ class HubLayout:
         if not single:  # what an offline load or pull of this folder finds complete (hub_refs.cached_snapshot)
             record = pull_record(self.repo, self.commit)
             try:
-                folders = json.loads(record.read_text())
+                folders = json.loads(record.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 folders = {}
             folders = folders if isinstance(folders, dict) else {}
@@ -511,7 +511,7 @@ async def _exclusive(lock: Path, url: str, trace: Trace):
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + INCOMPLETE)
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -107,7 +107,7 @@ def ensure_tensorizer_copy(shards: list[Path], dest: Path, timeout: float = 1800
     """
     stamp = dest.with_suffix(".stamp")
     want = _stamp(shards)
-    if dest.exists() and stamp.exists() and json.loads(stamp.read_text()) == want:
+    if dest.exists() and stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) == want:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
@@ -115,7 +115,7 @@ def ensure_tensorizer_copy(shards: list[Path], dest: Path, timeout: float = 1800
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"serialising for tensorizer failed: {proc.stderr.strip()[-500:]}")
-    stamp.write_text(json.dumps(want))
+    stamp.write_text(json.dumps(want), encoding="utf-8")
     return dest
 
 

@@ -93,7 +93,7 @@ def local_target(path: Path) -> Target:
     if path.is_file():
         shards, root, index = [path.name], path.parent, ""
     elif (path / INDEX_NAME).exists():
-        weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
+        weight_map = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
         shards, root, index = sorted(set(weight_map.values())), path, INDEX_NAME
     elif (path / "model.safetensors").is_file():
         shards, root, index = ["model.safetensors"], path, ""
@@ -265,9 +265,9 @@ def machine_info() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
         return (r.stdout or r.stderr).strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
                 if ln.startswith("model name")), platform.processor())
-    mem = next((int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+    mem = next((int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines()
                 if ln.startswith("MemTotal")), 0)
     info = {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": round(mem / 2**30, 1),
             "kernel": platform.release(), "python": platform.python_version(),

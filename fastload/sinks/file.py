@@ -81,7 +81,7 @@ def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
     if not info.etag and not info.last_modified:
         return []
     try:
-        lines = journal_path(temp).read_text().splitlines()
+        lines = journal_path(temp).read_text(encoding="utf-8").splitlines()
         if temp.stat().st_size != info.size or not lines or lines[0] != _header(info):
             return []
     except OSError:

@@ -140,7 +140,7 @@ def cached_commit(cache_dir: Path, ref: HubRef) -> str | None:
     if ref.pinned:
         return ref.revision
     try:
-        commit = (repo / "refs" / ref.rev).read_text().strip()
+        commit = (repo / "refs" / ref.rev).read_text(encoding="utf-8").strip()
     except (OSError, ValueError):
         return None
     return commit if COMMIT.fullmatch(commit) else None
@@ -156,7 +156,7 @@ def pull_record(repo: Path, commit: str) -> Path:
 def _pulled(repo: Path, commit: str, folder: str) -> bool:
     """Whether a finished pull of ``folder`` (or of one above it) left every one of its files in the snapshot."""
     try:
-        folders = json.loads(pull_record(repo, commit).read_text())
+        folders = json.loads(pull_record(repo, commit).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     want = folder.strip("/")
