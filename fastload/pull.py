@@ -600,6 +600,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
     error = None
     try:
         with trace.span("resolve"):
+            await transports.prepare(source)
             if scheme == "hf":
                 settings = HubSettings.from_env()
                 ref = parse_hub_url(source)

@@ -161,6 +161,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         raise ConfigError(f"source must be a path, URL or list of them, got {source!r}")
     url = normalize_url(url)
     _check_url(url)
+    await transports.prepare(url)
     if scheme_of(url) == "hf":  # the local hub cache when it holds the checkpoint, else pinned to one commit
         url = await transports.for_url(url).locate(url)
     is_dir = _is_dir_url(url)

@@ -21,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import gc
+import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -649,3 +652,50 @@ def test_progress_is_never_entered_twice_at_once_and_stays_on_one_thread(pair, h
         else:
             assert caller not in threads_seen, job
 
+
+
+FIRST_NETWORK_LOAD = """
+import asyncio, importlib.abc, json, sys, threading
+
+where = {}
+
+class Watch(importlib.abc.MetaPathFinder):  # notes the thread each network module is first imported on
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("aiohttp", "botocore") or name in ("fastload.sources.http",
+                                                                        "fastload.sources.s3"):
+            where.setdefault(name, threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Watch())
+import fastload
+
+async def main():
+    config = fastload.LoadConfig(s3=fastload.S3Options(endpoint_url=sys.argv[3]))
+    got = await fastload.aload(sys.argv[1], config=config)
+    got.update(await fastload.aload(sys.argv[2], config=config))
+    return sorted(got)
+
+print(json.dumps({"names": asyncio.run(main()), "where": where}))
+"""
+
+
+def test_the_first_network_load_of_a_process_imports_aiohttp_and_botocore_off_the_callers_loop(
+        http_server, s3_server, s3_bucket, tmp_path):
+    """aiohttp and botocore take 0.1-0.3 s to import (over a second on a busy machine). The first ``aload`` of an
+    HTTP or S3 source in a process imported them in the caller's event loop, which stood still meanwhile (debug
+    mode: a slow callback). They are imported on worker threads now: none on the loop's thread."""
+    path, _ = write_checkpoint(tmp_path / "m.safetensors", count=2)
+    http_path = Path(http_server.root) / "first-network-load.safetensors"
+    http_path.write_bytes(path.read_bytes())
+    s3_server.put(s3_bucket, "first.safetensors", path.read_bytes())
+    script = tmp_path / "first_network_load.py"
+    script.write_text(FIRST_NETWORK_LOAD)
+    done = subprocess.run([sys.executable, str(script), http_server.url_for(http_path),
+                           f"s3://{s3_bucket}/first.safetensors", s3_server.endpoint_url], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["names"], report
+    assert {"aiohttp", "botocore", "fastload.sources.http", "fastload.sources.s3"} <= set(report["where"]), report
+    on_the_loop = {name: thread for name, thread in report["where"].items() if thread == "MainThread"}
+    assert not on_the_loop, f"imported on the event loop's thread: {on_the_loop}"

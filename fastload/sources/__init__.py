@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 from ..config import LoadConfig, without_credentials
 from ..errors import ConfigError
+from ..runner import in_worker
 from ..trace import Trace
 from .base import ObjectInfo, Segment, Transport, http_range, read_bytes
 from .local import LocalTransport
@@ -33,6 +37,14 @@ def scheme_of(url: str) -> str:
     return "local"
 
 
+_MODULES = {"http": (".http",), "s3": (".http", ".s3"), "hf": (".http", ".hub")}  # what each scheme imports
+
+
+def _import(modules: list[str]) -> None:
+    for name in modules:
+        importlib.import_module(name, __name__)
+
+
 class Transports:
     """Owns the transports of one load; ``aclose`` releases every socket, thread and file."""
 
@@ -47,6 +59,14 @@ class Transports:
             from ..integrity import Verification
 
             self.verification = Verification(trace)
+
+    async def prepare(self, url: str) -> None:
+        """Import what ``url``'s transport needs on a worker thread: aiohttp and botocore take 0.1-0.3 s to
+        import (over a second on a busy machine), which the first network load of a process spent in
+        ``for_url``, blocking the caller's event loop (asyncio's debug mode reports it as a slow callback)."""
+        needed = [m for m in _MODULES.get(scheme_of(url), ()) if f"{__name__}{m}" not in sys.modules]
+        if needed:
+            await in_worker(_import, needed)
 
     def for_url(self, url: str) -> Transport:
         if self._closed:  # a straggler of a failed load must not open what the load has closed
