@@ -331,14 +331,18 @@ class Trace:
     def _note(self, error: BaseException | None, since: tuple[int, int] | None = None) -> None:
         """Record how a load ended: cancelled (a stream left early, Ctrl-C: stopped, not failed) or its error.
         With ``since`` (errors and cancels counted when a one_load began), not again what a part noted."""
+        text = None
+        if error is not None and not isinstance(error, asyncio.CancelledError):
+            try:  # (outside the lock: an exception's __str__ is anyone's code, and may fail)
+                text = f"{type(error).__name__}: {error}".rstrip(": ")
+            except Exception:  # noqa: BLE001
+                text = type(error).__name__
         with self._lock:
             if isinstance(error, asyncio.CancelledError):
                 if since is None or self._counters.get("cancelled", 0) == since[1]:
                     self._counters["cancelled"] += 1
-            elif error is not None:
-                text = f"{type(error).__name__}: {error}".rstrip(": ")
-                if since is None or text not in self._errors[since[0]:]:
-                    self._errors.append(text)
+            elif text is not None and (since is None or text not in self._errors[since[0]:]):
+                self._errors.append(text)
 
     def _publish(self, error: BaseException | None) -> None:
         """Write the trace file (``path``) and emit OpenTelemetry spans."""
