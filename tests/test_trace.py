@@ -454,3 +454,21 @@ def test_cli_load_json_and_errors(ckpt, tmp_path, capsys):
     assert main(["load", str(ckpt), "--trace", str(tmp_path / "t.txt")]) == 1
     assert "must end in .json" in capsys.readouterr().err
     assert main(["load", str(tmp_path / "missing.safetensors")]) == 1
+
+
+def test_a_failed_load_whose_error_cannot_be_put_in_words_is_recorded_by_its_type(tmp_path):
+    """The error a load ends with may be anyone's (a progress callback's): one whose ``__str__`` fails still
+    ends the load with itself, and the trace records it by its type instead of failing in turn."""
+    class Unspeakable(Exception):
+        def __str__(self):
+            raise RuntimeError("no words")
+
+    path = write_single(tmp_path / "m.safetensors", {"w": torch.ones(4)})
+    trace = fastload.Trace()
+
+    def progress(done, total):
+        raise Unspeakable()
+
+    with pytest.raises(Unspeakable):
+        fastload.load(path, trace=trace, progress=progress)
+    assert trace.summary().errors == ("Unspeakable",)
