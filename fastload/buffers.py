@@ -8,11 +8,25 @@ pinned when CUDA is present, and are handed back only when whatever reads them
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
+from typing import Callable
 
 import torch
 
 from .errors import DeviceError
+
+
+def host_empty(shape, dtype: torch.dtype, what: Callable[[], str], *, pin: bool = False) -> torch.Tensor:
+    """``torch.empty`` in host memory, a failure to get it a ``MemoryError`` that says what it was for
+    (``what()``): torch raises a bare RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "not enough memory" not in str(exc):
+            raise
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raise MemoryError(f"out of memory: cannot allocate {nbytes} bytes for {what()}") from exc
 
 
 def as_bytes_view(t: torch.Tensor) -> memoryview:
@@ -45,8 +59,8 @@ class BufferPool:
         if not self._waiting and self._allocated < self.count:
             self._allocated += 1
             try:
-                return torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=self.pin)
-            except RuntimeError as exc:
+                return host_empty((self.buffer_bytes,), torch.uint8, lambda: "a staging buffer", pin=self.pin)
+            except (RuntimeError, MemoryError) as exc:
                 self._allocated -= 1
                 if self.pin:  # cudaHostAlloc failed: a device-side resource, reported like one
                     raise DeviceError(f"could not pin a {self.buffer_bytes}-byte staging buffer: {exc}") from exc

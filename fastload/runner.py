@@ -684,7 +684,12 @@ class ThreadedStream:
     def start(self) -> "ThreadedStream":
         self._at_exit = AtExit(_stop_at_exit(weakref.ref(self)))  # before the thread starts: its end cancels it
         self._starting = True
-        self._thread.start()
+        try:
+            self._thread.start()
+        except RuntimeError:  # "can't start new thread": nothing runs, nothing to wait for at close or exit
+            self._starting = False
+            self._at_exit.cancel()
+            raise
         _patient(self._ready.wait, bool)
         return self
 

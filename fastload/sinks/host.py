@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from ..buffers import as_bytes_view
+from ..buffers import as_bytes_view, host_empty
 from ..format import torch_dtype
 from ..plan import ChunkRead, LoadPlan
+from ..redact import printable
 from ..sources import Segment
 from ..trace import Trace
 from ..runner import in_worker
@@ -51,8 +52,9 @@ class HostSink:
         self.trace = trace
         self.completion = Completion(plan)
         self.stored = [torch_dtype(t.spec.dtype) for t in plan.tensors]
-        self.outputs = [torch.empty(t.shape, dtype=output_dtype(s, t.spec.dtype.is_float, dtype))
-                        for t, s in zip(plan.tensors, self.stored)]
+        self.outputs = [host_empty(t.shape, out, lambda t=t, o=out: f"tensor {printable(t.name)!r} {list(t.shape)} {o}")
+                        for t, s in zip(plan.tensors, self.stored)
+                        for out in (output_dtype(s, t.spec.dtype.is_float, dtype),)]
         self.converts = [o.dtype != s for o, s in zip(self.outputs, self.stored)]
         self._views: dict[int, memoryview] = {}
 

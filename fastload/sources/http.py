@@ -462,7 +462,10 @@ class HttpTransport:
         self._closed = True
         try:
             if self._bodies is not None:
-                await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
+                try:
+                    await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
+                except RuntimeError:  # no thread could start to do it (the process is out of them): here, then
+                    self._bodies.close()  # (quick: the requests are aborted before the joins)
                 self._bodies = None
         finally:  # the session and its keep-alive sockets go even when a cancel lands on the line above
             if self._session is not None:
