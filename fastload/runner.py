@@ -445,6 +445,30 @@ async def in_worker(fn: Callable[..., T], /, *args: Any) -> T:
     return await to_the_end(asyncio.get_running_loop().run_in_executor(workers and workers.pool, fn, *args))
 
 
+async def closing(fn: Callable[[], None]) -> None:
+    """``fn()``, a load's cleanup (closing its transports), on the call's worker pool; where the pool refuses it,
+    here in the loop's thread. An exiting interpreter's pool starts no new job, and a process out of threads
+    starts none: the cleanup of a load cancelled at exit was skipped, and its keep-alive sockets were left
+    open (ResourceWarning: unclosed socket)."""
+    ran = False
+
+    def job() -> None:
+        nonlocal ran
+        ran = True
+        fn()
+
+    try:
+        await in_worker(job)
+    except asyncio.CancelledError:  # the task's cancel, or the job's (refused by an exiting pool)
+        if not ran:
+            fn()
+        raise
+    except RuntimeError:  # "can't start new thread", or the pool is shut
+        if ran:
+            raise
+        fn()
+
+
 async def to_the_end(future: asyncio.Future, on_cancel: Callable[[], None] | None = None) -> Any:
     """Await a thread's job; cancelled, call ``on_cancel`` (to hurry it: abort its socket), wait for the job to
     end all the same (it writes where it was told to), then raise the cancellation."""
@@ -521,7 +545,9 @@ class DaemonThreadPool(ThreadPoolExecutor):
         self._exiting = False
         self._running = 0  # jobs under way
         self._quiet = threading.Condition(self._lock)  # notified when a job ends
-        self._at_exit: AtExit | None = None
+        # Serving a call in the caller's loop, the hook that cancels it at exit is there from the start: made with
+        # the first thread, a call that never needed one (an aload with nothing to convert) was not stopped.
+        self._at_exit: AtExit | None = AtExit(_quiet_at_exit(weakref.ref(self))) if owner is not None else None
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         with self._lock:

@@ -268,8 +268,16 @@ half = fastload.stream(spec["good"], config=slow).__enter__()
 next(iter(half))
 threading.Thread(target=lambda: fastload.load(spec["hang-data"], config=slow), daemon=True).start()
 loop = asyncio.new_event_loop()
-threading.Thread(target=lambda: loop.run_until_complete(fastload.aload(spec["hang-data"], config=slow)),
-                 daemon=True).start()
+
+
+def aload_in_the_threads_loop():
+    try:
+        loop.run_until_complete(fastload.aload(spec["hang-data"], config=slow))
+    finally:  # (the loop is this code's to close: exit cancels the aload, and this thread then ends here)
+        loop.close()
+
+
+threading.Thread(target=aload_in_the_threads_loop, daemon=True).start()
 import time
 time.sleep(0.4)
 finish()

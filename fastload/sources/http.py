@@ -41,7 +41,7 @@ from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, Sourc
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
-from ..runner import detached, in_worker
+from ..runner import closing, detached
 from .base import ObjectInfo, Segment, http_range, out_of_files, out_of_files_message, span_of, unresolvable
 from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxies, env_proxy
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
@@ -462,10 +462,7 @@ class HttpTransport:
         self._closed = True
         try:
             if self._bodies is not None:
-                try:
-                    await in_worker(self._bodies.close)  # aborts requests in flight, then joins the threads
-                except RuntimeError:  # no thread could start to do it (the process is out of them): here, then
-                    self._bodies.close()  # (quick: the requests are aborted before the joins)
+                await closing(self._bodies.close)  # aborts requests in flight, then joins the threads
                 self._bodies = None
         finally:  # the session and its keep-alive sockets go even when a cancel lands on the line above
             if self._session is not None:
