@@ -566,7 +566,12 @@ class DaemonThreadPool(ThreadPoolExecutor):
                 # Known before it starts: a KeyboardInterrupt inside start() (its wait for the thread) would
                 # leave a worker that shutdown() neither stops nor counts, and that takes another's stop.
                 self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't start new thread": the caller is told, so no worker may run it later
+                    self._threads.remove(thread)
+                    future.cancel()
+                    raise
             return future
 
     def _worker(self) -> None:
