@@ -656,7 +656,7 @@ class DaemonThreadPool(ThreadPoolExecutor):
         if wait:
             for thread in threads:
                 try:
-                    thread.join()
+                    _join(thread)  # (on the main thread in turns, as every wait there: see _patient)
                 except RuntimeError:  # never started (start() failed): nothing to wait for
                     pass
 

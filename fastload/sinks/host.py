@@ -52,9 +52,11 @@ class HostSink:
         self.trace = trace
         self.completion = Completion(plan)
         self.stored = [torch_dtype(t.spec.dtype) for t in plan.tensors]
-        self.outputs = [host_empty(t.shape, out, lambda t=t, o=out: f"tensor {printable(t.name)!r} {list(t.shape)} {o}")
-                        for t, s in zip(plan.tensors, self.stored)
-                        for out in (output_dtype(s, t.spec.dtype.is_float, dtype),)]
+        self.outputs = []
+        for t, stored in zip(plan.tensors, self.stored):
+            out = output_dtype(stored, t.spec.dtype.is_float, dtype)
+            self.outputs.append(host_empty(t.shape, out, lambda t=t, o=out: f"tensor {printable(t.name)!r} "
+                                                                            f"{list(t.shape)} {o}"))
         self.converts = [o.dtype != s for o, s in zip(self.outputs, self.stored)]
         self._views: dict[int, memoryview] = {}
 
