@@ -699,3 +699,32 @@ def test_the_first_network_load_of_a_process_imports_aiohttp_and_botocore_off_th
     assert {"aiohttp", "botocore", "fastload.sources.http", "fastload.sources.s3"} <= set(report["where"]), report
     on_the_loop = {name: thread for name, thread in report["where"].items() if thread == "MainThread"}
     assert not on_the_loop, f"imported on the event loop's thread: {on_the_loop}"
+
+
+_POOL_CANNOT_START = r'''
+import threading
+from fastload.runner import DaemonThreadPool
+
+pool = DaemonThreadPool(2, "fastload-test")
+ran = []
+threading.stack_size(1 << 45)  # no address space holds such a stack: Thread.start raises
+try:
+    pool.submit(ran.append, "refused")
+    error = None
+except RuntimeError as exc:
+    error = str(exc)
+threading.stack_size(0)
+pool.submit(ran.append, "later").result(10)
+counted = len(pool._threads)
+pool.shutdown(wait=True)
+print(repr((error is not None, ran, counted)))
+'''
+
+
+def test_a_pool_job_whose_thread_cannot_start_is_refused_and_never_run_later():
+    """``DaemonThreadPool.submit`` that cannot start its worker raises to the caller, who takes the job as not
+    run: it must not stay queued for the next worker (it ran after its caller had given up on it), and the
+    thread that never started must not be counted (it took a place among ``max_workers``)."""
+    done = subprocess.run([sys.executable, "-c", _POOL_CANNOT_START], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(True, ['later'], 1)", done
