@@ -111,7 +111,7 @@ def _translate(exc: Exception, url: str) -> Exception:
         return Transient(describe(scrub(exc)))  # (botocore's message names the endpoint it could not reach)
     if isinstance(exc, bx.ParamValidationError):  # e.g. a bucket name S3 cannot have
         return ConfigError(f"invalid S3 request for {url}: {describe(scrub(exc))}")
-    return TransferError(f"S3 request failed: {type(exc).__name__}", url=url)
+    return TransferError(f"S3 request failed: {describe(scrub(exc))}", url=url)  # (e.g. "can't start new thread")
 
 
 def _whole_object_sha256(head: dict) -> str | None:
