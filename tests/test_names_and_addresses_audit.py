@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import socket
 import socketserver
 import threading
@@ -54,7 +55,9 @@ CFG = QUICK.replace(retry=RETRY)
 USER, PASSWORD = "alice", "pw-n4m3s-7c1e"
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 UNRESOLVABLE = "does-not-exist.invalid"
-PORT80_HOST = "127.83.41.7"  # any 127/8 address is loopback on Linux: port 80 there is ours alone
+# Any 127/8 address is loopback on Linux: port 80 there is this process's alone. One address per process: two
+# xdist workers running this module's tests each start the module's server (Address already in use).
+PORT80_HOST = f"127.83.{os.getpid() >> 8 & 0xFF}.{os.getpid() % 254 + 1}"
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
                "http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
