@@ -150,16 +150,20 @@ async def _list_local(url: str, skip: Path | None = None) -> list[Entry]:
         return [Entry(root.name, str(root))]
     if not stat.S_ISDIR(mode):
         raise SourceNotFoundError(f"not a file or directory: {url}", url=url)
+    # Walked and copied from where its links point now, once: a release link switched mid-pull (current -> v2)
+    # must not give the first files of one release and the rest of the other (resolve.py's ``_pinned``).
+    # The records keep the name given (``_source_id``): a switch is then a new version of the same source.
+    real = Path(os.path.realpath(root))
 
     def walk() -> list[Entry]:
         out = []
         skipped = os.path.realpath(skip) if skip is not None else None
-        for folder, dirs, files in os.walk(root):
+        for folder, dirs, files in os.walk(real):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                              and os.path.realpath(os.path.join(folder, d)) != skipped)
             for name in sorted(files):
                 path = Path(folder) / name
-                out.append(Entry(path.relative_to(root).as_posix(), str(path)))
+                out.append(Entry(path.relative_to(real).as_posix(), str(path)))
         return out
 
     return await in_worker(walk)

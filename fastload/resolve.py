@@ -57,6 +57,15 @@ def parent(url: str) -> str:
     return url.rpartition("/")[0] + "/"
 
 
+def _pinned(directory: str) -> str:
+    """A local checkpoint directory with its symbolic links resolved, once, before its index is read: the
+    index and every shard are then opened in the one directory it named at that instant. Opened through the
+    name as given, a release link switched mid-load (``current -> v2``, as ``ln -sfn`` or Kubernetes' volume
+    writer do it) gave the first shards of one release and the rest of the other, each file consistent in
+    itself, the checkpoint not. Remote directories are returned as they are."""
+    return os.path.realpath(to_path(directory)) if scheme_of(directory) == "local" else directory
+
+
 def _check_url(url: str) -> None:
     """A remote URL that cannot be parsed (``http://[::1/x``, a port that is not a number) or has no host
     is the caller's mistake: a ConfigError now, not a ValueError from deep inside a transport."""
@@ -177,7 +186,9 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
                 raise denied from None  # not a prefix either: the object named was refused
         return Resolved((info,))
     if is_dir:
-        return await _resolve_dir(transports, url)
+        return await _resolve_dir(transports, _pinned(url))
+    if _url_path(url).endswith(".json"):  # an index: its shards are read from the directory it is in then
+        url = join(_pinned(parent(url)), os.path.basename(to_path(url))) if scheme_of(url) == "local" else url
     try:
         info = await transports.for_url(url).stat(url)
     except SourceNotFoundError:
