@@ -35,9 +35,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import S3Options, from_env, parse_size
+    from .config import ConfigError, LoadConfig, S3Options, from_env, parse_size
 
     chunk = parse_size(args.chunk_size) if getattr(args, "chunk_size", None) is not None else None
+    for flag, name, value in (("--concurrency", "max_concurrency", getattr(args, "concurrency", None)),
+                              ("--chunk-size", "chunk_bytes", chunk)):
+        try:  # a value refused on its own: the message names the flag typed, not the config field
+            if value is not None:
+                LoadConfig(**{name: value})
+        except ConfigError as exc:
+            if "two chunks" not in str(exc):  # (with host_buffer_bytes: the whole config's message says it)
+                typed = args.chunk_size if flag == "--chunk-size" else value
+                raise ConfigError(f"{flag} {typed}: {exc}") from None
     s3 = S3Options(anonymous=True) if getattr(args, "anonymous", None) else None
     return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk,
                     direct_io=getattr(args, "direct_io", None), s3=s3)
@@ -137,11 +146,10 @@ def _load(args: argparse.Namespace) -> int:
 
     from .api import load
     from .redact import redact_url
-    from .trace import Trace, check_path
+    from .trace import Trace
 
-    if args.trace:
+    if args.trace is not None:  # (--trace "" too: refused before the load, by Trace)
         args.trace = os.path.expanduser(args.trace)  # (a shell leaves --trace=~/t.json as it is)
-        check_path(args.trace)
     trace = Trace(args.trace)
     tensors = load(args.source, device=args.device, dtype=args.dtype, names=args.names,
                    config=config_from_args(args), trace=trace)

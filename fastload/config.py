@@ -68,13 +68,13 @@ class RetryConfig:
     max_concurrent_retries: int = 4  # retries in flight at once, across the load
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.max_attempts) and self.max_attempts >= 1, "retry.max_attempts must be an int >= 1")
+        _check(is_int(self.max_attempts) and self.max_attempts >= 1, "retry.max_attempts must be an int >= 1")
         _check(_is_num(self.backoff_base_s) and _is_num(self.backoff_max_s)
                and 0 <= self.backoff_base_s <= self.backoff_max_s,
                "need 0 <= retry.backoff_base_s <= retry.backoff_max_s (numbers of seconds)")
         _check(self.deadline_s is None or (_is_num(self.deadline_s) and self.deadline_s > 0),
                "retry.deadline_s must be a number > 0, or None")
-        _check(_is_int(self.max_concurrent_retries) and self.max_concurrent_retries >= 1,
+        _check(is_int(self.max_concurrent_retries) and self.max_concurrent_retries >= 1,
                "retry.max_concurrent_retries must be an int >= 1")
         _check(self.backoff_max_s <= MAX_TIMEOUT_S and (self.deadline_s is None or self.deadline_s <= MAX_TIMEOUT_S),
                "retry.backoff_max_s and retry.deadline_s must be at most 7 days")
@@ -110,9 +110,10 @@ class S3Options:
         )
         for name in ("region", "profile"):
             value = getattr(self, name)
-            _check(value is None or isinstance(value, str), f"s3.{name} must be a str or None, got {value!r}")
+            _check(value is None or (isinstance(value, str) and value.strip()),  # "" was taken as "not given"
+                   f"s3.{name} must be a non-empty str or None, got {value!r}")
         _check(isinstance(self.anonymous, bool), f"s3.anonymous must be True or False, got {self.anonymous!r}")
-        _check(_is_int(self.presign_expiry_s) and 60 <= self.presign_expiry_s <= 7 * 24 * 3600,
+        _check(is_int(self.presign_expiry_s) and 60 <= self.presign_expiry_s <= 7 * 24 * 3600,
                "s3.presign_expiry_s must be an int between 60 s and 7 days")
         _plain(self)
 
@@ -138,17 +139,17 @@ class LoadConfig:
     http_headers: Mapping[str, str] = field(default_factory=lambda: Headers({}))  # e.g. Authorization; never logged
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.chunk_bytes) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
+        _check(is_int(self.chunk_bytes) and MiB // 16 <= self.chunk_bytes <= 1 << 30,
                "chunk_bytes must be an int between 64 KiB and 1 GiB")
         _check(self.chunk_bytes % 64 == 0, "chunk_bytes must be a multiple of 64")
-        _check(_is_int(self.max_concurrency) and 1 <= self.max_concurrency <= 1024,
+        _check(is_int(self.max_concurrency) and 1 <= self.max_concurrency <= 1024,
                "max_concurrency must be an int between 1 and 1024")
-        _check(_is_int(self.local_threads) and 1 <= self.local_threads <= 256,
+        _check(is_int(self.local_threads) and 1 <= self.local_threads <= 256,
                "local_threads must be an int between 1 and 256")
-        _check(self.local_cold_readers is None or (_is_int(self.local_cold_readers)
+        _check(self.local_cold_readers is None or (is_int(self.local_cold_readers)
                                                    and 1 <= self.local_cold_readers <= 256),
                "local_cold_readers must be None or an int between 1 and 256")
-        _check(_is_int(self.host_buffer_bytes) and self.host_buffer_bytes >= 2 * self.chunk_bytes,
+        _check(is_int(self.host_buffer_bytes) and self.host_buffer_bytes >= 2 * self.chunk_bytes,
                "host_buffer_bytes must be an int that holds at least two chunks (2 * chunk_bytes)")
         for name in ("direct_io", "verify_checksums"):
             value = getattr(self, name)
@@ -188,14 +189,14 @@ def _plain(config: Any) -> None:
     JSON files (``json`` cannot write an ``np.int64``)."""
     for f in fields(config):
         value = getattr(config, f.name)
-        if _is_int(value) and type(value) is not int:
+        if is_int(value) and type(value) is not int:
             object.__setattr__(config, f.name, int(value))
         elif isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
                 and type(value) is not float:
             object.__setattr__(config, f.name, float(value))
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An integer, numpy's included; not a bool (``True`` is an int to Python, never a count to us)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

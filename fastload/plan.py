@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
-from .config import LoadConfig
+from .config import LoadConfig, is_int
 from .errors import ConfigError, FormatError
 from .format import FileHeader, ShardIndex, TensorSpec
 from .redact import columns, pad, printable, redact_url
@@ -40,10 +40,13 @@ class Shard:
     rules: Sequence[tuple[str, int]] | Mapping[str, int] = ()
 
     def __post_init__(self) -> None:
-        if not (_is_int(self.world_size) and self.world_size >= 1):
+        if not (is_int(self.world_size) and self.world_size >= 1):
             raise ConfigError(f"Shard.world_size must be an int >= 1, got {self.world_size!r}")
-        if not (_is_int(self.rank) and 0 <= self.rank < self.world_size):
+        if not (is_int(self.rank) and 0 <= self.rank < self.world_size):
             raise ConfigError(f"Shard.rank must be an int in [0, {self.world_size}), got {self.rank!r}")
+        # numpy's or torch's ints (a rank read from an array) are taken as LoadConfig takes them, stored as int
+        object.__setattr__(self, "world_size", int(self.world_size))
+        object.__setattr__(self, "rank", int(self.rank))
         if isinstance(self.rules, (str, bytes)):
             raise ConfigError("Shard.rules must map patterns to dims, e.g. {r'q_proj': 0}, not a string")
         try:
@@ -61,19 +64,15 @@ class Shard:
                 re.compile(pattern)
             except re.error as exc:
                 raise ConfigError(f"Shard rule {pattern!r} is not a valid regular expression: {exc}") from None
-            if not _is_int(dim):
+            if not is_int(dim):
                 raise ConfigError(f"Shard rule {pattern!r}: split dim must be an int, got {dim!r}")
-        object.__setattr__(self, "rules", tuple((pattern, dim) for pattern, dim in rules))
+        object.__setattr__(self, "rules", tuple((pattern, int(dim)) for pattern, dim in rules))
 
     def dim_for(self, name: str) -> int | None:
         for pattern, dim in self.rules:
             if re.search(pattern, name):
                 return dim
         return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def split_bounds(size: int, parts: int, index: int) -> tuple[int, int]:

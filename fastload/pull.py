@@ -537,8 +537,20 @@ def _plan(entries: Sequence[Entry], targets: Sequence[FileTarget], chunk_bytes: 
     return LoadPlan(tuple(files), tuple(tensors), tuple(chunks), chunk_bytes)
 
 
+def _check_directory(value, what: str) -> None:
+    """``to`` / ``cache_dir``: None, or a path. ``""`` was the working directory, where the files landed; an
+    int a TypeError that named neither."""
+    if value is None:
+        return
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"pull({what}=...) must be a directory path (str or os.PathLike), got {value!r}")
+
+
 def _destination(source: str, to, cache_dir, revision) -> tuple[str, Path | None]:
     """The source URL (with ``revision`` applied) and the plain destination (None: the hub cache)."""
+    _check_directory(to, "to")
+    _check_directory(cache_dir, "cache_dir")
     if scheme_of(source) == "hf":
         source = with_revision(source, revision)
         if to is not None and cache_dir is not None:
@@ -591,7 +603,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
     source = normalize_url(source)
     check_progress(progress)
     progress = runner.guarded(progress)
-    config = config or LoadConfig()
+    config = LoadConfig() if config is None else config  # (config={} or 0 is refused, as load refuses it)
     if not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
     verify = verify or config.verify_checksums

@@ -248,7 +248,14 @@ class Trace:
     enabled = True
 
     def __init__(self, path: str | os.PathLike | None = None, *, otel: bool | None = None) -> None:
-        self.path = os.fspath(path) if path is not None else None
+        if path is not None:  # checked now: a path found unwritable when the load ends lost the load's tensors
+            path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+            if not isinstance(path, str):
+                raise ConfigError(f"Trace(path=...) must be a path ending in .json, got {path!r}")
+            check_path(path)
+        if otel is not None and not isinstance(otel, bool):  # Trace(otel=0) or "false" left the spans on
+            raise ConfigError(f"Trace(otel=...) must be True, False or None, got {otel!r}")
+        self.path = path
         self.otel = otel
         if otel is True:  # asked for explicitly: fail now, not after the load
             try:
@@ -484,7 +491,6 @@ def as_trace(value) -> Trace:
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if isinstance(path, str):
-            check_path(path)
             return Trace(path)
     raise ConfigError(f"trace must be a fastload.Trace or a path ending in .json, got {value!r}")
 

@@ -193,7 +193,7 @@ def ensure_checkpoint(size_gb: float = 2.47, work_dir: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Build the benchmark checkpoint (a Llama-shaped bf16 model).")
     ap.add_argument("--size-gb", type=float, default=2.47)
     ap.add_argument("--work-dir", type=Path, default=None, help="default ~/.cache/fastload/bench")
     args = ap.parse_args(argv)

@@ -133,5 +133,7 @@ def _serialise(dest: Path, shards: list[Path]) -> None:
     tmp.replace(dest)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a child entry point: `others.py DEST SHARD...`, nothing else
+    if len(sys.argv) < 3 or any(a.startswith("-") for a in sys.argv[1:]):
+        sys.exit("usage: python -m fastload.bench.others DEST SHARD.safetensors... (serialises for tensorizer)")
     _serialise(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])

@@ -37,12 +37,13 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import replace
+from dataclasses import fields, replace
 from importlib import metadata, util
 from pathlib import Path
 from types import SimpleNamespace
 
 from .. import runner
+from ..config import LoadConfig
 from ..errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
 from ..format import INDEX_NAME, SINGLE_NAME, parse_index
 from ..pipeline import make_request
@@ -57,6 +58,7 @@ from ..trace import NULL_TRACE
 MODEL_FILES = ("config.json", "generation_config.json")
 MAX_MODEL_FILE_BYTES = 64 << 20
 _OURS = ("state_dict", "pretrained_model_name_or_path")
+_CONFIG_FIELDS = frozenset(f.name for f in fields(LoadConfig))
 
 
 def _check_transformers() -> None:
@@ -353,6 +355,12 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     if "progress" in hf_kwargs:  # transformers would get it, and fail in the model's constructor after the load
         raise ConfigError("from_pretrained takes no progress= (its weights may stream in several parts); "
                           "fastload.pull(source, progress=...) first shows a download's progress")
+    # fastload.load's arguments and LoadConfig's fields: transformers would get them too, and the model's
+    # constructor refuse them with a TypeError once every weight had been fetched
+    loads = [k for k in hf_kwargs if k in ("names", "shard", "verify") or k in _CONFIG_FIELDS]
+    if loads:
+        hint = "" if loads[0] in ("names", "shard", "verify") else f": config=fastload.LoadConfig({loads[0]}=...)"
+        raise ConfigError(f"from_pretrained takes no {loads[0]}= (it loads the whole model){hint}")
     if dtype is None and "torch_dtype" in hf_kwargs:
         dtype = hf_kwargs.pop("torch_dtype")
     request = make_request(source, device=device, config=config, trace=trace)  # checks device, config, trace

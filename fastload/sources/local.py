@@ -86,7 +86,10 @@ def to_path(url: str) -> Path:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise SourceNotFoundError(f"file URL names another host: {url}", url=url)
-        return Path(os.fsdecode(unquote_to_bytes(parsed.path)))  # %FF: the file system's bytes, as as_uri wrote
+        # %FF: the file system's bytes, as as_uri wrote; a raw undecodable byte (an argv of a non-UTF-8 name, or
+        # any non-ASCII under the C locale) arrives as a surrogate escape, which strict UTF-8 cannot encode
+        raw = unquote_to_bytes(parsed.path.encode("utf-8", "surrogateescape"))
+        return Path(os.fsdecode(raw))
     return Path(url)
 
 
