@@ -47,9 +47,10 @@ class Origin:
     ignored); ``compress`` turns on aiohttp's content negotiation (gzip only for clients that accept it)."""
 
     def __init__(self, root: Path, *, prefix: str = "/", sig: str | None = None, keepalive_timeout: float = 75.0,
-                 before=None, gzip_json: bool = False, compress: bool = False):
+                 before=None, gzip_json: bool = False, compress: bool = False, plain_json: bool = False):
         self.root, self.prefix, self.sig, self.before = Path(root), prefix, sig, before
         self.gzip_json, self.compress, self.keepalive_timeout = gzip_json, compress, keepalive_timeout
+        self.plain_json = plain_json  # *.json as a plain web.Response: 200 and the whole file, Range ignored
         self.log: list[dict] = []
         self.lock = threading.Lock()
         self.ready = threading.Event()
@@ -71,8 +72,10 @@ class Origin:
                 raise web.HTTPForbidden()
             if self.before is not None:
                 await self.before(request)
-            if self.gzip_json and request.path.endswith(".json"):
+            if (self.gzip_json or self.plain_json) and request.path.endswith(".json"):
                 file = self.root / request.path[len(self.prefix):]
+                if file.is_file() and self.plain_json:
+                    return web.Response(body=file.read_bytes(), content_type="application/json")
                 if file.is_file():
                     return web.Response(body=gzip.compress(file.read_bytes()), content_type="application/json",
                                         headers={"Content-Encoding": "gzip"})
@@ -537,6 +540,31 @@ def test_index_sent_gzip_encoded_whatever_was_asked_is_a_prompt_typed_error(engi
     assert took < 3.0
     assert "model.safetensors.index.json" in str(err.value) and SIG not in str(err.value)
     assert len(reqs) == 1 and reqs[0]["status"] == 200, reqs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_json_from_a_handler_that_ignores_range_is_taken_whole_from_the_probe(engine, llama, tmp_path):
+    """The index and config.json from a handler that answers 200 with the whole file (a dynamic route: Range
+    ignored), the shards from the file server: the JSON is taken from the probe's reply, as curl or
+    huggingface_hub take it, with no second request. It used to fail the whole load ("cannot serve parallel
+    ranged reads"), though a JSON file is read whole anyway. load, plan, pull and from_pretrained: exact."""
+    root, directory, reference = llama
+    with Origin(root, sig=SIG, plain_json=True) as origin:
+        url = origin.url("org/tiny-llama/")
+        got = fastload.load(url, config=cfg(engine))
+        index = origin.requests("org/tiny-llama/model.safetensors.index.json")
+        assert [r["status"] for r in index] == [200], index
+        want = {k: v for p in directory.glob("*.safetensors") for k, v in load_file(str(p)).items()}
+        assert set(got) == set(want) and all(same_bytes(got[k], v) for k, v in want.items())
+        assert len(fastload.plan(url, config=cfg(engine)).files) == 3
+        model = fastload.from_pretrained(url, config=cfg(engine))
+        ours, theirs = model.state_dict(), reference.state_dict()
+        assert list(ours) == list(theirs) and all(same_bytes(ours[k], theirs[k]) for k in ours)
+        dest = tmp_path / "pulled"
+        fastload.pull(url, to=dest, config=cfg(engine))
+        for p in directory.iterdir():
+            assert (dest / p.name).read_bytes() == p.read_bytes(), p.name
+        assert no_client_sockets(origin.port) == []
 
 
 @pytest.mark.parametrize("engine", ENGINES)

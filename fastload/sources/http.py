@@ -47,6 +47,10 @@ from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxie
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
+# A JSON file (an index, config.json) whose server ignores Range is taken whole from the probe's 200 reply, up
+# to this size (resolve's cap on an index): read whole anyway, it needs no ranges, and curl, requests and
+# huggingface_hub all take such a reply. A .safetensors file behind such a server still fails: no parallel reads.
+WHOLE_JSON_BYTES = 64 << 20
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
@@ -347,6 +351,10 @@ class HttpTransport:
                     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                         body = b""  # the headers told what a probe must; the header read fetches these bytes
                     prefix = body if len(body) == want else b""  # a body of another length is not used
+            elif urlsplit(fetch_url).path.endswith(".json") \
+                    and (_int_header(resp.headers, "Content-Length") or 0) <= WHOLE_JSON_BYTES:
+                prefix = await self._whole_body(resp, display)
+                size = len(prefix)
             else:
                 length = _int_header(resp.headers, "Content-Length")
                 if length is None:
@@ -358,9 +366,30 @@ class HttpTransport:
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
                           fetch_url=None if fetch_url == display else fetch_url, checksum=checksum, prefix=prefix)
 
+    async def _whole_body(self, resp, display: str) -> bytes:
+        """The body of a 200 reply to the probe of a JSON file: the whole object, at most WHOLE_JSON_BYTES."""
+        body = bytearray()
+        try:
+            while piece := await resp.content.read(1 << 20):
+                body += piece
+                self.trace.count("bytes_fetched", len(piece), key=display)
+                if len(body) > WHOLE_JSON_BYTES:
+                    raise TransferError(f"server ignored Range and sent more than {WHOLE_JSON_BYTES} bytes of JSON",
+                                        url=display)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise Transient(f"body broke off after {len(body)} bytes: {describe(scrub(exc))}") from exc
+        length = _int_header(resp.headers, "Content-Length")
+        if length is not None and length != len(body):
+            raise Transient(f"short body: {len(body)} of {length} bytes")
+        return bytes(body)
+
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
-        cursor = _Cursor(segments)
         start, end = span_of(segments)
+        if info.size and len(info.prefix) == info.size:  # the probe brought the whole object: no request
+            for seg in segments:
+                seg.view[:] = info.prefix[seg.offset:seg.end]
+            return end - start
+        cursor = _Cursor(segments)
         await self.policy.run(lambda: self._read_once(info, cursor, record), url=info.url, byte_range=(start, end),
                               progress=lambda: cursor.pos, request=True)
         return end - start
