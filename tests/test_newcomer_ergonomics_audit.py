@@ -422,3 +422,20 @@ def test_the_tensorizer_child_entry_point_refuses_options(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "usage" in done.stderr, done
     assert list(tmp_path.iterdir()) == []
+
+
+def test_http_url_typed_under_the_c_locale_names_the_same_file(ckpt, http_server, http_dir):
+    """Under ``LC_ALL=C`` a shell hands Python ``ü`` as the surrogate escapes of its UTF-8 bytes. A local path
+    keeps them (they are the file system's bytes); a URL's non-ASCII is UTF-8 by definition, so they are read as
+    UTF-8 again. They used to be requested as another name, and the load ended in a 404."""
+    target = http_dir / "grüße.safetensors"
+    target.write_bytes(ckpt.read_bytes())
+    from urllib.parse import unquote
+
+    url = unquote(http_server.url_for(target))  # as typed: grüße, not gr%C3%BC%C3%9Fe
+    fastload.load(url)  # (typed in a UTF-8 locale)
+    as_argv = url.encode("utf-8").decode("ascii", "surrogateescape")
+    assert as_argv != url
+    got = fastload.load(as_argv)
+    want = safetensors.torch.load_file(str(ckpt))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

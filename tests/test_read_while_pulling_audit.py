@@ -23,18 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fastload
-from checkpoints import llama_config, llama_like_tensors, write_sharded, write_single
+from checkpoints import llama_config, llama_like_tensors, write_sharded
 from fastload import LoadConfig
 from fastload.errors import FastloadError
 from hub_server import hub, hub_session, repo_name  # noqa: F401 -- fixtures
-from servers.faults import Rule
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SLOW = 0.35  # seconds before each slowed GET's first byte: a file lands every SLOW seconds or so
+SLOW = 0.25  # seconds before each slowed GET's first byte: a file lands every SLOW seconds or so
 ONE = LoadConfig(chunk_bytes=64 << 10, max_concurrency=1, host_buffer_bytes=1 << 20)
 
 
@@ -45,14 +43,6 @@ def sharded(root: Path, seed: int, shards: int = 3, config: bool = True) -> dict
     """A llama-like checkpoint in ``shards`` shards plus its index (and config.json); returns its tensors."""
     tensors = llama_like_tensors(seed=seed)
     write_sharded(root, tensors, shards, metadata={"format": "pt"})
-    if config:
-        (root / "config.json").write_text(json.dumps(llama_config()))
-    return tensors
-
-
-def single(root: Path, seed: int, config: bool = True) -> dict[str, torch.Tensor]:
-    tensors = llama_like_tensors(seed=seed)
-    write_single(root / "model.safetensors", tensors, metadata={"format": "pt"})
     if config:
         (root / "config.json").write_text(json.dumps(llama_config()))
     return tensors
@@ -311,7 +301,6 @@ def test_two_pulls_of_two_releases_into_one_destination_at_once(s3_server, s3_sl
 LOADER = r"""
 import json, sys, time
 import torch, fastload
-from safetensors.torch import load_file
 dest, v1, v2 = sys.argv[1:4]
 want = [{}, {}]
 for i, d in enumerate((v1, v2)):

@@ -19,9 +19,18 @@ _SCHEMES = ("http", "https", "s3", "hf", "file")
 
 def normalize_url(url: str) -> str:
     """``url`` with its scheme in lower case (``S3://b/k`` is ``s3://b/k``: schemes are case-insensitive);
+    a remote URL's undecodable bytes as UTF-8 (a URL typed in a shell under the C locale reaches Python with
+    ``ü`` as the surrogate escapes of its UTF-8 bytes, which became a request for another name: a 404);
     anything else unchanged."""
     scheme, sep, rest = url.partition("://")
-    return scheme.lower() + sep + rest if sep and scheme.lower() in _SCHEMES else url
+    if not (sep and scheme.lower() in _SCHEMES):
+        return url
+    if scheme.lower() != "file":
+        try:
+            rest = rest.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that no byte stands for: left as it is
+            pass
+    return scheme.lower() + sep + rest
 
 
 def scheme_of(url: str) -> str:
