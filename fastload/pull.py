@@ -57,7 +57,7 @@ from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, journal_p
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
-from .sources.local import _os_error, to_path
+from .sources.local import PULL_LOCK, _os_error, to_path
 from .trace import Trace, as_trace
 
 #: Model files besides the weights that a plain HTTP base URL is probed for.
@@ -72,7 +72,7 @@ OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onn
 #: A URL whose last segment ends like this names a file; anything else names a directory.
 FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".py", ".yaml", ".yml", ".tiktoken",
                  ".gguf") + OTHER_WEIGHTS
-META_DIR = ".fastload"
+META_DIR = PULL_LOCK[0]  # ".fastload": the pull's lock, temporaries and records
 INCOMPLETE = ".fastload-incomplete"
 
 
@@ -264,7 +264,7 @@ class PlainLayout:
 
     def __init__(self, root: Path):
         self.root = self.dest = root
-        self.lock = root / META_DIR / "pull.lock"
+        self.lock = root.joinpath(*PULL_LOCK)  # (readers wait for it: sources/local.not_while_pulled)
         self.source = ""  # the pull's source (``_source_id``), set once the listing says what it names
 
     def temp(self, e: Entry) -> Path:

@@ -19,7 +19,7 @@ from .format import (INDEX_NAME, SINGLE_NAME, FileHeader, ShardIndex, header_len
 from .redact import redact_url
 from .runner import gather
 from .sources import ObjectInfo, Segment, Transports, normalize_url, read_bytes, scheme_of
-from .sources.local import is_dir, to_path
+from .sources.local import is_dir, not_while_pulled, to_path
 
 MAX_INDEX_BYTES = 64 << 20
 
@@ -185,10 +185,16 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
             except (SourceNotFoundError, SourcePermissionError):
                 raise denied from None  # not a prefix either: the object named was refused
         return Resolved((info,))
+    if is_dir and scheme_of(url) == "local":
+        url = _pinned(url)
+        async with not_while_pulled(url, transports.trace):
+            return await _resolve_dir(transports, url)
     if is_dir:
-        return await _resolve_dir(transports, _pinned(url))
-    if _url_path(url).endswith(".json"):  # an index: its shards are read from the directory it is in then
-        url = join(_pinned(parent(url)), os.path.basename(to_path(url))) if scheme_of(url) == "local" else url
+        return await _resolve_dir(transports, url)
+    if _url_path(url).endswith(".json") and scheme_of(url) == "local":  # an index: its shards are read from the
+        url = join(_pinned(parent(url)), os.path.basename(to_path(url)))  # directory it is in then
+        async with not_while_pulled(parent(url), transports.trace):
+            return await _from_index(transports, await transports.for_url(url).stat(url), url)
     try:
         info = await transports.for_url(url).stat(url)
     except SourceNotFoundError:

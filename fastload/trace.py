@@ -69,7 +69,7 @@ CATEGORY_LABELS = {"io_wait": "I/O wait", "copy": "copy / deserialize", "convert
                    "overhead": "runtime overhead", "unattributed": "unattributed"}
 CATEGORY = {"resolve": "io_wait", "header": "io_wait", "fetch": "io_wait", "copy": "copy", "shard": "copy",
             "assign": "copy", "convert": "convert", "plan": "overhead", "alloc": "overhead", "build": "overhead",
-            "close": "overhead", "wait": "overhead"}
+            "close": "overhead", "wait": "overhead", "lock": "io_wait"}  # lock: waiting for a pull's files
 
 #: Which byte counters (first one present wins) give a stage's throughput.
 STAGE_BYTES = {"fetch": ("bytes_fetched",), "copy": ("bytes_copied", "h2d_bytes"), "convert": ("bytes_converted",),

@@ -553,10 +553,12 @@ def hold(key):
 
 # the parent: a load held in a daemon thread, an aload held in a loop of its own (its pool has an exit hook from the
 # start), a stream left open mid-way in the main thread, and a finished stream not closed
-threading.Thread(target=fastload.load, args=(url,), kwargs=dict(config=cfg, progress=hold("thread-load")),
-                 daemon=True).start()
-threading.Thread(target=lambda: asyncio.run(fastload.aload(s3, config=cfg, progress=hold("aload"))),
-                 daemon=True).start()
+loaders = [threading.Thread(target=fastload.load, args=(url,), kwargs=dict(config=cfg, progress=hold("thread-load")),
+                            daemon=True),
+           threading.Thread(target=lambda: asyncio.run(fastload.aload(s3, config=cfg, progress=hold("aload"))),
+                            daemon=True)]
+for t in loaders:
+    t.start()
 stream = fastload.stream(local, config=cfg).__enter__()
 it = iter(stream)
 next(it)  # and then the consumer holds it
@@ -602,6 +604,8 @@ else:
     resume.set()
     rest = dict(it)
     stream.__exit__(None, None, None)
+    for t in loaders:  # (the parent's own exit is not this test's subject: see the test below)
+        t.join(20)
     verdict({"child": json.loads(data) if data else None, "exit": None if status is None else
              os.waitstatus_to_exitcode(status), "seconds": took, "rest": len(rest)})
 '''
@@ -768,3 +772,57 @@ def test_a_config_holding_a_botocore_session_goes_to_a_worker_pool(sources, tmp_
     v, err = run_script(SESSION_TO_POOL, sources["s3"], sources["endpoint"], tmp_path=tmp_path, hard_s=45)
     assert "error" not in v, f"a LoadConfig with S3Options(session=...) cannot be sent to a pool: {v['error']}"
     assert v["got"] == [sources["want"]] * 2
+
+
+# -- a preforking service's own exit with two background loads -------------------------------------------------------
+
+
+TWO_LOADS_AT_EXIT = r'''
+url_a, url_b = sys.argv[1:3]
+cfg = fastload.LoadConfig(chunk_bytes=64 * 1024, max_concurrency=2, stall_timeout_s=10.0)
+started = {k: threading.Event() for k in "ab"}
+
+
+def report(key):
+    def progress(done, total):
+        if done and not started[key].is_set():
+            started[key].set()
+            if key == "b":
+                time.sleep(60)  # b's hook posts to a status endpoint that stopped answering
+    return progress
+
+
+def preload(key, url):  # a service's background preloads, told to stop by the interpreter's exit
+    fastload.load(url, config=cfg, progress=report(key))
+
+
+for key, url in (("a", url_a), ("b", url_b)):
+    threading.Thread(target=preload, args=(key, url), name=f"preload-{key}", daemon=True).start()
+for ev in started.values():
+    assert ev.wait(20)
+print("leaving", time.monotonic(), flush=True)
+'''
+
+
+def test_exit_with_two_http_loads_in_daemon_threads_is_quiet(http_server, http_dir, tmp_path):
+    """README: a load running in a daemon thread is cancelled when the interpreter exits, and "the thread that was
+    loading ... gets SystemExit, which ends it quietly". Two preloads over HTTP (threaded engine) in daemon threads:
+    ``a`` reading, ``b`` held in its progress callback. Exit hooks run newest first: ``a``'s body pool (made after
+    ``b`` started) stops taking jobs at once, then ``b``'s hook waits its 2 s for ``b``; meanwhile ``a``'s next
+    body read is refused (a cancelled future), ``CancelledError`` ends ``a``'s thread before ``a``'s own hook has
+    said that the interpreter is exiting, and Python prints "Exception in thread preload-a ... CancelledError"."""
+    urls = []
+    for name in ("exit-a", "exit-b"):
+        path, _ = write_checkpoint(http_dir / f"{name}.safetensors", seed=35, count=10)
+        urls.append(http_server.url_for(path))
+    http_server.faults._add(SlowFirstByte(pattern="*exit-a.safetensors", seconds=0.05))
+    script = tmp_path / "two.py"
+    script.write_text(PRELUDE + TWO_LOADS_AT_EXIT)
+    bad = []
+    for _ in range(1):  # (it fails every time; one run keeps the file quick)
+        proc = subprocess.run([sys.executable, str(script), *urls], capture_output=True, text=True, timeout=40,
+                              env=child_env())
+        assert proc.stdout.startswith("leaving"), (proc.stdout, proc.stderr[-2000:])
+        if proc.returncode != 0 or proc.stderr:
+            bad.append((proc.returncode, proc.stderr[:400] + "\n...\n" + proc.stderr[-600:]))
+    assert not bad, f"{len(bad)} exit(s) were not quiet; the first: status {bad[0][0]}\n{bad[0][1]}"

@@ -4,7 +4,9 @@ A service that starts while its weights are still being pre-staged, a second rep
 a pull into the Hugging Face cache while transformers or fastload reads it. At every moment of a pull, a reader of
 the destination (``fastload.load`` / ``stream`` / ``plan`` / ``from_pretrained``, and plain ``transformers``)
 must get either a clear typed error (``SourceNotFoundError`` ...) or the complete, bit-exact checkpoint: never a
-partial (or mixed) checkpoint returned as if it were whole.
+partial (or mixed) checkpoint returned as if it were whole. fastload's own readers of a plain destination wait for
+a pull under way (they take its lock shared while they open the files), so some reads started during the pull end
+after it: "during" counts the reads started while the pull ran.
 
 Real pulls from the HTTP, S3 and Hub fixtures, slowed down by the fixtures' fault rules (``slow_first_byte``) so that
 readers run many times during the pull; nothing inside fastload is mocked. tests/test_pull*.py cover what a pull
@@ -154,11 +156,11 @@ class Watcher:
     def bad(self) -> list[tuple[float, str, str, str]]:
         return [o for o in self.outcomes if o[2] == "BAD"]
 
-    def check(self, at_least: int = 3) -> None:
+    def check(self, at_least: int = 2) -> None:
         assert self.during >= at_least, self.outcomes
         bad = self.bad()
         assert not bad, (f"{len(bad)} of {self.during} reads during the pull returned a checkpoint that is not "
-                         f"whole ({sorted({b[1] for b in bad})}); first: {bad[0]}; all: {self.outcomes}")
+                         f"whole ({sorted({b[1] for b in bad})}); the first: {bad[:3]}")
 
 
 # -- S3 prefix into a plain directory ----------------------------------------------------------------------------
@@ -183,7 +185,7 @@ def test_reading_a_plain_directory_while_an_s3_prefix_is_pulled_into_it(s3_serve
     dest = tmp_path / "dest"
     watcher = Watcher(["load", "stream", "plan"], dest, [want])
     watcher.run(lambda: fastload.pull(f"s3://{bucket}/llama/", to=dest, config=config))
-    watcher.check(10)
+    watcher.check(5)
 
 
 def test_from_pretrained_of_a_plain_directory_while_an_s3_prefix_is_pulled_into_it(s3_server, s3_slow, tmp_path):
@@ -211,7 +213,7 @@ def test_reading_while_an_http_base_url_is_pulled_with_the_index_first(http_serv
     dest = tmp_path / "dest"
     watcher = Watcher(["load", "plan"], dest, [want])
     watcher.run(lambda: fastload.pull(http_server.url_for(http_dir / "llama") + "/", to=dest, config=ONE))
-    watcher.check(10)
+    watcher.check(5)
 
 
 def test_reading_while_an_http_pull_waits_on_a_slow_index(http_server, http_dir, tmp_path):
@@ -301,6 +303,7 @@ def test_two_pulls_of_two_releases_into_one_destination_at_once(s3_server, s3_sl
 LOADER = r"""
 import json, sys, time
 import torch, fastload
+from safetensors.torch import load_file
 dest, v1, v2 = sys.argv[1:4]
 want = [{}, {}]
 for i, d in enumerate((v1, v2)):

@@ -51,11 +51,16 @@ import stat
 import sys
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX
+    fcntl = None
 
 from ..errors import (FastloadError, IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError,
                       TransferError)
@@ -70,6 +75,55 @@ DIRECT_READ_BYTES = 32 << 20  # one O_DIRECT read, and so each thread's scratch,
 HUGE_PAGE = 2 << 20  # scratch alignment, so that the whole buffer can be huge pages
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 CACHESTAT_SYSCALL = 451  # cachestat(2): the same number on every Linux architecture (new-style syscall)
+
+
+PULL_LOCK = (".fastload", "pull.lock")  # a plain pull destination's lock, under its root (pull.py)
+
+
+def _pull_lock_over(directory: str) -> str | None:
+    """The lock of a pull destination holding ``directory`` (the directory itself or a folder above it)."""
+    path = os.path.abspath(directory)
+    while True:
+        lock = os.path.join(path, *PULL_LOCK)
+        if os.path.isfile(lock):
+            return lock
+        if os.path.dirname(path) == path:
+            return None
+        path = os.path.dirname(path)
+
+
+@asynccontextmanager
+async def not_while_pulled(directory: str, trace: Trace):
+    """Held while a load reads a local checkpoint directory's index and opens its files: a ``fastload pull``
+    writing into it is waited for (polled, traced as ``lock``), and none starts meanwhile. A pull puts each file
+    in place as it completes: read during one, a directory with no index yet was every shard that had landed,
+    loaded as if whole, and one pulled over an older version gave shards of both. Files opened here are pinned
+    (a file renamed over one later is not read in its place), so the lock is needed only until then."""
+    lock = _pull_lock_over(directory) if fcntl is not None else None
+    fd = None
+    if lock is not None:
+        try:
+            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # gone meanwhile, or not ours to read: nothing to wait for
+            fd = None
+    try:
+        if fd is not None:
+            with trace.span("lock"):
+                while True:  # polled, so that a cancel leaves no thread blocked in flock
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.1)
+                    except OSError:  # a file system without flock (ENOLCK): no pull could have locked it either
+                        break
+        yield
+    finally:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
 
 def is_dir(path: str | os.PathLike) -> bool:
