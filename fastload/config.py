@@ -8,6 +8,7 @@ sources the Hub's ``HF_*``: that is the standard users expect.)
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -116,6 +117,16 @@ class S3Options:
         _check(is_int(self.presign_expiry_s) and 60 <= self.presign_expiry_s <= 7 * 24 * 3600,
                "s3.presign_expiry_s must be an int between 60 s and 7 days")
         _plain(self)
+
+    def __reduce__(self):
+        """Pickled (a config sent to a spawned worker) without ``session``, which belongs to its process (it
+        cannot be pickled: the config failed to reach the worker at all). The worker makes its own, with the
+        session's profile; credentials set on the session object itself do not travel."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        session = values.pop("session")
+        if session is not None and values["profile"] is None:
+            values["profile"] = getattr(session, "profile", None)
+        return (functools.partial(S3Options, **values), ())
 
 
 @dataclass(frozen=True)

@@ -497,14 +497,15 @@ async def _exclusive(lock: Path, url: str, trace: Trace):
         lock.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        with trace.span("lock"):
-            while True:  # polled, so that cancelling a waiting pull leaves no thread blocked in flock
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.1)
-        yield
+        with runner.private_to_process(fd):
+            with trace.span("lock"):
+                while True:  # polled, so that cancelling a waiting pull leaves no thread blocked in flock
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        await asyncio.sleep(0.1)
+            yield
     finally:
         try:  # unlocked explicitly: a process forked meanwhile shares the open file, and closing ours alone
             fcntl.flock(fd, fcntl.LOCK_UN)  # would leave the lock held until that child exits

@@ -62,8 +62,8 @@ def _pinned(directory: str) -> str:
     index and every shard are then opened in the one directory it named at that instant. Opened through the
     name as given, a release link switched mid-load (``current -> v2``, as ``ln -sfn`` or Kubernetes' volume
     writer do it) gave the first shards of one release and the rest of the other, each file consistent in
-    itself, the checkpoint not. Remote directories are returned as they are."""
-    return os.path.realpath(to_path(directory)) if scheme_of(directory) == "local" else directory
+    itself, the checkpoint not."""
+    return os.path.realpath(to_path(directory))
 
 
 def _check_url(url: str) -> None:
@@ -185,14 +185,15 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
             except (SourceNotFoundError, SourcePermissionError):
                 raise denied from None  # not a prefix either: the object named was refused
         return Resolved((info,))
-    if is_dir and scheme_of(url) == "local":
+    local = scheme_of(url) == "local"
+    if is_dir and not local:
+        return await _resolve_dir(transports, url)
+    if is_dir:
         url = _pinned(url)
         async with not_while_pulled(url, transports.trace):
             return await _resolve_dir(transports, url)
-    if is_dir:
-        return await _resolve_dir(transports, url)
-    if _url_path(url).endswith(".json") and scheme_of(url) == "local":  # an index: its shards are read from the
-        url = join(_pinned(parent(url)), os.path.basename(to_path(url)))  # directory it is in then
+    if local and url.endswith(".json"):  # an index: its shards are read from the directory it is in then
+        url = os.path.join(_pinned(parent(url)), os.path.basename(to_path(url)))
         async with not_while_pulled(parent(url), transports.trace):
             return await _from_index(transports, await transports.for_url(url).stat(url), url)
     try:

@@ -181,6 +181,38 @@ def _run(factory: Callable[[], Awaitable[T]]) -> T:
         stream.close()
 
 
+@functools.cache
+def _forked_children_close() -> set[int]:
+    """The descriptors :func:`private_to_process` holds; the fork hook is installed with the first."""
+    held: set[int] = set()
+
+    def in_child() -> None:
+        for fd in list(held):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        held.clear()
+
+    os.register_at_fork(after_in_child=in_child)
+    return held
+
+
+@contextmanager
+def private_to_process(fd: int) -> Iterator[int]:
+    """``fd``, a lock's descriptor, closed in every child forked while this is held. ``flock`` belongs to the
+    open file, which a fork shares (``O_CLOEXEC`` acts at exec only): a worker forked during a pull kept its
+    lock after the pull's process was killed, and the next pull, and every load of the destination, waited for
+    as long as that worker lived. Closing the child's copy leaves the parent's lock as it is. Leave this before
+    closing ``fd``: a child forked after the close must not close another file given the same number."""
+    held = _forked_children_close()
+    held.add(fd)
+    try:
+        yield fd
+    finally:
+        held.discard(fd)
+
+
 class AtExit:
     """``fn`` is called at interpreter exit (before daemon threads are stopped) unless :meth:`cancel` came first.
     ``weakref.finalize`` keeps the process's list of them, with one ``atexit`` function for all: a cancelled one
@@ -236,7 +268,11 @@ def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
         run_loop(_in_our_loop(watched()))
     except BaseException as exc:
         shed(exc, handled)  # the tensors the cancelled load's frames held are freed here, while exit waits
-        if exiting.is_set():
+        # The interpreter is exiting: this load's hook has run, or another's ran first (hooks run newest first,
+        # and one load's worker pool, made after another load's hook, refuses its jobs from then on: the load
+        # failed with CancelledError, printed as the thread's error, while an older hook still waited).
+        # threading's shutdown marks the main thread stopped before the exit hooks run.
+        if exiting.is_set() or not threading.main_thread().is_alive():
             del exc
             ended.set()
             raise SystemExit from None  # the interpreter is exiting: not an error of the load's
@@ -706,6 +742,7 @@ class ThreadedStream:
         self._at_exit: AtExit | None = None
         self._starting = False  # start() was called (the thread may not say so yet: see close)
         self._cancelled = False  # cancel() was called: a producer that had no task yet cancels itself at once
+        self._pid = os.getpid()  # a forked child has the queue's copy and no producer: nothing more will come
 
     @property
     def finished(self) -> bool:
@@ -772,6 +809,9 @@ class ThreadedStream:
             self._at_exit.cancel()
 
     def _get(self, stop: CancelWatch | None) -> Any:
+        if os.getpid() != self._pid and self._queue.empty():  # (what the fork copied is still handed out)
+            raise RuntimeError("this stream's load runs in the process that forked this one: open a new "
+                               "fastload.stream here (iterating the inherited one would wait for ever)")
         if stop is None:
             return _patient(self._next, lambda item: item is not _NOTHING)
         stop.arm()

@@ -185,7 +185,7 @@ def test_reading_a_plain_directory_while_an_s3_prefix_is_pulled_into_it(s3_serve
     dest = tmp_path / "dest"
     watcher = Watcher(["load", "stream", "plan"], dest, [want])
     watcher.run(lambda: fastload.pull(f"s3://{bucket}/llama/", to=dest, config=config))
-    watcher.check(5)
+    watcher.check()
 
 
 def test_from_pretrained_of_a_plain_directory_while_an_s3_prefix_is_pulled_into_it(s3_server, s3_slow, tmp_path):
@@ -213,7 +213,7 @@ def test_reading_while_an_http_base_url_is_pulled_with_the_index_first(http_serv
     dest = tmp_path / "dest"
     watcher = Watcher(["load", "plan"], dest, [want])
     watcher.run(lambda: fastload.pull(http_server.url_for(http_dir / "llama") + "/", to=dest, config=ONE))
-    watcher.check(5)
+    watcher.check()
 
 
 def test_reading_while_an_http_pull_waits_on_a_slow_index(http_server, http_dir, tmp_path):

@@ -65,7 +65,7 @@ except ImportError:  # pragma: no cover - not on POSIX
 from ..errors import (FastloadError, IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError,
                       TransferError)
 from ..trace import ReadRecord, Trace
-from ..runner import DaemonThreadPool
+from ..runner import DaemonThreadPool, private_to_process
 from .base import ObjectInfo, Segment, open_file_limit, out_of_files, out_of_files_message
 
 IOV_MAX = 1024  # Linux's limit on buffers per preadv call
@@ -106,8 +106,11 @@ async def not_while_pulled(directory: str, trace: Trace):
             fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:  # gone meanwhile, or not ours to read: nothing to wait for
             fd = None
+    if fd is None:
+        yield
+        return
     try:
-        if fd is not None:
+        with private_to_process(fd):
             with trace.span("lock"):
                 while True:  # polled, so that a cancel leaves no thread blocked in flock
                     try:
@@ -117,13 +120,12 @@ async def not_while_pulled(directory: str, trace: Trace):
                         await asyncio.sleep(0.1)
                     except OSError:  # a file system without flock (ENOLCK): no pull could have locked it either
                         break
-        yield
+            yield
     finally:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
 
 def is_dir(path: str | os.PathLike) -> bool:
