@@ -34,10 +34,10 @@ from yarl import URL
 
 from ..config import LoadConfig, without_credentials
 from ..errors import FormatError, IntegrityError, SourceNotFoundError, SourcePermissionError, TransferError
-from ..redact import describe, scrub
+from ..redact import describe, printable, scrub
 from ..trace import Trace
 from .base import ObjectInfo, Segment
-from .http import HttpTransport, check_status
+from .http import BadRequest, HttpTransport, check_status
 from .hub_refs import (_SHA256, MAX_LISTING_BYTES, MAX_REDIRECTS, HubRef, HubSettings, RepoInfo, _origin,
                        cached_snapshot, parse_hub_url, parse_repo_info)
 from .retry import RetryPolicy, Transient
@@ -113,8 +113,19 @@ class HubTransport:
         try:
             check_status(resp.status, resp.reason, url=shown, headers=resp.headers)
         except SourcePermissionError as exc:
-            hint = "" if self.settings.token else " (private or gated repository? set HF_TOKEN)"
-            raise SourcePermissionError(f"{exc}{hint}", url=shown) from exc
+            # The Hub says why in X-Error-Message ("... not in the authorized list. Visit ... to ask for
+            # access"), as huggingface_hub shows it; a token it refuses is named as the cause.
+            why = printable(" ".join((resp.headers.get("X-Error-Message") or "").split()))[:300]
+            if not self.settings.token:
+                hint = " (private or gated repository? set HF_TOKEN)"
+            elif resp.status == 401:
+                hint = " (HF_TOKEN was sent and refused: expired, revoked, or for another endpoint?)"
+            elif resp.headers.get("X-Error-Code") == "GatedRepo":
+                hint = " (a gated repository: request access on its page, for the account of HF_TOKEN)"
+            else:
+                hint = ""
+            raise SourcePermissionError(f"{exc}{hint}" + (f": the Hub says: {why}" if why else ""),
+                                        url=shown) from exc
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
         latest = self._cdn_urls.get(info.url)
@@ -122,11 +133,18 @@ class HubTransport:
             info = replace(info, fetch_url=latest)
         try:
             return await self._http(info.fetch_url or "").read(info, segments, record)
-        except SourcePermissionError:
+        except (SourcePermissionError, BadRequest):  # 400: a presigned URL's temporary credentials expired
             if not info.fetch_url or _origin(info.fetch_url) == self._origin:
                 raise
         # The CDN refused its own signed URL: they expire (about an hour), and a long load outlives them.
-        # Ask the Hub where the file is again (the URL is pinned to the commit) and read from there once.
+        # Ask the Hub where the file is again (the URL is pinned to the commit) and read from there once;
+        # unless another read of the file has asked meanwhile: its new URL is tried first.
+        latest = self._cdn_urls.get(info.url)
+        if latest is not None and latest != info.fetch_url:
+            try:
+                return await self._http(latest).read(replace(info, fetch_url=latest), segments, record)
+            except (SourcePermissionError, BadRequest):
+                pass
         ref = parse_hub_url(info.url)
         target, _, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
                                              byte_range=None, request=True)

@@ -33,6 +33,15 @@ def _origin(url: str) -> tuple[str, str]:
     return parsed.scheme, parsed.netloc
 
 
+def _saved_token(path: str) -> str:
+    """The token ``hf auth login`` saved (huggingface_hub reads it when no variable gives one), or ""."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            return f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 @dataclass(frozen=True)
 class HubSettings:
     """Where the Hub is, who we are and where its cache lives (from the ``HF_*`` variables)."""
@@ -52,6 +61,8 @@ class HubSettings:
         if not endpoint.startswith(("http://", "https://")):
             raise ConfigError(f"HF_ENDPOINT must be an http(s) URL, got {endpoint!r}")
         token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or ""
+        if not token.strip() and (env.get("HF_HUB_DISABLE_IMPLICIT_TOKEN") or "").strip().lower() not in _TRUE:
+            token = _saved_token(env.get("HF_TOKEN_PATH") or os.path.join(home, "token"))  # `hf auth login`'s
         token = token.replace("\r", "").replace("\n", "").strip() or None  # as huggingface_hub cleans it
         return cls(Path(os.path.expandvars(cache)).expanduser(), endpoint, token, offline)
 
