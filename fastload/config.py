@@ -128,6 +128,12 @@ class S3Options:
             values["profile"] = getattr(session, "profile", None)
         return (functools.partial(S3Options, **values), ())
 
+    def __copy__(self) -> "S3Options":  # frozen, and the session is shared by design: a copy is this object
+        return self
+
+    def __deepcopy__(self, memo) -> "S3Options":  # (not __reduce__'s: that one leaves the session behind)
+        return self
+
 
 @dataclass(frozen=True)
 class LoadConfig:

@@ -21,6 +21,7 @@ from .resolve import read_header, resolve
 from .runner import gather, guarded, own_workers
 from .sinks import HostSink, Sink
 from .sources import Transports
+from .sources.local import check_not_pulling_into
 from .trace import Trace, as_trace
 
 
@@ -79,6 +80,7 @@ def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, co
     elif not isinstance(config, LoadConfig):
         raise ConfigError("config must be a fastload.LoadConfig")
     check_progress(progress)
+    check_not_pulling_into(source)
     return LoadRequest(source, device, dtype, names, shard, config, as_trace(trace), guarded(progress))
 
 

@@ -57,7 +57,7 @@ from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, journal_p
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
-from .sources.local import PULL_LOCK, _os_error, to_path
+from .sources.local import PULL_LOCK, PULLING_INTO, _os_error, to_path
 from .trace import Trace, as_trace
 
 #: Model files besides the weights that a plain HTTP base URL is probed for.
@@ -487,9 +487,11 @@ def _writing(where: Path | str, url: str) -> Iterator[None]:
 
 
 @asynccontextmanager
-async def _exclusive(lock: Path, url: str, trace: Trace):
+async def _exclusive(lock: Path, url: str, trace: Trace, plain_root: Path | None = None):
     """One pull at a time into a destination: a second one waits (traced as ``lock``), then finds the first
-    one's files complete. ``flock`` goes with the process, so a killed pull never leaves it stuck."""
+    one's files complete. ``flock`` goes with the process, so a killed pull never leaves it stuck. A plain
+    destination's root is in PULLING_INTO while the lock is held: loads wait for the lock, and one made from
+    this pull's own progress callback would wait for ever (sources/local.check_not_pulling_into)."""
     if fcntl is None:  # pragma: no cover
         yield
         return
@@ -505,7 +507,12 @@ async def _exclusive(lock: Path, url: str, trace: Trace):
                         break
                     except BlockingIOError:
                         await asyncio.sleep(0.1)
-            yield
+            token = PULLING_INTO.set(os.path.realpath(plain_root)) if plain_root is not None else None
+            try:
+                yield
+            finally:
+                if token is not None:
+                    PULLING_INTO.reset(token)
     finally:
         try:  # unlocked explicitly: a process forked meanwhile shares the open file, and closing ours alone
             fcntl.flock(fd, fcntl.LOCK_UN)  # would leave the lock held until that child exits
@@ -646,7 +653,7 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
             if isinstance(layout, PlainLayout):
                 layout.source = _source_id(source, single)
-        async with _exclusive(layout.lock, source, trace):
+        async with _exclusive(layout.lock, source, trace, layout.root if isinstance(layout, PlainLayout) else None):
             with _writing(layout.dest, source):
                 layout.prepare()
                 # a file of an earlier pull where the source now has a folder (or the other way round) first

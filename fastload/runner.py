@@ -10,6 +10,7 @@ thread, so nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
 import functools
 import os
@@ -198,6 +199,17 @@ def _forked_children_close() -> set[int]:
     return held
 
 
+@functools.cache
+def exit_began() -> threading.Event:
+    """Set when the interpreter's exit hooks start: ``atexit`` runs them after the non-daemon threads have
+    ended, newest first, and this one is registered after ``weakref.finalize``'s (which runs fastload's exit
+    hooks). Not the main thread's state: threading's shutdown marks it stopped *before* it waits for the
+    non-daemon threads, whose loads then still run, and fail, as loads."""
+    began = threading.Event()
+    atexit.register(began.set)
+    return began
+
+
 @contextmanager
 def private_to_process(fd: int) -> Iterator[int]:
     """``fd``, a lock's descriptor, closed in every child forked while this is held. ``flock`` belongs to the
@@ -230,6 +242,7 @@ class AtExit:
                 fn()
 
         self._finalizer = weakref.finalize(self, in_this_process)
+        exit_began()  # (after the first finalize: atexit runs newest first, so it is set before any hook runs)
 
     def cancel(self) -> None:
         self._finalizer.detach()
@@ -271,8 +284,7 @@ def _run_stopped_at_exit(main: Callable[[], Awaitable[None]]) -> None:
         # The interpreter is exiting: this load's hook has run, or another's ran first (hooks run newest first,
         # and one load's worker pool, made after another load's hook, refuses its jobs from then on: the load
         # failed with CancelledError, printed as the thread's error, while an older hook still waited).
-        # threading's shutdown marks the main thread stopped before the exit hooks run.
-        if exiting.is_set() or not threading.main_thread().is_alive():
+        if exiting.is_set() or exit_began().is_set():
             del exc
             ended.set()
             raise SystemExit from None  # the interpreter is exiting: not an error of the load's

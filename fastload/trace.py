@@ -480,6 +480,8 @@ def check_path(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ConfigError(f"cannot write the trace to {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"cannot write the trace to {path}: it is a directory")
 
 
 def as_trace(value) -> Trace:

@@ -52,6 +52,7 @@ import sys
 import threading
 from collections import OrderedDict
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urlparse
 
@@ -62,8 +63,8 @@ try:
 except ImportError:  # pragma: no cover - not on POSIX
     fcntl = None
 
-from ..errors import (FastloadError, IntegrityError, SourceChangedError, SourceNotFoundError, SourcePermissionError,
-                      TransferError)
+from ..errors import (ConfigError, FastloadError, IntegrityError, SourceChangedError, SourceNotFoundError,
+                      SourcePermissionError, TransferError)
 from ..trace import ReadRecord, Trace
 from ..runner import DaemonThreadPool, private_to_process
 from .base import ObjectInfo, Segment, open_file_limit, out_of_files, out_of_files_message
@@ -78,6 +79,28 @@ CACHESTAT_SYSCALL = 451  # cachestat(2): the same number on every Linux architec
 
 
 PULL_LOCK = (".fastload", "pull.lock")  # a plain pull destination's lock, under its root (pull.py)
+#: The plain destination a pull running in this context writes into, holding its lock: set around the pull, so
+#: that its progress callback sees it (the callback runs in the pull's task).
+PULLING_INTO: ContextVar[str | None] = ContextVar("fastload_pulling_into", default=None)
+
+
+def check_not_pulling_into(source) -> None:
+    """A load of a folder of the destination a pull in this context is writing into, from that pull's progress
+    callback, would wait for the pull's lock while the pull waits for the callback: refused at once instead."""
+    root = PULLING_INTO.get()
+    if root is None:
+        return
+    for item in source if isinstance(source, (list, tuple)) else (source,):
+        path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+        if not isinstance(path, str) or "://" in path and not path.startswith("file://"):
+            continue
+        try:
+            real = os.path.realpath(to_path(path))
+        except (ValueError, SourceNotFoundError):
+            continue
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            raise ConfigError(f"{path} is inside the destination of the pull whose progress callback this load "
+                              "runs in: it would wait for that pull for ever; load it after pull() returns")
 
 
 def _pull_lock_over(directory: str) -> str | None:
