@@ -92,6 +92,10 @@ def _translate(exc: Exception, url: str) -> Exception:
             return SourceNotFoundError(f"no such object: {url}", url=url)
         if code in _DENIED or status == "403":
             return SourcePermissionError(f"access denied ({code}): {url}", url=url)
+        if status == "400" and code in ("400", "BadRequest", "InvalidRequest"):  # (a HEAD's 400 has no body)
+            return TransferError(f"S3 refused the request with 400 ({code}): {url}; the usual causes: an object "
+                                 f"encrypted with a customer-provided key (SSE-C), which fastload cannot supply, "
+                                 f"or expired temporary credentials", url=url)
         if code in _TRANSIENT or any(v.isdigit() and int(v) in RETRY_STATUSES for v in (code, status)):
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
             return Transient(f"S3 {code or status}", retry_after=retry_after(headers))
@@ -232,6 +236,11 @@ class S3Transport:
         except SourcePermissionError as exc:
             raise SourcePermissionError(f"access denied to the presigned GET, signed again: {info.url} (expired "
                                         "credentials, or no s3:GetObject on it?)", url=info.url) from exc
+        except BadRequest as exc:
+            raise TransferError(f"S3 refused the presigned GET with 400, signed again: {info.url} (an object "
+                                "encrypted with a customer-provided key (SSE-C), which fastload cannot supply, or "
+                                "credentials that cannot be refreshed)", url=info.url, byte_range=exc.byte_range) \
+                from exc
 
     async def list(self, url: str) -> list[str] | None:
         return [key_url for key_url, _ in await self.objects(url)]
