@@ -94,8 +94,8 @@ def _translate(exc: Exception, url: str) -> Exception:
             return SourcePermissionError(f"access denied ({code}): {url}", url=url)
         if status == "400" and code in ("400", "BadRequest", "InvalidRequest"):  # (a HEAD's 400 has no body)
             return TransferError(f"S3 refused the request with 400 ({code}): {url}; the usual causes: an object "
-                                 f"encrypted with a customer-provided key (SSE-C), which fastload cannot supply, "
-                                 f"or expired temporary credentials", url=url)
+                                 "encrypted with a customer-provided key (SSE-C), which fastload cannot supply, "
+                                 "or expired temporary credentials", url=url)
         if code in _TRANSIENT or any(v.isdigit() and int(v) in RETRY_STATUSES for v in (code, status)):
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
             return Transient(f"S3 {code or status}", retry_after=retry_after(headers))
