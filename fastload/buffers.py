@@ -12,6 +12,7 @@ import math
 from collections import deque
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .errors import DeviceError
@@ -29,10 +30,28 @@ def host_empty(shape, dtype: torch.dtype, what: Callable[[], str], *, pin: bool 
         raise MemoryError(f"out of memory: cannot allocate {nbytes} bytes for {what()}") from exc
 
 
+class _Memory:
+    """A tensor's bytes as numpy's array interface sees them; the array made of it keeps this, and so the tensor."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+    def __init__(self, t: torch.Tensor, nbytes: int):
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": (nbytes,), "typestr": "|u1",
+                                    "version": 3}
+
+
 def as_bytes_view(t: torch.Tensor) -> memoryview:
-    """A writable flat byte view of a contiguous tensor's memory (CPU only)."""
-    flat = t.reshape(-1) if t.dim() != 1 else t
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    """A writable flat byte view of a contiguous tensor's memory (CPU only). Not through ``.numpy()``: that marks
+    the tensor's storage as not resizable for good, and the outputs read straight into then refused ``resize_``
+    (and any ``out=`` that grows them), where a tensor of ``torch.empty`` takes it. Nor a ctypes array: its type,
+    one per size, is cached for the life of the process. The view keeps ``t`` alive."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("as_bytes_view needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview(np.asarray(_Memory(t, n))).cast("B")
 
 
 class BufferPool:
