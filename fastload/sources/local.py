@@ -123,12 +123,10 @@ async def not_while_pulled(directory: str, trace: Trace):
     loaded as if whole, and one pulled over an older version gave shards of both. Files opened here are pinned
     (a file renamed over one later is not read in its place), so the lock is needed only until then."""
     lock = _pull_lock_over(directory) if fcntl is not None else None
-    fd = None
-    if lock is not None:
-        try:
-            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:  # gone meanwhile, or not ours to read: nothing to wait for
-            fd = None
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if lock is not None else None
+    except OSError:  # gone meanwhile, or not ours to read: nothing to wait for
+        fd = None
     if fd is None:
         yield
         return

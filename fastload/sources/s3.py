@@ -93,9 +93,7 @@ def _translate(exc: Exception, url: str) -> Exception:
         if code in _DENIED or status == "403":
             return SourcePermissionError(f"access denied ({code}): {url}", url=url)
         if status == "400" and code in ("400", "BadRequest", "InvalidRequest"):  # (a HEAD's 400 has no body)
-            return TransferError(f"S3 refused the request with 400 ({code}): {url}; the usual causes: an object "
-                                 "encrypted with a customer-provided key (SSE-C), which fastload cannot supply, "
-                                 "or expired temporary credentials", url=url)
+            return TransferError(f"S3 refused the request with 400 ({code}): {url} ({_WHY_400})", url=url)
         if code in _TRANSIENT or any(v.isdigit() and int(v) in RETRY_STATUSES for v in (code, status)):
             headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
             return Transient(f"S3 {code or status}", retry_after=retry_after(headers))
@@ -116,6 +114,11 @@ def _translate(exc: Exception, url: str) -> Exception:
     if isinstance(exc, bx.ParamValidationError):  # e.g. a bucket name S3 cannot have
         return ConfigError(f"invalid S3 request for {url}: {describe(scrub(exc))}")
     return TransferError(f"S3 request failed: {describe(scrub(exc))}", url=url)  # (e.g. "can't start new thread")
+
+
+#: What a 400 that gives no reason (a HEAD's has no body) or survives signing again usually means.
+_WHY_400 = ("an object encrypted with a customer-provided key (SSE-C), which fastload cannot supply, or "
+            "temporary credentials that expired and cannot be refreshed")
 
 
 def _whole_object_sha256(head: dict) -> str | None:
@@ -237,10 +240,8 @@ class S3Transport:
             raise SourcePermissionError(f"access denied to the presigned GET, signed again: {info.url} (expired "
                                         "credentials, or no s3:GetObject on it?)", url=info.url) from exc
         except BadRequest as exc:
-            raise TransferError(f"S3 refused the presigned GET with 400, signed again: {info.url} (an object "
-                                "encrypted with a customer-provided key (SSE-C), which fastload cannot supply, or "
-                                "credentials that cannot be refreshed)", url=info.url, byte_range=exc.byte_range) \
-                from exc
+            raise TransferError(f"S3 refused the presigned GET with 400, signed again: {info.url} ({_WHY_400})",
+                                url=info.url, byte_range=exc.byte_range) from exc
 
     async def list(self, url: str) -> list[str] | None:
         return [key_url for key_url, _ in await self.objects(url)]
