@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import posixpath
 import stat
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -50,7 +51,7 @@ from .integrity import GIT_BLOB, verify_file
 from .pipeline import check_progress
 from .plan import ChunkRead, LoadPlan, PlannedFile, PlannedTensor, Piece, chunk_size
 from .redact import printable, redact_url
-from .resolve import join
+from .resolve import join, parent, read_index
 from . import runner
 from .runner import gather, in_worker, own_workers
 from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, journal_path, resume_ranges
@@ -74,6 +75,7 @@ FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".p
                  ".gguf") + OTHER_WEIGHTS
 META_DIR = PULL_LOCK[0]  # ".fastload": the pull's lock, temporaries and records
 INCOMPLETE = ".fastload-incomplete"
+INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, and diffusers' and adapters' names
 
 
 @dataclass(frozen=True)
@@ -233,6 +235,29 @@ async def _list_hub(url: str, transports: Transports) -> tuple[str, list[Entry]]
         raise FormatError(f"{ref.url(revision=info.commit)}: the Hub's listing lacks file sizes or blob ids")
     return info.commit, [Entry(f.path[len(prefix):], ref.url(f.path, info.commit), f.size, f.blob, f.sha256)
                          for f in found]
+
+
+async def _check_shards(entries: list[Entry], transports: Transports) -> list[Entry]:
+    """Each shard index among ``entries`` (``*.safetensors.index.json``) names only files that are there too:
+    the folder pulled would otherwise look whole and fail its first load. Read before anything is written; the
+    entries come back with the indexes' ``info`` filled, so they are not looked up twice."""
+    have = {e.rel for e in entries}
+
+    async def check(e: Entry) -> Entry:
+        if not e.rel.endswith(INDEX_SUFFIX):
+            return e
+        e = e if e.info is not None else _with_info(e, await transports.for_url(e.url).stat(e.url))
+        index = await read_index(transports, e.info)
+        folder = e.rel.rpartition("/")[0]
+        lacking = sorted(name for name in index.files if posixpath.join(folder, name) not in have)
+        if lacking:
+            url = join(parent(e.url), lacking[0])
+            raise SourceNotFoundError(f"{e.info.url} names {len(lacking)} shard file(s) the source lacks: "
+                                      f"{', '.join(map(repr, lacking[:5]))}{' ...' if len(lacking) > 5 else ''}",
+                                      url=redact_url(url))
+        return e
+
+    return list(await gather(check(e) for e in entries))
 
 
 # -- layouts: where files go -----------------------------------------------------------------------
@@ -649,6 +674,8 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
             entries = _check_paths(entries, source)
             at_source = {e.rel for e in entries}  # what the source has, pulled or not
             entries = entries if single else _skip_other_formats(entries)
+            if not single and scheme != "http":  # (an HTTP listing is its index's shards, each looked up)
+                entries = await _check_shards(entries, transports)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
             if isinstance(layout, PlainLayout):
@@ -673,6 +700,15 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
         trace.finish(error)
 
 
+def _with_info(e: Entry, info: ObjectInfo) -> Entry:
+    if e.size is not None and info.size != e.size:
+        # The Hub's listing names the content (size and id): another size is other bytes. Elsewhere the object
+        # changed between the listing and now.
+        kind = IntegrityError if e.etag else SourceChangedError
+        raise kind(f"the listing says {e.size} bytes, the server has {info.size}", url=e.url)
+    return replace(e, size=info.size, info=info)
+
+
 async def _stat_all(entries: list[Entry], layout, transports: Transports, limit: int,
                     verify: bool) -> list[tuple[Entry, bool]]:
     """Each entry, with ``info`` filled where the layout needs it to judge presence or the file must be
@@ -687,13 +723,7 @@ async def _stat_all(entries: list[Entry], layout, transports: Transports, limit:
                 return e, True
         if e.info is None:
             async with gate:
-                info = await transports.for_url(e.url).stat(e.url)
-            if e.size is not None and info.size != e.size:
-                # The Hub's listing names the content (size and id): another size is other bytes. Elsewhere the
-                # object changed between the listing and now.
-                kind = IntegrityError if e.etag else SourceChangedError
-                raise kind(f"the listing says {e.size} bytes, the server has {info.size}", url=e.url)
-            e = Entry(e.rel, e.url, info.size, e.etag, e.sha256, info)
+                e = _with_info(e, await transports.for_url(e.url).stat(e.url))
         if here is None:
             here = await in_worker(layout.present, e, e.info, verify)
         return e, here

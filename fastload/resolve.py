@@ -120,13 +120,17 @@ async def _try_stat(transports: Transports, url: str, denied: list[SourcePermiss
         return None
 
 
+async def read_index(transports: Transports, info: ObjectInfo) -> ShardIndex:
+    """The shard index ``info``, read whole and checked (its size is capped before anything is read)."""
+    if info.size > MAX_INDEX_BYTES:
+        raise FormatError(f"{info.url}: index of {info.size} bytes is larger than the {MAX_INDEX_BYTES}-byte cap")
+    return parse_index(await read_bytes(transports.for_url(info.url), info, 0, info.size), url=info.url)
+
+
 async def _from_index(transports: Transports, info: ObjectInfo, url: str) -> Resolved:
     """The shards of the index ``info``, found at ``url`` (the URL as given: ``info.url`` is what messages
     show, with any password or token hidden, and the shards need them)."""
-    if info.size > MAX_INDEX_BYTES:
-        raise FormatError(f"{info.url}: index of {info.size} bytes is larger than the {MAX_INDEX_BYTES}-byte cap")
-    raw = await read_bytes(transports.for_url(info.url), info, 0, info.size)
-    index = parse_index(raw, url=info.url)
+    index = await read_index(transports, info)
     base = parent(url)
     urls = [join(base, name) for name in index.files]
     files = await gather(transports.for_url(u).stat(u) for u in urls)

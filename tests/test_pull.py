@@ -301,3 +301,35 @@ def test_hostile_listing_cannot_escape(hub: HubServer, minilm_dir: Path, tmp_pat
     hub.files[commit][name]["blob"] = "../../x"
     with pytest.raises(fastload.FormatError, match="blob id"):
         pull_result(f"hf://{repo}")
+
+
+@pytest.mark.parametrize("where", ["local", "s3", "hub"])
+def test_index_naming_a_missing_shard_is_refused_before_anything_is_written(
+        where: str, llama_sharded_checkpoint: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A folder whose index names a shard it lacks would be pulled "complete" and fail its first load."""
+    src = tmp_path / "src"
+    shutil.copytree(llama_sharded_checkpoint, src)
+    (src / "model-00002-of-00003.safetensors").unlink()
+    if where == "local":
+        url = str(src)
+    elif where == "s3":
+        s3, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("s3_bucket")
+        s3.upload_dir(bucket, "lacking", src)
+        url = f"s3://{bucket}/lacking/"
+    else:
+        hub, repo = request.getfixturevalue("hub"), repo_name("lacking")
+        hub.add_repo(repo, src)
+        url = f"hf://{repo}"
+    out = tmp_path / "out"
+    with pytest.raises(fastload.SourceNotFoundError, match=r"names 1 shard file\(s\) the source lacks: "
+                                                           r"'model-00002-of-00003.safetensors'") as caught:
+        pull_result(url, to=out)
+    assert caught.value.url.endswith("model-00002-of-00003.safetensors")
+    assert not out.exists()
+    shutil.copy(llama_sharded_checkpoint / "model-00002-of-00003.safetensors", src)  # the control: whole again
+    if where == "s3":
+        s3.upload_dir(bucket, "lacking", src)
+    elif where == "hub":
+        hub.add_repo(repo, src)
+    assert pull_result(url, to=out).fetched
+    assert fastload.load(out).keys() == fastload.load(llama_sharded_checkpoint).keys()
