@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastload
 from hub_server import HubServer, hub, hub_session, minilm_dir, repo_name  # noqa: F401 -- fixtures
 from servers import RangeHTTPServer
+from servers.faults import SlowFirstByte
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,6 +111,31 @@ def test_real_model_over_http(http_server: RangeHTTPServer, http_dir: Path, mini
     assert model.config.name_or_path == url
     fetched = {r.path.rsplit("/", 1)[-1] for r in http_server.log}
     assert {"config.json", "model.safetensors"} <= fetched  # config came through the source layer too
+
+
+class _Arrivals(SlowFirstByte):
+    """Holds the first four requests ``seconds`` before answering, and notes when each request arrived."""
+
+    def __init__(self, pattern: str, seconds: float) -> None:
+        super().__init__(pattern=pattern, methods=frozenset({"GET", "HEAD"}), seconds=seconds, times=4)
+        self.arrived: list[float] = []
+
+    def take(self) -> bool:
+        self.arrived.append(time.monotonic())
+        return super().take()
+
+
+def test_model_files_and_weights_names_are_asked_for_at_once(http_server: RangeHTTPServer, http_dir: Path,
+                                                            minilm_dir: Path) -> None:
+    """config.json, generation_config.json and the two standard weights names are four round trips on a remote
+    source before the first weight byte: asked one after another they added up (six, with the files' reads).
+    Each request is held a second here, so ones asked in turn arrive a second apart, ones asked at once together."""
+    shutil.copytree(minilm_dir, http_dir / "minilm-at-once")
+    url = http_server.url_for(http_dir / "minilm-at-once")
+    held = http_server.faults._add(_Arrivals("*/minilm-at-once/*", 1.0))
+    fastload.from_pretrained(url)
+    first = held.arrived[:4]
+    assert first[-1] - first[0] < 0.9, [round(at - first[0], 2) for at in first]
 
 
 def test_real_model_over_s3(s3_server, s3_bucket: str, minilm_dir: Path, minilm_reference,

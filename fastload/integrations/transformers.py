@@ -119,13 +119,15 @@ def _variant_name(name: str, variant: str) -> str:
 async def _stage(source: str, folder: Path, config, variant: str | None = None,
                  trace=NULL_TRACE) -> str | list[str]:
     """Fetch the non-weight model files into ``folder``; return where the weights are: the index or the single
-    file (of ``variant`` when given), or the shards of an index ``config.json`` names in a sub-folder. The probes of the weights' names count in ``trace`` (the load's: it covers
-    the weights); the model files do not."""
+    file (of ``variant`` when given), or the shards of an index ``config.json`` names in a sub-folder. The probes
+    of the weights' names count in ``trace`` (the load's: it covers the weights); the model files do not.
+
+    The model files and the standard weights names are asked for at once, not one after another: on a remote
+    source each is a round trip (two for a file), all of them before the first weight byte."""
     transports = Transports(config, NULL_TRACE)
     weights = Transports(config, trace)
-    denied: list[SourcePermissionError] = []
 
-    async def there(t: Transports, url: str) -> ObjectInfo | None:
+    async def there(t: Transports, url: str, denied: list) -> ObjectInfo | None:
         """The file at ``url``, or None. S3 answers 403 for a missing key without ListBucket: none, too."""
         try:
             return await t.for_url(url).stat(url)
@@ -137,47 +139,60 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None,
             denied.append(exc)
             return None
 
+    async def model_file(name: str, denied: list) -> bytes | None:
+        url = join(base, name)
+        info = await there(transports, url, denied)
+        if info is None:
+            return None
+        if info.size > MAX_MODEL_FILE_BYTES:
+            raise FormatError(f"{redact_url(url)}: {info.size} bytes is too large for a model file")
+        return await read_bytes(transports.for_url(url), info, 0, info.size)
+
+    async def first_of(names: list[str], denied: list) -> tuple[str, ObjectInfo] | None:
+        """transformers' order: the first of ``names`` that is there."""
+        found = await runner.gather(there(weights, join(base, name), denied) for name in names)
+        return next(((name, info) for name, info in zip(names, found) if info is not None), None)
+
     try:
         base = await _model_dir(source, transports)
-        for name in MODEL_FILES:
-            url = join(base, name)
-            transport = transports.for_url(url)
-            info = await there(transports, url)
-            if info is None:
+        refused: list[SourcePermissionError] = []
+        denied: list[SourcePermissionError] = []
+        # transformers' rule: the file config.json names, else the single file, else the index (other
+        # *.safetensors files are not its weights); the standard two are asked for while config.json comes
+        standard = [_variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
+        raws, weight = await runner.gather([runner.gather(model_file(name, refused) for name in MODEL_FILES),
+                                     first_of(standard, denied)])
+        for name, raw in zip(MODEL_FILES, raws):
+            if raw is None:
                 if name == "config.json":
-                    if denied:
-                        raise denied[0]
+                    if refused:
+                        raise refused[0]
                     raise SourceNotFoundError(f"no config.json in {redact_url(source)}: not a transformers model "
-                                              "directory", url=url)
+                                              "directory", url=join(base, name))
                 continue
-            if info.size > MAX_MODEL_FILE_BYTES:
-                raise FormatError(f"{redact_url(url)}: {info.size} bytes is too large for a model file")
-            raw = await read_bytes(transport, info, 0, info.size)
             if name == "config.json":
                 try:
                     json.loads(raw)
                 except ValueError as exc:
-                    raise FormatError(f"{redact_url(url)}: not valid JSON ({exc})") from None
+                    raise FormatError(f"{redact_url(join(base, name))}: not valid JSON ({exc})") from None
             (folder / name).write_bytes(raw)
-        # transformers' rule: the file config.json names, else the single file, else the index (other
-        # *.safetensors files are not its weights)
-        names = _weights_named_by(folder / "config.json") or [
-            _variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
-        denied.clear()
-        for name in names:
-            info = await there(weights, join(base, name))
-            if info is None:
-                continue
-            if "/" in name and name.endswith(".index.json"):
-                # transformers reads a shard name against the model directory, wherever config.json put the
-                # index (a load reads it against the index's own folder): the shards, named from here
-                raw = await read_bytes(weights.for_url(info.url), info, 0, info.size)
-                return [join(base, shard) for shard in parse_index(raw, url=info.url).files]
-            return join(base, name)
-        if denied:  # nothing found, something refused: that is the error
-            raise denied[0]
-        raise SourceNotFoundError(f"no {' or '.join(names)} in {redact_url(source)}"
-                                  + (f" (variant={variant!r})" if variant else ""), url=join(base, names[0]))
+        names = _weights_named_by(folder / "config.json")
+        if names:
+            denied.clear()
+            weight = await first_of(names, denied)
+        names = names or standard
+        if weight is None:
+            if denied:  # nothing found, something refused: that is the error
+                raise denied[0]
+            raise SourceNotFoundError(f"no {' or '.join(names)} in {redact_url(source)}"
+                                      + (f" (variant={variant!r})" if variant else ""), url=join(base, names[0]))
+        name, info = weight
+        if "/" in name and name.endswith(".index.json"):
+            # transformers reads a shard name against the model directory, wherever config.json put the
+            # index (a load reads it against the index's own folder): the shards, named from here
+            raw = await read_bytes(weights.for_url(info.url), info, 0, info.size)
+            return [join(base, shard) for shard in parse_index(raw, url=info.url).files]
+        return join(base, name)
     finally:
         await transports.aclose()
         await weights.aclose()
