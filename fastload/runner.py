@@ -634,20 +634,27 @@ class DaemonThreadPool(ThreadPoolExecutor):
                 continue
             future, fn, args, kwargs = item
             del item
+            idle = False
             try:
                 if future.set_running_or_notify_cancel():
                     try:
-                        result = fn(*args, **kwargs)
+                        outcome, settle = fn(*args, **kwargs), future.set_result
                     except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                        future.set_exception(exc)
-                    else:
-                        future.set_result(result)
+                        outcome, settle = exc, future.set_exception
+                    # Free before the outcome is out: the caller's next job, submitted the moment it has this
+                    # one's result, is this thread's, where it started a thread of its own (and an HTTP load
+                    # a new connection, with its handshakes, between a file's probe and its header).
+                    self._idle.release()
+                    idle = True
+                    settle(outcome)
+                    del outcome, settle
             finally:
                 with self._lock:
                     self._running -= 1
                     self._quiet.notify_all()
             del future, fn, args, kwargs  # nothing of the job outlives it in this frame
-            self._idle.release()
+            if not idle:
+                self._idle.release()
 
     def _stop_at_exit(self) -> None:
         """Start no more jobs (those waiting are cancelled: whoever awaits them goes on). Serving a call in the

@@ -728,3 +728,44 @@ def test_a_pool_job_whose_thread_cannot_start_is_refused_and_never_run_later():
     done = subprocess.run([sys.executable, "-c", _POOL_CANNOT_START], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(True, ['later'], 1)", done
+
+
+def test_jobs_submitted_one_after_another_run_on_one_thread():
+    """The next job, submitted the moment the last one's result is out (a load's probe, then its header, then
+    its data), finds the thread that ran the last one free: it used to start another thread (a thread-local HTTP
+    connection: a new connection, its handshakes before the first byte) whenever it won the race against the
+    worker marking itself idle. Also through an event loop, as loads submit them."""
+    from fastload.runner import DaemonThreadPool
+
+    pool = DaemonThreadPool(8, "fastload-test")
+    try:
+        for i in range(300):
+            assert pool.submit(lambda n: n * 2, i).result(10) == 2 * i
+        assert len(pool._threads) == 1
+
+        async def in_turn():
+            loop = asyncio.get_running_loop()
+            for i in range(300):
+                assert await loop.run_in_executor(pool, lambda n: n + 1, i) == i + 1
+
+        asyncio.run(in_turn())
+        assert len(pool._threads) == 1
+        # the race made certain: the next job submitted from the last one's done callback (which runs in the
+        # worker, inside set_result), the way a result handed to another thread can come back at once
+        chained = []
+
+        def then(future):
+            chained.append(future.result())
+            if len(chained) < 20:
+                pool.submit(len, chained).add_done_callback(then)
+
+        pool.submit(len, chained).add_done_callback(then)
+        deadline = time.monotonic() + 10
+        while len(chained) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert chained == list(range(20)) and len(pool._threads) == 1, (chained, len(pool._threads))
+        with pytest.raises(ZeroDivisionError):  # an error is handed over the same way, and frees the thread too
+            pool.submit(lambda: 1 / 0).result(10)
+        assert pool.submit(int, "7").result(10) == 7 and len(pool._threads) == 1
+    finally:
+        pool.shutdown(wait=True)
