@@ -44,7 +44,7 @@ from types import SimpleNamespace
 
 from .. import runner
 from ..config import LoadConfig
-from ..errors import ConfigError, FormatError, SourceNotFoundError, SourcePermissionError
+from ..errors import ConfigError, FastloadError, FormatError, SourceNotFoundError, SourcePermissionError
 from ..format import INDEX_NAME, SINGLE_NAME, parse_index
 from ..pipeline import make_request
 from ..resolve import join
@@ -139,14 +139,35 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None,
             denied.append(exc)
             return None
 
-    async def model_file(name: str, denied: list) -> bytes | None:
-        url = join(base, name)
+    async def model_file(name: str) -> bytes | None:
+        """The file's bytes, or None; a missing or unreadable config.json ends the whole call at once (the
+        weights' probes with it): the folder is not a model, whatever they would find."""
+        url, denied = join(base, name), []
         info = await there(transports, url, denied)
         if info is None:
-            return None
+            if name != "config.json":
+                return None
+            if denied:
+                raise denied[0]
+            raise SourceNotFoundError(f"no config.json in {redact_url(source)}: not a transformers model "
+                                      "directory", url=url)
         if info.size > MAX_MODEL_FILE_BYTES:
             raise FormatError(f"{redact_url(url)}: {info.size} bytes is too large for a model file")
-        return await read_bytes(transports.for_url(url), info, 0, info.size)
+        raw = await read_bytes(transports.for_url(url), info, 0, info.size)
+        if name == "config.json":
+            try:
+                json.loads(raw)
+            except ValueError as exc:
+                raise FormatError(f"{redact_url(url)}: not valid JSON ({exc})") from None
+        return raw
+
+    async def guess(name: str, denied: list) -> ObjectInfo | FastloadError | None:
+        """A standard name, asked for before config.json says whether it is the one: its error is kept, to count
+        only if transformers would ask for that name (a config naming other weights makes it nobody's)."""
+        try:
+            return await there(weights, join(base, name), denied)
+        except FastloadError as exc:
+            return exc.with_traceback(None)
 
     async def first_of(names: list[str], denied: list) -> tuple[str, ObjectInfo] | None:
         """transformers' order: the first of ``names`` that is there."""
@@ -155,32 +176,27 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None,
 
     try:
         base = await _model_dir(source, transports)
-        refused: list[SourcePermissionError] = []
         denied: list[SourcePermissionError] = []
         # transformers' rule: the file config.json names, else the single file, else the index (other
         # *.safetensors files are not its weights); the standard two are asked for while config.json comes
         standard = [_variant_name(n, variant) if variant else n for n in (SINGLE_NAME, INDEX_NAME)]
-        raws, weight = await runner.gather([runner.gather(model_file(name, refused) for name in MODEL_FILES),
-                                     first_of(standard, denied)])
+        raws, guesses = await runner.gather([runner.gather(model_file(name) for name in MODEL_FILES),
+                                             runner.gather(guess(name, denied) for name in standard)])
         for name, raw in zip(MODEL_FILES, raws):
-            if raw is None:
-                if name == "config.json":
-                    if refused:
-                        raise refused[0]
-                    raise SourceNotFoundError(f"no config.json in {redact_url(source)}: not a transformers model "
-                                              "directory", url=join(base, name))
-                continue
-            if name == "config.json":
-                try:
-                    json.loads(raw)
-                except ValueError as exc:
-                    raise FormatError(f"{redact_url(join(base, name))}: not valid JSON ({exc})") from None
-            (folder / name).write_bytes(raw)
+            if raw is not None:
+                (folder / name).write_bytes(raw)
         names = _weights_named_by(folder / "config.json")
         if names:
             denied.clear()
             weight = await first_of(names, denied)
-        names = names or standard
+        else:
+            names, weight = standard, None
+            for name, found in zip(standard, guesses):
+                if isinstance(found, FastloadError):
+                    raise found
+                if found is not None:
+                    weight = name, found
+                    break
         if weight is None:
             if denied:  # nothing found, something refused: that is the error
                 raise denied[0]
