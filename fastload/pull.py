@@ -54,7 +54,7 @@ from .redact import printable, redact_url
 from .resolve import join, parent, read_index
 from . import runner
 from .runner import gather, in_worker, own_workers
-from .sinks.file import JOURNAL_SUFFIX, FileSink, FileTarget, discard, journal_path, resume_ranges
+from .sinks.file import JOURNAL_SUFFIX, PARTIAL, FileSink, FileTarget, discard, journal_path, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
                                repo_cache_dir, with_revision)
@@ -74,7 +74,7 @@ OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onn
 FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".py", ".yaml", ".yml", ".tiktoken",
                  ".gguf") + OTHER_WEIGHTS
 META_DIR = PULL_LOCK[0]  # ".fastload": the pull's lock, temporaries and records
-INCOMPLETE = ".fastload-incomplete"
+INCOMPLETE = PARTIAL  # a file being written: a blob, a snapshot's link, a record
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, and diffusers' and adapters' names
 
 
@@ -237,27 +237,32 @@ async def _list_hub(url: str, transports: Transports) -> tuple[str, list[Entry]]
                          for f in found]
 
 
-async def _check_shards(entries: list[Entry], transports: Transports) -> list[Entry]:
-    """Each shard index among ``entries`` (``*.safetensors.index.json``) names only files that are there too:
-    the folder pulled would otherwise look whole and fail its first load. Read before anything is written; the
-    entries come back with the indexes' ``info`` filled, so they are not looked up twice."""
-    have = {e.rel for e in entries}
+async def _check_shards(entries: list[Entry], listed: list[Entry], transports: Transports) -> list[Entry]:
+    """Each shard index among ``entries`` (``*.safetensors.index.json``) names only files the source has
+    (``listed``: all of them, hidden files and other formats too): the folder pulled would otherwise look whole and
+    fail its first load. Read before anything is written. Returns ``entries`` with the indexes' ``info`` filled (so
+    they are not looked up twice), and with the files an index names that the filters had left out."""
+    have = {e.rel: e for e in listed}
 
-    async def check(e: Entry) -> Entry:
+    async def check(e: Entry) -> tuple[Entry, list[Entry]]:
         if not e.rel.endswith(INDEX_SUFFIX):
-            return e
+            return e, []
         e = e if e.info is not None else _with_info(e, await transports.for_url(e.url).stat(e.url))
         index = await read_index(transports, e.info)
         folder = e.rel.rpartition("/")[0]
-        lacking = sorted(name for name in index.files if posixpath.join(folder, name) not in have)
+        named = [posixpath.join(folder, name) for name in index.files]
+        lacking = sorted(name for name, rel in zip(index.files, named) if rel not in have)
         if lacking:
             url = join(parent(e.url), lacking[0])
             raise SourceNotFoundError(f"{e.info.url} names {len(lacking)} shard file(s) the source lacks: "
                                       f"{', '.join(map(repr, lacking[:5]))}{' ...' if len(lacking) > 5 else ''}",
                                       url=redact_url(url))
-        return e
+        return e, [have[rel] for rel in named]
 
-    return list(await gather(check(e) for e in entries))
+    checked = await gather(check(e) for e in entries)
+    kept = {e.rel for e in entries}
+    extra = {n.rel: n for _, named in checked for n in named if n.rel not in kept}
+    return [e for e, _ in checked] + list(extra.values())
 
 
 # -- layouts: where files go -----------------------------------------------------------------------
@@ -457,9 +462,11 @@ class HubLayout:
         os.replace(self.temp(e), self.blob(e))
 
     def prepare(self) -> None:
-        """The snapshot folder exists from the start, as huggingface_hub makes it: a cache holding only the
-        blobs of an interrupted pull is one that ``hf cache scan`` reads (and ``hf cache delete`` cleans)."""
-        (self.repo / "snapshots" / self.commit).mkdir(parents=True, exist_ok=True)
+        """``snapshots/`` exists from the start: a cache holding only the blobs of an interrupted pull is one
+        that ``hf cache scan`` reads (and ``hf cache delete`` cleans). The commit's own folder is made by
+        ``finish``: huggingface_hub takes an existing one for a whole download (``snapshot_download`` of a
+        commit, offline), and an interrupted pull's empty one was returned as the model."""
+        (self.repo / "snapshots").mkdir(parents=True, exist_ok=True)
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         snapshot = self.repo / "snapshots" / self.commit
@@ -673,9 +680,9 @@ async def _apull(source, *, to, cache_dir, revision, config, trace, progress, ve
                 or (scheme == "local" and os.path.isfile(to_path(source)))))
             entries = _check_paths(entries, source)
             at_source = {e.rel for e in entries}  # what the source has, pulled or not
-            entries = entries if single else _skip_other_formats(entries)
+            listed, entries = entries, entries if single else _skip_other_formats(entries)
             if not single and scheme != "http":  # (an HTTP listing is its index's shards, each looked up)
-                entries = await _check_shards(entries, transports)
+                entries = await _check_shards(entries, listed, transports)
             if not entries:
                 raise SourceNotFoundError(f"no files to pull under {source}", url=source)
             if isinstance(layout, PlainLayout):

@@ -275,7 +275,7 @@ def test_pull_in_a_daemon_thread_at_exit_then_the_next_pull_fetches_only_what_is
     overlap = [(a, b) for a, b in again for s, e in written if a < e and s < b]
     assert not overlap, f"the resumed pull fetched journaled bytes again: {overlap[:5]}"
     assert sum(b - a for a, b in again) == path.stat().st_size - sum(e - s for s, e in written)
-    assert not list(dest.rglob("*.journal")) and not list(dest.rglob("*.fastload-incomplete"))
+    assert not list(dest.rglob("*.journal")) and not list(dest.rglob("*.incomplete"))
 
 
 # -- SIGTERM -> SystemExit while the main thread iterates a stream --------------------------------------------------

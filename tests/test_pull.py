@@ -231,7 +231,7 @@ def test_verify_resumed_file_after_writing(hub: HubServer, tmp_path: Path) -> No
     one = SMALL.replace(max_concurrency=1)
     with pytest.raises(Interrupt):
         run(lambda: apull(f"hf://{repo}", config=one, verify=True, progress=interrupt_after(2)))
-    temp = next((tmp_path / "hf-cache").rglob("*.fastload-incomplete"))
+    temp = next((tmp_path / "hf-cache").rglob("*.fastload.incomplete"))
     with open(temp, "r+b") as f:  # damage bytes the journal says are there
         f.write(b"\0" * 16)
     with pytest.raises(fastload.IntegrityError, match="sha256 mismatch"):

@@ -481,8 +481,8 @@ def test_a_pull_killed_between_rename_and_journal_removal_leaves_nothing_after_t
         hub.add_repo(repo, make_src(tmp_path, {"model.safetensors": data}))
         source = f"hf://{repo}"
         blob = (pull_result(source).path / "model.safetensors").resolve()
-        leftovers = [blob.with_name(blob.name + ".fastload-incomplete.journal"),
-                     blob.with_name(blob.name + ".fastload-incomplete")]
+        leftovers = [blob.with_name(blob.name + ".fastload.journal.incomplete"),
+                     blob.with_name(blob.name + ".fastload.incomplete")]
         kwargs = {}
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)

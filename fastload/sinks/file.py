@@ -51,9 +51,16 @@ class FileTarget:
 
 
 JOURNAL_SUFFIX = ".journal"
+#: The ending of a partial file in the Hugging Face cache's blobs (pull's ``HubLayout``): ``*.incomplete``, as
+#: huggingface_hub names its own there (``hf cache scan`` reports them, ``hf cache prune`` removes them), yet never
+#: one of its names (``<id>.incomplete``).
+PARTIAL = ".fastload.incomplete"
 
 
 def journal_path(temp: Path) -> Path:
+    """Beside its file; a partial blob's journal ends as a partial file too (see ``PARTIAL``)."""
+    if temp.name.endswith(PARTIAL):
+        return temp.with_name(temp.name[:-len(PARTIAL)] + ".fastload.journal.incomplete")
     return temp.with_name(temp.name + JOURNAL_SUFFIX)
 
 

@@ -182,6 +182,31 @@ def _pulled(repo: Path, commit: str, folder: str) -> bool:
     return False
 
 
+def _listed_whole(repo: Path, commit: str, folder: str) -> bool:
+    """Whether the commit's listing that huggingface_hub (2.x) keeps in ``trees/<commit>.json`` names
+    ``*.safetensors`` files directly in ``folder``, and the snapshot has each at its listed size: a folder with no
+    index or model.safetensors (a diffusers ``unet/``) that huggingface_hub fetched whole."""
+    try:
+        doc = json.loads((repo / "trees" / f"{commit}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("format_version") == 1 else None
+    if not isinstance(files, dict):
+        return False
+    prefix = folder.strip("/") + "/" if folder.strip("/") else ""
+    snapshot = repo / "snapshots" / commit
+    weights = [(path, info) for path, info in files.items() if path.startswith(prefix)
+               and "/" not in path[len(prefix):] and path.endswith(".safetensors")]
+    for path, info in weights:
+        size = info.get("lfs_size") or info.get("size") if isinstance(info, dict) else None
+        try:
+            if not isinstance(size, int) or (snapshot / path).stat().st_size != size:
+                return False
+        except (OSError, ValueError):
+            return False
+    return bool(weights)
+
+
 def _complete_checkpoint(folder: Path, index_name: str | None = None) -> bool:
     """The folder's whole checkpoint is there: the index ``index_name`` (default: the standard one, else
     model.safetensors) and every shard it names."""
@@ -204,7 +229,8 @@ def cached_snapshot(cache_dir: Path, ref: HubRef) -> Path | None:
     snapshot = repo / "snapshots" / commit
     target = snapshot / ref.path if ref.path else snapshot
     if ref.is_dir:
-        return target if _complete_checkpoint(target) or _pulled(repo, commit, ref.path) else None
+        whole = _complete_checkpoint(target) or _pulled(repo, commit, ref.path) or _listed_whole(repo, commit, ref.path)
+        return target if whole else None
     if target.name.endswith(".index.json"):  # an index named directly: its shards must be there too
         return target if _complete_checkpoint(target.parent, target.name) else None
     return target if target.is_file() else None
