@@ -574,6 +574,10 @@ class DaemonThreadPool(ThreadPoolExecutor):
     (``loop.set_default_executor`` requires one); ``submit`` and ``shutdown`` are its own, and none of the base
     class's state is used.
 
+    A worker is free again before its job's result is out, so that the job submitted the moment the result
+    arrives runs on it rather than on a new thread: a done-callback (run inside ``set_result``, in the worker) may
+    submit jobs but must not wait for one; fastload's are asyncio's, which only schedule.
+
     At interpreter exit, a pool still open starts no more jobs: a worker stopped by the interpreter inside torch
     would abort the process. Serving a call in the caller's own loop (``aload``), it also cancels that call and
     waits for the running jobs and the call's end; in fastload's own loops, the stream's or thread's exit hook
