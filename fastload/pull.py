@@ -54,6 +54,7 @@ from .redact import printable, redact_url
 from .resolve import join, parent, read_index
 from . import runner
 from .runner import gather, in_worker, own_workers
+from .safe_files import open_own, own_dir, read_regular
 from .sinks.file import JOURNAL_SUFFIX, PARTIAL, FileSink, FileTarget, discard, journal_path, resume_ranges
 from .sources import ObjectInfo, Transports, normalize_url, read_bytes, scheme_of
 from .sources.hub_refs import (HubSettings, cached_snapshot, check_revision, parse_hub_url, pull_record,
@@ -75,7 +76,8 @@ FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".md", ".p
                  ".gguf") + OTHER_WEIGHTS
 META_DIR = PULL_LOCK[0]  # ".fastload": the pull's lock, temporaries and records
 INCOMPLETE = PARTIAL  # a file being written: a blob, a snapshot's link, a record
-INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json, and diffusers' and adapters' names
+INDEX_SUFFIX = ".safetensors.index.json"
+RECORD_BYTES = 1 << 20  # a pull's record of one file or one commit's folders is far smaller  # model.safetensors.index.json, and diffusers' and adapters' names
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ class PlainLayout:
         if record["etag"] is None and record["last_modified"] is None:
             return False  # nothing says the file did not change: fetch it again
         try:
-            saved = json.loads(self._meta(e).read_text(encoding="utf-8"))
+            saved = json.loads(read_regular(self._meta(e), RECORD_BYTES, follow=False))
             st = (self.root / e.rel).stat()
         except (OSError, ValueError):
             return False
@@ -346,7 +348,9 @@ class PlainLayout:
         _write_atomic(self._meta(e), json.dumps(meta, sort_keys=True))
 
     def prepare(self) -> None:
-        pass
+        """The pull's own folders are real ones: a link planted in their place sent temporaries elsewhere."""
+        for folder in ("", "incomplete", "meta"):
+            own_dir(self.root / META_DIR / folder)
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
         return self.root / entries[0].rel if single else self.root
@@ -378,7 +382,7 @@ class PlainLayout:
                 continue
             final = self.root / rel
             try:
-                saved = json.loads(meta.read_text(encoding="utf-8"))
+                saved = json.loads(read_regular(meta, RECORD_BYTES, follow=False))
                 st = final.lstat()
             except (OSError, ValueError):
                 continue
@@ -451,8 +455,9 @@ class HubLayout:
         return False
 
     def present(self, e: Entry, info: ObjectInfo | None, verify: bool = False) -> bool:
-        try:
-            if self.blob(e).stat().st_size != e.size:
+        try:  # a regular file, as pulls and huggingface_hub leave them (a FIFO of an empty file's size hung readers)
+            st = self.blob(e).lstat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
                 return False
         except OSError:
             return False
@@ -466,10 +471,10 @@ class HubLayout:
         that ``hf cache scan`` reads (and ``hf cache delete`` cleans). The commit's own folder is made by
         ``finish``: huggingface_hub takes an existing one for a whole download (``snapshot_download`` of a
         commit, offline), and an interrupted pull's empty one was returned as the model."""
-        (self.repo / "snapshots").mkdir(parents=True, exist_ok=True)
+        own_dir(self.repo / "snapshots")
 
     def finish(self, entries: Sequence[Entry], single: bool) -> Path:
-        snapshot = self.repo / "snapshots" / self.commit
+        snapshot = own_dir(self.repo / "snapshots" / self.commit)  # (links made in a folder linked elsewhere...)
         for e in entries:
             link = snapshot / self.subpath / e.rel
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +489,7 @@ class HubLayout:
         if not single:  # what an offline load or pull of this folder finds complete (hub_refs.cached_snapshot)
             record = pull_record(self.repo, self.commit)
             try:
-                folders = json.loads(record.read_text(encoding="utf-8"))
+                folders = json.loads(read_regular(record, RECORD_BYTES, follow=False))
             except (OSError, ValueError):
                 folders = {}
             folders = folders if isinstance(folders, dict) else {}
@@ -529,7 +534,10 @@ async def _exclusive(lock: Path, url: str, trace: Trace, plain_root: Path | None
         return
     with _writing(lock, url):
         lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if os.path.islink(lock):  # planted: the lock file would be made wherever it points
+            os.unlink(lock)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0), 0o644)
     try:
         with runner.private_to_process(fd):
             with trace.span("lock"):
@@ -553,9 +561,9 @@ async def _exclusive(lock: Path, url: str, trace: Trace, plain_root: Path | None
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + INCOMPLETE)
-    tmp.write_text(text, encoding="utf-8")
+    tmp = own_dir(path.parent) / (path.name + INCOMPLETE)
+    with os.fdopen(open_own(tmp, os.O_WRONLY, fresh=True), "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,7 @@ from ..plan import ChunkRead
 from ..sources import ObjectInfo, Segment
 from ..trace import Trace
 from ..runner import in_worker
+from ..safe_files import open_own, read_regular
 from .base import staged_segments
 
 Range = tuple[int, int]
@@ -88,10 +90,14 @@ def resume_ranges(temp: Path, info: ObjectInfo) -> list[Range]:
     if not info.etag and not info.last_modified:
         return []
     try:
-        lines = journal_path(temp).read_text(encoding="utf-8").splitlines()
-        if temp.stat().st_size != info.size or not lines or lines[0] != _header(info):
+        # At most a line per chunk (64 KiB or more) and a few runs' leftovers: a longer "journal" is not one.
+        cap = 4096 + 48 * (info.size // (64 << 10) + 64)
+        lines = read_regular(journal_path(temp), cap, follow=False).decode("utf-8").splitlines()
+        st = os.lstat(temp)
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != info.size or not lines
+                or lines[0] != _header(info)):
             return []
-    except OSError:
+    except (OSError, ValueError):
         return []
     done = []
     for line in lines[1:]:
@@ -120,14 +126,13 @@ class FileSink:
         """Create (or reopen, to resume) the temporary file and its journal."""
         target = self.files[index]
         fresh = not target.done
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         fd = jfd = None
         try:
             target.temp.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target.temp, flags | (os.O_TRUNC if fresh else 0), 0o644)
+            fd = open_own(target.temp, os.O_WRONLY, fresh=fresh)  # (never through what others left there)
             if fresh:
                 os.ftruncate(fd, target.info.size)
-            jfd = os.open(target.journal, flags | os.O_APPEND | (os.O_TRUNC if fresh else 0), 0o644)
+            jfd = open_own(target.journal, os.O_WRONLY | os.O_APPEND, fresh=fresh)
             if fresh:
                 os.write(jfd, (_header(target.info) + "\n").encode())
         except OSError as exc:
@@ -184,10 +189,9 @@ class FileSink:
         fd, jfd = self._fds.pop(index, (None, None))
         if fd is None:  # nothing was missing (an empty file, or a resumed one that was whole): never opened
             # Only an empty file may be made here: a temporary file that vanished is never remade as zeros.
-            create = os.O_CREAT if target.info.size == 0 else 0
             try:
                 target.temp.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(target.temp, os.O_WRONLY | create | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = open_own(target.temp, os.O_WRONLY, fresh=target.info.size == 0)
             except OSError as exc:
                 raise TransferError(f"cannot write {target.temp}: {exc.strerror or exc}",
                                     url=target.info.url) from exc

@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ConfigError, FormatError
 from ..format import INDEX_NAME, SINGLE_NAME, parse_index
+from ..safe_files import read_regular
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -151,7 +152,7 @@ def cached_commit(cache_dir: Path, ref: HubRef) -> str | None:
     if ref.pinned:
         return ref.revision
     try:
-        commit = (repo / "refs" / ref.rev).read_text(encoding="utf-8").strip()
+        commit = read_regular(repo / "refs" / ref.rev, 4096).decode("utf-8").strip()
     except (OSError, ValueError):
         return None
     return commit if COMMIT.fullmatch(commit) else None
@@ -167,7 +168,7 @@ def pull_record(repo: Path, commit: str) -> Path:
 def _pulled(repo: Path, commit: str, folder: str) -> bool:
     """Whether a finished pull of ``folder`` (or of one above it) left every one of its files in the snapshot."""
     try:
-        folders = json.loads(pull_record(repo, commit).read_text(encoding="utf-8"))
+        folders = json.loads(read_regular(pull_record(repo, commit), 1 << 20))
     except (OSError, ValueError):
         return False
     want = folder.strip("/")
@@ -187,7 +188,7 @@ def _listed_whole(repo: Path, commit: str, folder: str) -> bool:
     ``*.safetensors`` files directly in ``folder``, and the snapshot has each at its listed size: a folder with no
     index or model.safetensors (a diffusers ``unet/``) that huggingface_hub fetched whole."""
     try:
-        doc = json.loads((repo / "trees" / f"{commit}.json").read_text(encoding="utf-8"))
+        doc = json.loads(read_regular(repo / "trees" / f"{commit}.json", 64 << 20))
     except (OSError, ValueError):
         return False
     files = doc.get("files") if isinstance(doc, dict) and doc.get("format_version") == 1 else None
