@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -35,12 +37,30 @@ from yarl import URL
 from ..config import LoadConfig, without_credentials
 from ..errors import FormatError, IntegrityError, SourceNotFoundError, SourcePermissionError, TransferError
 from ..redact import describe, printable, scrub
+from ..format import parse_index
+from ..integrity import verify_file
+from ..runner import in_worker
 from ..trace import Trace
 from .base import ObjectInfo, Segment
 from .http import BadRequest, HttpTransport, check_status
 from .hub_refs import (_SHA256, MAX_LISTING_BYTES, MAX_REDIRECTS, HubRef, HubSettings, RepoInfo, _origin,
                        cached_snapshot, parse_hub_url, parse_repo_info)
 from .retry import RetryPolicy, Transient
+
+
+def _verify_cached(cached: Path, url: str) -> None:
+    """Each weights file of the cached snapshot ``cached`` (a folder's own, or the file) that links to a blob
+    named by its sha256 (an LFS file's, as the cache names them) holds those bytes: ``IntegrityError`` if not."""
+    if cached.is_dir():
+        files = sorted(p for p in cached.iterdir() if p.name.endswith(".safetensors"))
+    elif cached.name.endswith(".json"):  # an index named directly: its shards (cached_snapshot found them all)
+        files = [cached.parent / name for name in parse_index(cached.read_bytes(), url=url).files]
+    else:
+        files = [cached]
+    for path in files:
+        blob = os.path.realpath(path)
+        if _SHA256.fullmatch(os.path.basename(blob)):
+            verify_file(blob, f"sha256:{os.path.basename(blob)}", url=f"{url} ({path.name})")
 
 
 class HubTransport:
@@ -62,6 +82,7 @@ class HubTransport:
         self._origin = _origin(self.settings.endpoint)
         self._infos: dict[tuple[str, str], RepoInfo] = {}
         self._cdn_urls: dict[str, str] = {}  # hf:// URL -> the CDN URL last handed out for it
+        self._verify = config.verify_checksums
 
     def resolve_url(self, ref: HubRef, path: str | None = None) -> str:
         path = ref.path if path is None else path
@@ -201,6 +222,8 @@ class HubTransport:
         ref = parse_hub_url(url)
         cached = cached_snapshot(self.settings.cache_dir, ref)
         if cached is not None:
+            if self._verify:  # the cache's copy, read in place of the Hub's: checked against what names it
+                await in_worker(_verify_cached, cached, url)
             return str(cached)
         if self.settings.offline:
             raise SourceNotFoundError(
