@@ -133,7 +133,9 @@ def test_exit_with_loads_stuck_in_progress_callbacks_is_bounded(tmp_path):
     status, out, err, ended = finish(start(STUCK_AT_EXIT, str(path)))
     assert (status, err) == (0, ""), err[-2000:]
     took = ended - left_at(out)
-    assert took < 2 * 2.0 + 1.5, f"exit took {took:.1f} s with two stuck loads"
+    # (the hooks' 2 s each, and the interpreter's own teardown: seconds on a 2-core machine under the full suite;
+    # the hooks unbounded would wait for the callbacks' 60 s)
+    assert took < 2 * 2.0 + 4.0, f"exit took {took:.1f} s with two stuck loads"
 
 
 # -- a forked child's exit ------------------------------------------------------------------------------------------
@@ -151,7 +153,7 @@ if pid == 0:  # a worker process that ends normally (sys.exit: its atexit handle
     sys.exit(0)
 started = time.monotonic()
 status = None
-while time.monotonic() - started < 3:
+while time.monotonic() - started < 8:
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
         break
@@ -179,7 +181,9 @@ def test_a_forked_child_exits_without_waiting_for_its_parents_loads(http_server,
     line = next(line for line in out.splitlines() if line.startswith("child "))
     code, took = line.split()[1], float(line.split()[2])
     assert code == "0", out
-    assert took < 1.5, f"the forked child took {took:.1f} s to exit: it waited for its parent's loads"
+    # waiting for the two loads it does not have took 2 s each; a torch process's own exit takes up to about 2 s
+    # on a 2-core machine under the full suite
+    assert took < 3.5, f"the forked child took {took:.1f} s to exit: it waited for its parent's loads"
 
 
 # -- an atexit handler that waits for the preloading thread --------------------------------------------------------
