@@ -77,7 +77,10 @@ def test_load_streams_real_model_from_hub(hub: HubServer, minilm_dir: Path) -> N
     assert all(f"/resolve/{commit}/" in p for p in paths if "/resolve/" in p)  # every file pinned to it
     data = [r for r in hub.log if r.range and r.range != "bytes=0-7"]  # all but the size probes
     assert data and all(r.path.startswith("/lfs/") for r in data)  # chunks go straight to the "CDN"
-    assert len([p for p in paths if "/resolve/" in p]) == 2  # one HEAD for the absent index, one per weight file
+    # one HEAD per weight file; none for the absent index: the listing already said it is not there
+    assert [p for p in paths if "/resolve/" in p] == [f"/{repo}/resolve/{commit}/model.safetensors"]
+    assert paths.count(f"/api/models/{repo}/revision/main") == 1 and not [p for p in paths if commit in p and
+                                                                          p.startswith("/api/")]
 
 
 def test_sharded_checkpoint_at_branch_and_commit(hub: HubServer, llama_sharded_checkpoint: Path) -> None:

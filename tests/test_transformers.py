@@ -280,7 +280,7 @@ def test_errors(tmp_path: Path, llama_dir: Path, minilm_dir: Path) -> None:
 # -- the weights stream while transformers imports ----------------------------------------------------
 
 _OVERLAP_CHILD = r"""
-import importlib.abc, json, sys, time
+import importlib.abc, importlib.machinery, json, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from servers import RangeHTTPServer
@@ -292,15 +292,25 @@ seen = {}
 
 
 class WaitForTheWeights(importlib.abc.MetaPathFinder):
-    # Holds the first import of transformers until the server has sent every weight byte (at most 30 s).
+    # Holds the first import of transformers until the server has sent every weight byte (at most 30 s). Held
+    # where an import spends its time, running the module: find_spec runs under the interpreter's global import
+    # lock, and waiting there held up every import in every thread (the load's own lazy ones too).
     def find_spec(self, name, path=None, target=None):
-        if name == "transformers" and "sent" not in seen:
-            seen["sent"] = 0
+        if name != "transformers" or "sent" in seen:
+            return None
+        seen["sent"] = 0
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and seen["sent"] < want:
                 time.sleep(0.01)
                 seen["sent"] = server.bytes_sent("*.safetensors")
-        return None
+            run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 assert "transformers" not in sys.modules

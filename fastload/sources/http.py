@@ -47,6 +47,9 @@ from .http_threads import MAX_REDIRECTS, BodyOverrun, ThreadedBodies, env_proxie
 from .retry import RETRY_STATUSES, Fatal, RetryPolicy, Transient, retry_after
 
 PROBE_BYTES = 8  # the size probe's range: a safetensors header length, and never a byte of tensor data
+# A JSON file's probe (a shard index, a model's config) asks for this much: the whole file, almost always (a 70B
+# model's index is about 60 KB), so that reading it takes no second round trip.
+JSON_PROBE_BYTES = 256 << 10
 # A JSON file (an index, config.json) whose server ignores Range is taken whole from the probe's 200 reply, up
 # to this size (resolve's cap on an index): read whole anyway, it needs no ranges, and curl, requests and
 # huggingface_hub all take such a reply. A .safetensors file behind such a server still fails: no parallel reads.
@@ -204,6 +207,10 @@ class _OwnThreads:
         return await detached(socket.getnameinfo, sockaddr, flags)
 
 
+def _probe_bytes(url: str) -> int:
+    return JSON_PROBE_BYTES if urlsplit(url).path.endswith(".json") else PROBE_BYTES
+
+
 class HttpTransport:
     def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace, *, ca_file: str | None = None):
         self.config = config
@@ -303,8 +310,8 @@ class HttpTransport:
 
     async def stat(self, url: str) -> ObjectInfo:
         display = self._shown(url)  # a presigned or user:password URL is fetched, never shown
-        return await self.policy.run(lambda: self._stat_once(url, display), url=display, byte_range=(0, PROBE_BYTES),
-                                     request=True)
+        return await self.policy.run(lambda: self._stat_once(url, display), url=display,
+                                     byte_range=(0, _probe_bytes(url)), request=True)
 
     def _shown(self, url: str) -> str:
         """``url`` as messages and traces show it, one name per object: two URLs that differ only in hidden
@@ -320,19 +327,19 @@ class HttpTransport:
     async def stat_fetch_url(self, fetch_url: str, display: str) -> ObjectInfo:
         display = redact_url(display)
         return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display,
-                                     byte_range=(0, PROBE_BYTES), request=True)
+                                     byte_range=(0, _probe_bytes(fetch_url)), request=True)
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and
         # brings a safetensors file's header length, so reading the header takes one request, not two.
-        prefix = b""
-        async with await self._request("GET", fetch_url, display, {"Range": f"bytes=0-{PROBE_BYTES - 1}"}) as resp:
+        prefix, probe = b"", _probe_bytes(fetch_url)
+        async with await self._request("GET", fetch_url, display, {"Range": f"bytes=0-{probe - 1}"}) as resp:
             if resp.status == 416 and _value(resp.headers, "Content-Range") == "bytes */0":
                 return ObjectInfo(url=display, size=0, etag=_value(resp.headers, "ETag"),  # an empty object
                                   last_modified=_value(resp.headers, "Last-Modified"),
                                   fetch_url=None if fetch_url == display else fetch_url)
             check_status(resp.status, resp.reason, url=display, headers=resp.headers)
-            _check_identity(resp, display, (0, PROBE_BYTES))
+            _check_identity(resp, display, (0, probe))
             if resp.status != 206:
                 self._no_ranges.add(display)
             if resp.status == 206:
@@ -341,7 +348,7 @@ class HttpTransport:
                 if not match or match.group(3) == "*":
                     raise TransferError("206 reply without a usable Content-Range", url=display)
                 size = int(match.group(3))
-                want = min(size, PROBE_BYTES)
+                want = min(size, probe)
                 if (int(match.group(1)), int(match.group(2)) + 1) == (0, want):
                     body = b""
                     try:
@@ -386,6 +393,8 @@ class HttpTransport:
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         start, end = span_of(segments)
         if info.size and len(info.prefix) == info.size:  # the probe brought the whole object: no request
+            if record is not None:  # (a copy from memory: it starts and has its first byte at once)
+                record.started = record.first_byte = self.trace.now()
             for seg in segments:
                 seg.view[:] = info.prefix[seg.offset:seg.end]
             return end - start

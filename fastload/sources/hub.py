@@ -95,6 +95,12 @@ class HubTransport:
         ref = parse_hub_url(url)
         if ref.is_dir:
             raise SourceNotFoundError(f"{url} names a folder, not a file", url=url)
+        listed = self._infos.get((ref.repo_id, ref.rev))
+        if listed is not None and not any(f.path == ref.path for f in listed.files):
+            # The commit's listing (already asked for) says it is not there: a 404 without the round trip (the
+            # probe of model.safetensors where an index is found, or the index's where the file is single).
+            raise SourceNotFoundError(f"not found: no {ref.path!r} in {url} (the Hub's listing of {listed.commit})",
+                                      url=url)
         target, linked, linked_size = await self.policy.run(lambda: self._follow(self.resolve_url(ref), url),
                                                             url=url, byte_range=None, request=True)
         info = await self._http(target).stat_fetch_url(target, url)
@@ -183,7 +189,9 @@ class HubTransport:
         """The commit ``ref``'s revision points to and the repository's files (asked once per transport)."""
         key = (ref.repo_id, ref.rev)
         if key not in self._infos:
-            self._infos[key] = await self._fetch_repo_info(ref)
+            info = await self._fetch_repo_info(ref)
+            # and under its commit: the load pins the revision to it and asks again (the listing, a round trip)
+            self._infos[key] = self._infos[(ref.repo_id, info.commit)] = info
         return self._infos[key]
 
     async def _fetch_repo_info(self, ref: HubRef) -> RepoInfo:
