@@ -392,12 +392,18 @@ class HttpTransport:
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record: ReadRecord | None = None) -> int:
         start, end = span_of(segments)
-        if info.size and len(info.prefix) == info.size:  # the probe brought the whole object: no request
-            if record is not None:  # (a copy from memory: it starts and has its first byte at once)
-                record.started = record.first_byte = self.trace.now()
+        have = len(info.prefix)
+        if start < have:  # the probe brought these first bytes (a JSON file's 256 KiB): copied, not asked again
             for seg in segments:
-                seg.view[:] = info.prefix[seg.offset:seg.end]
-            return end - start
+                if seg.offset < have:
+                    n = min(seg.end, have) - seg.offset
+                    seg.view[:n] = info.prefix[seg.offset:seg.offset + n]
+            if end <= have:  # all of it: no request
+                if record is not None:  # (a copy from memory: it starts and has its first byte at once)
+                    record.started = record.first_byte = self.trace.now()
+                return end - start
+            segments = [Segment(max(seg.offset, have), seg.view[max(0, have - seg.offset):])
+                        for seg in segments if seg.end > have]
         cursor = _Cursor(segments)
         await self.policy.run(lambda: self._read_once(info, cursor, record), url=info.url, byte_range=(start, end),
                               progress=lambda: cursor.pos, request=True)
