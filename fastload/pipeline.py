@@ -42,6 +42,9 @@ class LoadRequest:
     # tensors of the same checkpoint passes them as ``read`` and plans without reading them again.
     seen: Callable[[Any], None] | None = None
     read: Any = None
+    # Internal (from_pretrained): (URL, ObjectInfo) of the weights file already looked up, which resolving
+    # ``source`` (that URL) takes instead of asking again.
+    found: tuple[str, Any] | None = None
 
 
 def make_request(source, *, device="cpu", dtype=None, names=None, shard=None, config=None, trace=None,
@@ -102,7 +105,7 @@ async def make_plan(request: LoadRequest, transports: Transports) -> LoadPlan:
         resolved, headers = request.read
     else:
         with trace.span("resolve"):
-            resolved = await resolve(request.source, transports)
+            resolved = await resolve(request.source, transports, found=request.found)
         with trace.span("header"):
             headers = await gather(read_header(transports, info, i) for i, info in enumerate(resolved.files))
         if request.seen is not None:

@@ -156,7 +156,10 @@ async def _resolve_dir(transports: Transports, url: str) -> Resolved:
     return Resolved(tuple(await gather(transports.for_url(u).stat(u) for u in names)))
 
 
-async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], transports: Transports) -> Resolved:
+async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], transports: Transports,
+                  found: tuple[str, ObjectInfo] | None = None) -> Resolved:
+    """The files ``source`` names. ``found``: a file's URL and what looking it up gave, taken instead of asking
+    again when ``source`` is that URL (from_pretrained has looked for the weights already)."""
     if isinstance(source, (list, tuple)):
         if not source:
             raise ConfigError("empty list of sources")
@@ -201,7 +204,7 @@ async def resolve(source: str | os.PathLike | Sequence[str | os.PathLike], trans
         async with not_while_pulled(parent(url), transports.trace):
             return await _from_index(transports, await transports.for_url(url).stat(url), url)
     try:
-        info = await transports.for_url(url).stat(url)
+        info = found[1] if found is not None and found[0] == url else await transports.for_url(url).stat(url)
     except SourceNotFoundError:
         if scheme_of(url) == "s3" and await transports.for_url(url).no_such_bucket(url):
             raise SourceNotFoundError(f"no such bucket: {url}", url=url) from None

@@ -246,9 +246,9 @@ def test_trace_records_every_shard_over_http(llama_dir: Path, serve, tmp_path: P
     s = trace.summary()
     files = sorted(p.name for p in llama_dir.glob("model*.safetensors*"))  # the shards and the index
     assert sorted(u.rsplit("/", 1)[-1] for u in s.bytes_by_file) == files
-    for file_url, n in s.bytes_by_file.items():  # every byte of every file, once; the index after two 8-byte
-        # probes (which weights file the directory has, then the load's own), both counted: they crossed the wire
-        assert 0 <= n - (llama_dir / file_url.rsplit("/", 1)[-1]).stat().st_size <= 16, file_url
+    for file_url, n in s.bytes_by_file.items():  # every byte of every file, once (the index too: the probe
+        # that found it brought it whole, and the load took it from there)
+        assert n == (llama_dir / file_url.rsplit("/", 1)[-1]).stat().st_size, file_url
     assert s.chunks >= 1 and s.errors == ()
     path = tmp_path / "load.json"
     fastload.from_pretrained(url, trace=str(path))

@@ -394,7 +394,7 @@ def test_from_pretrained_http_does_not_probe_the_weights_twice(http_server, http
     opened = http_server.connections_accepted - before
     state = model.state_dict()
     assert torch.equal(state["model.norm.weight"].float(), tensors["model.norm.weight"].float())
-    problems = _problems(arrivals, _data_starts(folder), 2, "from_pretrained over HTTP", now=3, twice_now=1)
+    problems = _problems(arrivals, _data_starts(folder), 2, "from_pretrained over HTTP")
     widest = max(len(w) for w in _waves(arrivals))
     # one connection per request in flight at once, then the same sockets (plus the threaded bodies' one) would
     # do; today one more: _stage's transports are not the load's (the note's list of round trips to save)

@@ -117,9 +117,10 @@ def _variant_name(name: str, variant: str) -> str:
 
 
 async def _stage(source: str, folder: Path, config, variant: str | None = None,
-                 trace=NULL_TRACE) -> str | list[str]:
+                 trace=NULL_TRACE) -> tuple[str | list[str], ObjectInfo | None]:
     """Fetch the non-weight model files into ``folder``; return where the weights are: the index or the single
-    file (of ``variant`` when given), or the shards of an index ``config.json`` names in a sub-folder. The probes
+    file (of ``variant`` when given), or the shards of an index ``config.json`` names in a sub-folder; and what
+    looking the file up gave, where the load can take it instead of asking again. The probes
     of the weights' names count in ``trace`` (the load's: it covers the weights); the model files do not.
 
     The model files and the standard weights names are asked for at once, not one after another: on a remote
@@ -207,8 +208,11 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None,
             # transformers reads a shard name against the model directory, wherever config.json put the
             # index (a load reads it against the index's own folder): the shards, named from here
             raw = await read_bytes(weights.for_url(info.url), info, 0, info.size)
-            return [join(base, shard) for shard in parse_index(raw, url=info.url).files]
-        return join(base, name)
+            return [join(base, shard) for shard in parse_index(raw, url=info.url).files], None
+        # What finding it gave, for the load to take instead of asking again (over HTTP its probe, an index's
+        # whole body): not an S3 object's (its presigned URL belongs to these transports, which re-sign only
+        # their own), nor a local file's (a stat, and the load's own checks of local files go with it)
+        return join(base, name), info if scheme_of(base) in ("http", "hf") else None
     finally:
         await transports.aclose()
         await weights.aclose()
@@ -414,7 +418,9 @@ def from_pretrained(source, *, model_class=None, device="cpu", dtype=None, confi
     with tempfile.TemporaryDirectory(prefix="fastload-model-") as tmp:
         folder = Path(tmp)
         with request.trace.one_load():  # the weights' parts are one load: one span, one trace file
-            base = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
+            base, found = runner.run(lambda: _stage(model_dir, folder, request.config, variant, request.trace))
+            if found is not None:
+                request = replace(request, found=(base, found))
             guess = _dtypes(dtype, _raw_config(folder))[0]
 
             given_up = threading.Event()
