@@ -36,6 +36,10 @@ _CHILD = textwrap.dedent(r'''
     import asyncio, json, os, resource, signal, sys, threading, time, traceback
     import torch, fastload
     import fastload.sources.http, fastload.sources.s3  # a service that loaded before has these imported
+    # and botocore, which S3 loads import lazily: an import that runs out of memory half-way is CPython's
+    # SystemError ("error return without exception set"), not fastload's to type; whether the first S3 load
+    # imported it under the cap depended on a few MB of headroom
+    import botocore.session
     from safetensors.torch import load_file
 
     HUGE = 1 << 45  # a thread stack no address space holds: Thread.start raises "can't start new thread"

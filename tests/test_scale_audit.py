@@ -359,8 +359,10 @@ def test_many_shards_plan_is_not_files_times_tensors(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     one_each = [f"t.{f}.0" for f in range(shards)]
     fastload.plan(tmp_path, names=one_each)  # warm the page cache and imports
-    sel, t_sel = cpu_timed(lambda: fastload.plan(tmp_path, names=one_each))
-    full, t_full = cpu_timed(lambda: fastload.plan(tmp_path))
+    # the faster of two runs each: one run under the full suite came out 3 % past the bound (files x tensors
+    # would be about ten times it)
+    (sel, t_sel), (full, t_full) = (min((cpu_timed(fn) for _ in range(2)), key=lambda r: r[1]) for fn in (
+        lambda: fastload.plan(tmp_path, names=one_each), lambda: fastload.plan(tmp_path)))
     assert len(sel.tensors) == shards and len(full.tensors) == shards * per and len(full.files) == shards
     assert t_full < 1.5 * t_sel + 0.75, \
         f"{shards} shards: one tensor each {t_sel:.2f} CPU s, all {per} each {t_full:.2f} CPU s"
