@@ -4,6 +4,7 @@ It answers what ``hf://`` sources and ``huggingface_hub`` ask:
 
 * ``GET /api/models/{org}/{name}/revision/{rev}`` -- the commit sha and the file
   list (``siblings`` with ``size``, ``blobId`` and, for LFS files, ``lfs.sha256``);
+* ``GET /api/models/{org}/{name}/tree/{rev}`` -- the commit's files, as ``snapshot_download`` lists them;
 * ``GET|HEAD /{org}/{name}/resolve/{rev}/{path}`` -- with ``X-Repo-Commit``. A
   small file is served in place with ``ETag: "<git blob sha1>"``; an LFS file
   (``*.safetensors``, ``*.bin``) is a 302 to ``http://localhost:<port>/lfs/...``
@@ -34,6 +35,7 @@ from servers.http_range import Reply
 LFS_SUFFIXES = (".safetensors", ".bin")
 _API = re.compile(r"^/api/models/([^/]+/[^/]+)/revision/(.+)$")
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_TREE = re.compile(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)/?$")
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -51,9 +53,26 @@ class _HubHandler(RangeHTTPServer.handler_class):  # type: ignore[misc, valid-ty
             return Reply.simple(401, [("X-Error-Code", "RepoNotFound")])
         if (match := _API.match(path)) is not None:
             return self._api(hub, *match.groups())
+        if (match := _TREE.match(path)) is not None:
+            return self._tree(hub, *match.groups())
         if (match := _RESOLVE.match(path)) is not None:
             return self._resolve(hub, headers, body, *match.groups())
         return Reply.simple(404)
+
+    def _tree(self, hub: "HubServer", repo_id: str, rev: str) -> Reply:
+        """What ``snapshot_download`` lists a commit with (``?recursive=true``): without it, huggingface_hub
+        falls back to whatever snapshot folder the cache holds and downloads nothing, so a test passed untested."""
+        commit = hub.commit_of(repo_id, rev)
+        if commit is None:
+            return Reply.simple(404, [("X-Error-Code", "RevisionNotFound")])
+        entries = []
+        for name, meta in sorted(hub.files[commit].items()):
+            entry = {"type": "file", "oid": meta["blob"], "size": meta["size"], "path": name}
+            if meta["sha256"]:
+                entry["lfs"] = {"oid": meta["sha256"], "size": meta["size"], "pointerSize": 134}
+            entries.append(entry)
+        doc = json.dumps(entries).encode()
+        return Reply(200, [("Content-Type", "application/json"), ("Content-Length", str(len(doc)))], [doc])
 
     def _api(self, hub: "HubServer", repo_id: str, rev: str) -> Reply:
         commit = hub.commit_of(repo_id, rev)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,67 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import llama_config, llama_like_tensors, write_sharded, write_single
-from hub_server import HF_VARS, HubServer, _HubHandler, repo_name
+from hub_server import HubServer, hub, hub_session, repo_name  # noqa: F401 -- fixtures
 from safetensors.torch import load_file
-from servers.http_range import Reply
 
 import fastload
 from fastload import LoadConfig
 
 SMALL = LoadConfig(chunk_bytes=64 << 10, max_concurrency=2)
 TESTS = Path(__file__).resolve().parent
-
-
-# -- the stand-in Hub, with the tree listing huggingface_hub >= 1 asks for -------------------------------------
-
-_TREE = re.compile(r"^/api/models/([^/]+/[^/]+)/tree/([^/]+)/?$")
-
-
-class _TreeHandler(_HubHandler):
-    """``GET /api/models/{repo}/tree/{rev}?recursive=true``: what ``snapshot_download`` lists a commit with
-    (without it, it falls back to whatever snapshot folder the cache holds, downloading nothing)."""
-
-    def produce(self, path: str, headers, body: bytes) -> Reply:
-        hub: HubServer = self.server.owner  # type: ignore[assignment]
-        match = _TREE.match(path)
-        if match is None:
-            return super().produce(path, headers, body)
-        commit = hub.commit_of(*match.groups())
-        if commit is None:
-            return Reply.simple(404, [("X-Error-Code", "RevisionNotFound")])
-        entries = []
-        for name, meta in sorted(hub.files[commit].items()):
-            entry = {"type": "file", "oid": meta["blob"], "size": meta["size"], "path": name}
-            if meta["sha256"]:
-                entry["lfs"] = {"oid": meta["sha256"], "size": meta["size"], "pointerSize": 134}
-            entries.append(entry)
-        doc = json.dumps(entries).encode()
-        return Reply(200, [("Content-Type", "application/json"), ("Content-Length", str(len(doc)))], [doc])
-
-
-class TreeHub(HubServer):
-    handler_class = _TreeHandler
-
-
-@pytest.fixture(scope="session")
-def tree_hub_session(tmp_path_factory: pytest.TempPathFactory):
-    with TreeHub(tmp_path_factory.mktemp("tree-hub")) as server:
-        yield server
-
-
-@pytest.fixture
-def hub(tree_hub_session: TreeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TreeHub:
-    for name in HF_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", tree_hub_session.endpoint)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    tree_hub_session.reset()
-    yield tree_hub_session
-    tree_hub_session.reset()
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
 
 
 def folder_of(cache: Path, repo: str) -> Path:
