@@ -250,7 +250,8 @@ async def _check_shards(entries: list[Entry], listed: list[Entry], transports: T
         if not e.rel.endswith(INDEX_SUFFIX):
             return e, []
         e = e if e.info is not None else _with_info(e, await transports.for_url(e.url).stat(e.url))
-        index = await read_index(transports, e.info)
+        index, info = await read_index(transports, e.info)
+        e = replace(e, info=info)  # (its copy is written from the bytes read here)
         folder = e.rel.rpartition("/")[0]
         named = [posixpath.join(folder, name) for name in index.files]
         lacking = sorted(name for name, rel in zip(index.files, named) if rel not in have)

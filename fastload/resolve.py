@@ -9,7 +9,7 @@ URL/prefix ending in ``/``) is a checkpoint directory: its
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -120,17 +120,19 @@ async def _try_stat(transports: Transports, url: str, denied: list[SourcePermiss
         return None
 
 
-async def read_index(transports: Transports, info: ObjectInfo) -> ShardIndex:
-    """The shard index ``info``, read whole and checked (its size is capped before anything is read)."""
+async def read_index(transports: Transports, info: ObjectInfo) -> tuple[ShardIndex, ObjectInfo]:
+    """The shard index ``info``, read whole and checked (its size is capped before anything is read), and
+    ``info`` holding those bytes as its prefix: a later read of the file (a pull's copy) asks for nothing."""
     if info.size > MAX_INDEX_BYTES:
         raise FormatError(f"{info.url}: index of {info.size} bytes is larger than the {MAX_INDEX_BYTES}-byte cap")
-    return parse_index(await read_bytes(transports.for_url(info.url), info, 0, info.size), url=info.url)
+    raw = await read_bytes(transports.for_url(info.url), info, 0, info.size)
+    return parse_index(raw, url=info.url), replace(info, prefix=raw)
 
 
 async def _from_index(transports: Transports, info: ObjectInfo, url: str) -> Resolved:
     """The shards of the index ``info``, found at ``url`` (the URL as given: ``info.url`` is what messages
     show, with any password or token hidden, and the shards need them)."""
-    index = await read_index(transports, info)
+    index, _ = await read_index(transports, info)
     base = parent(url)
     urls = [join(base, name) for name in index.files]
     files = await gather(transports.for_url(u).stat(u) for u in urls)

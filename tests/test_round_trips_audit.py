@@ -448,7 +448,7 @@ def test_pull_s3_prefix(s3_server, s3_bucket, s3_proxy, http_dir, tmp_path, arri
     _hold(s3_proxy)
     arrivals.clear()
     fastload.pull(f"s3://{s3_bucket}/ckpt/", to=tmp_path / "out", config=_s3_config(s3_proxy))
-    _check(arrivals, _data_starts(directory), 2, "pull of an S3 prefix", now=4, twice_now=1)
+    _check(arrivals, _data_starts(directory), 2, "pull of an S3 prefix", now=4)
 
 
 def test_pull_hub_repository(hub, http_dir, tmp_path, arrivals) -> None:

@@ -358,8 +358,7 @@ class HttpTransport:
                     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                         body = b""  # the headers told what a probe must; the header read fetches these bytes
                     prefix = body if len(body) == want else b""  # a body of another length is not used
-            elif urlsplit(fetch_url).path.endswith(".json") \
-                    and (_int_header(resp.headers, "Content-Length") or 0) <= WHOLE_JSON_BYTES:
+            elif probe == JSON_PROBE_BYTES and (_int_header(resp.headers, "Content-Length") or 0) <= WHOLE_JSON_BYTES:
                 prefix = await self._whole_body(resp, display)
                 size = len(prefix)
             else:
