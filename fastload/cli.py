@@ -49,7 +49,8 @@ def config_from_args(args: argparse.Namespace):
                 raise ConfigError(f"{flag} {typed}: {exc}") from None
     s3 = S3Options(anonymous=True) if getattr(args, "anonymous", None) else None
     return from_env(max_concurrency=getattr(args, "concurrency", None), chunk_bytes=chunk,
-                    direct_io=getattr(args, "direct_io", None), s3=s3)
+                    direct_io=getattr(args, "direct_io", None), s3=s3,
+                    verify_checksums=True if getattr(args, "verify", None) else None)
 
 
 # -- inspect ---------------------------------------------------------------------------------------
@@ -137,6 +138,8 @@ def _load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME", help="load only these tensors")
     parser.add_argument("--trace", metavar="OUT.json", help="write a Chrome trace (Perfetto, chrome://tracing)")
     parser.add_argument("--json", action="store_true", help="print the trace summary as JSON")
+    parser.add_argument("--verify", action="store_true",
+                        help="check each file whole against the sha256 its source publishes, as it streams")
     add_config_arguments(parser)
 
 

@@ -115,13 +115,14 @@ def test_sync_load_and_many_aloads_inside_a_running_loop(three, http_server):
         assert_bit_exact(got, tensors)
 
 
-@pytest.mark.parametrize("case", ["http-threads", "http-aiohttp", "s3-head-hangs"])
+@pytest.mark.parametrize("case", ["http-threads", "http-aiohttp", "s3-head-hangs", "s3-get-hangs"])
 def test_aload_under_wait_for_times_out_promptly_and_leaves_nothing(case, request, tmp_path):
     """asyncio.wait_for around aload: TimeoutError at the deadline, then no thread, socket or fd left.
 
-    S3's HEAD is botocore's blocking call, which nothing can abort: it runs in a daemon thread of its own, so
-    the cancel and asyncio.run() return at once, and that call ends by botocore's read timeout (stall_timeout_s)
-    with its thread and socket (README: the one exception). It used to hold asyncio.run() for all of it."""
+    S3's HEAD (asked when checksums are verified) is botocore's blocking call, which nothing can abort: it runs
+    in a daemon thread of its own, so the cancel and asyncio.run() return at once, and that call ends by
+    botocore's read timeout (stall_timeout_s) with its thread and socket (README: the one exception). It used to
+    hold asyncio.run() for all of it. Without verification the first request is a presigned GET: nothing left."""
     if case.startswith("http"):
         server = request.getfixturevalue("http_server")
         server.reset()  # fetched here, not declared: conftest's autouse reset did not run for this test
@@ -136,7 +137,7 @@ def test_aload_under_wait_for_times_out_promptly_and_leaves_nothing(case, reques
         s3.put(bucket, "m.safetensors", file.read_bytes())
         source, ports = f"s3://{bucket}/m.safetensors", {proxy.port}
         rule = proxy.faults._add(Hang(pattern="*", methods=frozenset({"HEAD", "GET"})))
-        config = QUICK.replace(s3=fastload.S3Options(endpoint_url=proxy.url))
+        config = QUICK.replace(s3=fastload.S3Options(endpoint_url=proxy.url), verify_checksums=case == "s3-head-hangs")
     config = config.replace(stall_timeout_s=6.0)  # far beyond the 0.6 s deadline; short if the test fails
 
     async def main() -> tuple[float, float, list]:
@@ -359,9 +360,11 @@ retry = fastload.RetryConfig(max_attempts=1, backoff_base_s=0.01, backoff_max_s=
 while (job := jobs.get()) is not None:
     mode, source, endpoint = job
     config = fastload.LoadConfig(chunk_bytes=64 * 1024, max_concurrency=4, stall_timeout_s=5.0, retry=retry,
-                                 s3=fastload.S3Options(endpoint_url=endpoint) if endpoint != "-" else fastload.S3Options())
+                                 s3=fastload.S3Options(endpoint_url=endpoint) if endpoint != "-" else fastload.S3Options(),
+                                 verify_checksums=mode.endswith("+verify"))
     killed.clear()
     print("go", mode, flush=True)
+    mode = mode.removesuffix("+verify")
     try:
         if mode == "load":
             fastload.load(source, config=config)
@@ -482,11 +485,12 @@ def test_ctrl_c_while_an_s3_head_hangs(sigint_child, s3_server, s3_bucket, s3_pr
     """Ctrl-C during a sync load() whose S3 HEAD is held by the server: KeyboardInterrupt at once. It used to
     take stall_timeout_s (30 s by default): the botocore call ran on asyncio's default executor, which
     asyncio.run() joins. Now only that call's own daemon thread and socket remain, until botocore's read
-    timeout (README: the one exception), and they never hold up the interpreter's exit."""
+    timeout (README: the one exception), and they never hold up the interpreter's exit. (Checksums verified: a
+    HEAD brings them, so it is always asked.)"""
     file, _ = write_checkpoint(tmp_path / "model.safetensors", count=2)
     s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
     rule = s3_proxy.faults._add(Hang(pattern="*", methods=frozenset({"HEAD"})))
-    report = sigint_child.run("load", f"s3://{s3_bucket}/m.safetensors", s3_proxy.url, rule=rule)
+    report = sigint_child.run("load+verify", f"s3://{s3_bucket}/m.safetensors", s3_proxy.url, rule=rule)
     assert report["result"] == "interrupted" and report["seconds"] < 2.0, report
     assert report["threads"] == ["fastload-detached"], report
     assert len(report["sockets"]) <= 1, report

@@ -65,17 +65,36 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
 
 def test_ctrl_c_while_an_s3_head_hangs_exits_promptly(ckpt, s3_server, s3_bucket, s3_proxy):
     """README: "Ctrl-C stops all I/O". An S3 HEAD that gets no answer (the server hangs) must not keep
-    ``fastload load`` alive after Ctrl-C until botocore's read timeout (stall_timeout_s, 30 s)."""
+    ``fastload load`` alive after Ctrl-C until botocore's read timeout (stall_timeout_s, 30 s). (``--verify``:
+    checksums come with a HEAD, so it is always asked.)"""
     s3_server.put(s3_bucket, "m.safetensors", ckpt.read_bytes())
     s3_proxy.faults._add(Hang(methods=frozenset({"HEAD"})))
     env = dict(os.environ, AWS_ENDPOINT_URL=s3_proxy.url)
-    proc = start("load", f"s3://{s3_bucket}/m.safetensors", env=env)
+    proc = start("load", f"s3://{s3_bucket}/m.safetensors", "--verify", env=env)
     wait_for(lambda: any(r.method == "HEAD" for r in s3_proxy.log) or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     time.sleep(0.3)
     took, out, err = interrupt(proc, within_s=6)
     assert proc.returncode == 130 and err == "fastload: interrupted\n", (proc.returncode, err)
     assert took < 5, f"took {took:.1f} s to stop after Ctrl-C"
+
+
+def test_load_verify_checks_the_published_sha256(ckpt, s3_server, s3_bucket, s3_proxy):
+    """``fastload load --verify``: the object's ChecksumSHA256 (asked for with a HEAD) is checked as it streams;
+    without the flag nothing is checked (and no HEAD asked)."""
+    import json
+
+    s3_server.client().put_object(Bucket=s3_bucket, Key="v/model.safetensors", Body=ckpt.read_bytes(),
+                                  ChecksumAlgorithm="SHA256")
+    env = dict(os.environ, AWS_ENDPOINT_URL=s3_proxy.url)
+    url = f"s3://{s3_bucket}/v/model.safetensors"
+    runs = {flag: subprocess.run([FASTLOAD, "load", url, "--json", *flag], capture_output=True, text=True, env=env,
+                                 timeout=60) for flag in ((), ("--verify",))}
+    heads = [r for r in s3_proxy.log if r.method == "HEAD"]
+    for flag, done in runs.items():
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["counters"].get("checksums_verified") == (1 if flag else None), done.stdout
+    assert len(heads) == 1, heads
 
 
 def test_ctrl_c_mid_body_pull_leaves_no_file_under_its_final_name(ckpt, http_server, http_dir, tmp_path):

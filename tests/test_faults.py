@@ -103,8 +103,8 @@ def test_recoverable_fault_loads_bit_exact(target, fault):
     assert_bit_exact(got, target.tensors)
     assert rule.fired >= 1, "the fault never fired: the test proves nothing"
     # A slow first byte within the stall timeout is no failure; a size probe that ignored Range is
-    # answered by the size it carries (HTTP); everything else was retried.
-    retried = fault != "slow_first_byte" and not (fault == "range_ignored_once" and target.transport == "http")
+    # answered by the size it carries (HTTP, and S3's first GET alike); everything else was retried.
+    retried = fault not in ("slow_first_byte", "range_ignored_once")
     assert (trace.summary().counters.get("retries", 0) >= 1) == retried
 
 
@@ -131,10 +131,11 @@ FAILING = {
     "etag_changes_mid_load": (lambda f, p: f.change_etag_after(2, path=p), fastload.SourceChangedError,
                               "changed"),
     "not_found_404": (lambda f, p: f.fail_first(1, 404, path=p), fastload.SourceNotFoundError, "not found|no such"),
-    # Two: S3 signs a refused GET URL again and tries it once more (a URL can expire with its credentials:
-    # 403, or 400 ExpiredToken for temporary ones).
-    "forbidden_403": (lambda f, p: f.fail_first(2, 403, path=p), fastload.SourcePermissionError, "denied"),
-    "bad_request_400": (lambda f, p: f.fail_first(2, 400, path=p), fastload.TransferError, "400"),
+    # Three: S3's first GET refused, its HEAD asked (and answered: the fault refuses GETs only), then the header's
+    # GET refused, signed again and tried once more (a URL can expire with its credentials: 403, or 400
+    # ExpiredToken for temporary ones).
+    "forbidden_403": (lambda f, p: f.fail_first(3, 403, path=p), fastload.SourcePermissionError, "denied"),
+    "bad_request_400": (lambda f, p: f.fail_first(3, 400, path=p), fastload.TransferError, "400"),
 }
 
 
@@ -155,9 +156,9 @@ def test_fault_raises_documented_error(target, fault):
     name = target.url.rsplit("/", 1)[-1]
     assert name in str(err), "the error names the object"
     if fault in ("not_found_404", "forbidden_403", "bad_request_400"):
-        once = 2 if fault != "not_found_404" and target.transport == "s3" else 1  # S3: signed again, once
+        again = fault != "not_found_404" and target.transport == "s3"  # S3: the HEAD's word, then signed again
         # (the one request signed again is an attempt, and counted as a retry; nothing more is tried)
-        assert rule.fired == once and trace.summary().counters.get("retries", 0) == once - 1, \
+        assert rule.fired == (3 if again else 1) and trace.summary().counters.get("retries", 0) == int(again), \
             "non-retryable: fail at once"
     # A server that ignores Range on its first reply (HTTP's size probe; S3's first GET, after one more try)
     # never will: that fails at once, not after the retry budget.
@@ -236,11 +237,12 @@ def test_object_replaced_mid_load_never_mixes_versions(transport, http_server, h
 # -- S3 metadata calls (HEAD) through the proxy ----------------------------------------------------
 
 def test_s3_head_errors_are_retried(s3_server, s3_proxy, s3_bucket, tmp_path):
+    """(Checksums verified: only a HEAD brings them, so it is asked.)"""
     file, tensors = write_checkpoint(tmp_path / "model.safetensors")
     s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                          times=2, status=503))
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url))
+    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), verify_checksums=True)
     got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=config)
     assert_bit_exact(got, tensors)
     assert rule.fired == 2
@@ -250,7 +252,7 @@ def test_s3_hung_head_is_a_stall(s3_server, s3_proxy, s3_bucket, tmp_path):
     file, _ = write_checkpoint(tmp_path / "model.safetensors")
     s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
     s3_proxy.faults._add(Hang(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"})))
-    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), stall_timeout_s=0.3,
+    config = QUICK.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url), stall_timeout_s=0.3, verify_checksums=True,
                            retry=fastload.RetryConfig(max_attempts=2, backoff_base_s=0.01, backoff_max_s=0.02))
     with Leaks({s3_proxy.port}) as leaks, Timer() as timer:
         with pytest.raises(fastload.TransferError, match="m.safetensors"):

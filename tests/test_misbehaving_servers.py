@@ -437,13 +437,15 @@ def test_s3_no_such_bucket_is_not_found(s3_server, as_dir):
 
 
 def test_s3_access_denied_on_head_is_a_permission_error(s3_server, s3_proxy, s3_bucket, tmp_path):
+    """A policy that denies the object denies its GETs and its HEAD: the first GET's 403, then the HEAD's, which
+    decides (a GET's 403 alone may be a stale signature). Not retried."""
     file, _ = write_checkpoint(tmp_path / "model.safetensors", count=2)
     s3_server.put(s3_bucket, "m.safetensors", file.read_bytes())
-    rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
+    rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD", "GET"}),
                                          status=403))
     trace = Trace()
     config = CFG.replace(s3=fastload.S3Options(endpoint_url=s3_proxy.url))
     err, _ = load_checked(f"s3://{s3_bucket}/m.safetensors", {s3_proxy.port}, config, trace=trace)
     assert isinstance(err, fastload.SourcePermissionError), err
     assert f"s3://{s3_bucket}/m.safetensors" in str(err)
-    assert rule.fired == 1 and not trace.summary().counters.get("retries")
+    assert rule.fired == 2 and not trace.summary().counters.get("retries")

@@ -424,12 +424,12 @@ def through(s3_proxy, *, path_style: bool = False, **changes) -> fastload.LoadCo
 
 @pytest.mark.parametrize("status", [408, 429, 503])
 def test_s3_head_transient_statuses_are_retried(s3_server, s3_proxy, s3_bucket, tmp_path, status):
-    """README: 408/429/5xx are retried, S3 HEAD included."""
+    """README: 408/429/5xx are retried, S3 HEAD included (asked when checksums are verified: it brings them)."""
     file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
     rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                          times=1, status=status))
     try:
-        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy))
+        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy, verify_checksums=True))
     except fastload.FastloadError as exc:
         pytest.fail(f"HEAD {status} once was not retried: {type(exc).__name__}: {exc}")
     assert_bit_exact(got, tensors)
@@ -442,9 +442,24 @@ def test_s3_head_retry_after_is_honoured(s3_server, s3_proxy, s3_bucket, tmp_pat
     s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"HEAD"}),
                                   times=1, status=503, retry_after=1))
     with Timer() as timer:
-        got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy, retry=retry(backoff_max_s=3.0)))
+        got = fastload.load(f"s3://{s3_bucket}/m.safetensors",
+                            config=through(s3_proxy, retry=retry(backoff_max_s=3.0), verify_checksums=True))
     assert_bit_exact(got, tensors)
     assert timer.s >= 0.9, f"HEAD retried after {timer.s:.2f} s despite Retry-After: 1"
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_s3_first_get_transient_status_asks_the_head_instead(s3_server, s3_proxy, s3_bucket, tmp_path, status):
+    """The first look at an object is a presigned GET of its first bytes, tried once: on a 429/5xx the HEAD
+    asks instead (counted as a retry), and the load goes on bit-exact."""
+    file, tensors = s3_checkpoint(s3_server, s3_bucket, "m.safetensors", tmp_path / "model.safetensors")
+    rule = s3_proxy.faults._add(FailWith(pattern=f"/{s3_bucket}/m.safetensors", methods=frozenset({"GET"}),
+                                         times=1, status=status))
+    trace = fastload.Trace()
+    got = fastload.load(f"s3://{s3_bucket}/m.safetensors", config=through(s3_proxy), trace=trace)
+    assert_bit_exact(got, tensors)
+    assert rule.fired == 1 and trace.summary().counters.get("retries") == 1
+    assert [r.method for r in s3_proxy.log if r.path.endswith("/m.safetensors")][:2] == ["GET", "HEAD"]
 
 
 def test_s3_list_503_is_retried(s3_server, s3_proxy, s3_bucket, tmp_path):

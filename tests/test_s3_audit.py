@@ -382,6 +382,8 @@ def test_missing_index_answered_403_without_listbucket_falls_back(s3_server, s3_
     def missing_is_403(method, target, reply):
         if method == "HEAD" and reply.status == 404:
             return s3_error(403, "Forbidden", head=True)
+        if method == "GET" and "X-Amz-Signature" in target and reply.status == 404:  # a GET's too
+            return s3_error(403, "AccessDenied")
         if method == "GET" and "list-type" in target:  # and no ListBucket
             return s3_error(403, "AccessDenied")
         return None
@@ -398,7 +400,8 @@ def test_denied_key_without_extension_is_named_in_the_error(s3_server, s3_bucket
     it as a prefix either, the error names the key given, not a probe of ``<key>/model.safetensors.index.json``."""
     path, _ = small_file(tmp_path)
     s3_server.put(s3_bucket, "ck/weights", path.read_bytes())
-    front.hook = lambda m, t, h: s3_error(403, "Forbidden", head=True) if m == "HEAD" else None
+    front.hook = lambda m, t, h: (s3_error(403, "Forbidden", head=m == "HEAD")  # its HEAD and its GETs alike
+                                  if m == "HEAD" or "X-Amz-Signature" in t else None)
     config = FAIL_FAST.replace(s3=fastload.S3Options(endpoint_url=front.endpoint))
     err, _ = load_checked(f"s3://{s3_bucket}/ck/weights", {front.port}, config)
     assert isinstance(err, fastload.SourcePermissionError), f"{type(err).__name__}: {err}"

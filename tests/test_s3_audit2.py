@@ -268,8 +268,19 @@ def _bucket_in_another_region(front, bucket: str):
     front.hook = hook
 
 
+_PROBES = {"bytes=0-7", "bytes=0-262143"}  # the ranges of a first look at an object (a .json file's: the larger)
+
+
 def _get_regions(front) -> set[str | None]:
-    return {region_of(t, h) for m, t, h in front.requests() if is_presigned_get(m, t)}
+    """The regions the GETs that read an object's bytes were signed for. The first look at an object, a
+    presigned GET of its first bytes, is signed for the client's region before botocore has met the bucket: it
+    is refused, once per object at most, and its HEAD follows the bucket to its region."""
+    gets = [(urlsplit(t).path, region_of(t, h), {k.lower(): v for k, v in h.items()}.get("range"))
+            for m, t, h in front.requests() if is_presigned_get(m, t)]
+    astray = [(path, rng) for path, region, rng in gets if region != BUCKET_REGION]
+    assert all(rng in _PROBES for _, rng in astray), astray
+    assert len(astray) == len({path for path, _ in astray}), astray
+    return {region for _, region, rng in gets if rng not in _PROBES}
 
 
 @pytest.mark.parametrize("source", ["m.safetensors", "ck/", "ck", "listed/"])
@@ -321,15 +332,21 @@ def test_slowdown_on_get_honours_retry_after_and_is_bit_exact(s3_server, s3_buck
     assert time.monotonic() - start >= 0.9, "Retry-After: 1 was not honoured"
 
 
-def test_slowdown_on_head_and_list_is_retried(s3_server, s3_bucket, front, tmp_path):
+@pytest.mark.parametrize("verify", [False, True])
+def test_slowdown_on_head_and_list_is_retried(s3_server, s3_bucket, front, tmp_path, verify):
+    """SlowDown on the first look at each object (a presigned GET of its first bytes, tried once: the HEAD asks
+    then; with checksums verified only the HEAD, which brings them), on the HEAD and on the LIST: the HEAD and
+    the LIST retried, the load bit-exact."""
     p1, w1 = small_file(tmp_path, seed=1)
     p2, w2 = small_file(tmp_path, seed=2)
     s3_server.put(s3_bucket, "ck/x-1.safetensors", p1.read_bytes())
     s3_server.put(s3_bucket, "ck/x-2.safetensors", p2.read_bytes())
-    counts = {"HEAD": 0, "LIST": 0}
+    counts = {"HEAD": 0, "PROBE": 0, "LIST": 0}
 
     def hook(method, target, headers):
-        kind = "HEAD" if method == "HEAD" else "LIST" if is_list(method, target) else None
+        probe = not verify and is_presigned_get(method, target) and "/x-" in target \
+            and {k.lower(): v for k, v in headers.items()}.get("range") in _PROBES
+        kind = "HEAD" if method == "HEAD" else "LIST" if is_list(method, target) else "PROBE" if probe else None
         if kind and counts[kind] < 2:
             counts[kind] += 1
             return s3_error(503, "SlowDown", "Please reduce your request rate.", head=kind == "HEAD",
@@ -337,17 +354,21 @@ def test_slowdown_on_head_and_list_is_retried(s3_server, s3_bucket, front, tmp_p
         return None
 
     front.hook = hook
-    got, _ = load_checked(f"s3://{s3_bucket}/ck/", {front.port}, via(front))
+    got, _ = load_checked(f"s3://{s3_bucket}/ck/", {front.port}, via(front, FAIL_FAST.replace(verify_checksums=verify)))
     assert_bit_exact(ok(got), {**w1, **w2})
-    assert counts == {"HEAD": 2, "LIST": 2}
+    assert counts == {"HEAD": 2, "PROBE": 0 if verify else 2, "LIST": 2}
 
 
-def test_slowdown_on_every_head_ends_in_transfer_error_naming_the_url(s3_server, s3_bucket, front, tmp_path):
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_slowdown_on_every_head_ends_in_transfer_error_naming_the_url(s3_server, s3_bucket, front, tmp_path,
+                                                                      method):
+    """Every first look refused with SlowDown (the probe GET; the HEAD with verify_checksums): a TransferError
+    naming the object once the retries are spent."""
     path, _ = small_file(tmp_path)
     s3_server.put(s3_bucket, "m.safetensors", path.read_bytes())
-    front.hook = lambda m, t, h: s3_error(503, "SlowDown", head=True) if m == "HEAD" else None
+    front.hook = lambda m, t, h: s3_error(503, "SlowDown", head=m == "HEAD") if m == method else None
     url = f"s3://{s3_bucket}/m.safetensors"
-    err, _ = load_checked(url, {front.port}, via(front))
+    err, _ = load_checked(url, {front.port}, via(front, FAIL_FAST.replace(verify_checksums=method == "HEAD")))
     assert isinstance(err, fastload.TransferError), f"{type(err).__name__}: {err}"
     assert url in str(err)
 

@@ -245,7 +245,9 @@ def test_sse_c_object_is_a_prompt_typed_error_saying_why(s3_server, s3_bucket, f
     took = time.monotonic() - start
     message = str(info.value)
     hits = [m for m, t in front.seen if t.split("?")[0].endswith("/enc/model.safetensors")]
-    assert took < 3.0 and len(hits) <= 3, (took, hits)  # HEAD, GET, and the GET signed again (documented)
+    # The probe GET and the HEAD it falls back to, then the HEAD botocore sends again after a 400 (to look for a
+    # region) or, where the HEAD answers, the header's GET and that GET signed again (documented)
+    assert took < 3.0 and len(hits) <= (4 if refused == ("GET",) else 3), (took, hits)
     assert f"s3://{s3_bucket}/enc/model.safetensors" in message, message
     assert any(w in message.lower() for w in ("encrypt", "sse-c", "customer")), \
         f"{type(info.value).__name__}: {message}"
@@ -270,8 +272,11 @@ def test_sse_s3_and_sse_kms_objects_load_and_verify(s3_server, s3_bucket, tmp_pa
 ODD_PREFIXES = ["llama-3.1.", "a//b", "sp ace+plus%25/ünï.", "./dot"]
 
 
+@pytest.mark.parametrize("engine", ["threads", "aiohttp"])
 @pytest.mark.parametrize("prefix", ODD_PREFIXES)
-def test_odd_prefix_in_load_plan_stream_and_pull(s3_server, s3_bucket, tmp_path, prefix):
+def test_odd_prefix_in_load_plan_stream_and_pull(s3_server, s3_bucket, tmp_path, prefix, engine):
+    """Both HTTP engines send a presigned URL as signed: a dot segment ("./dot") is part of the key."""
+    config = FAIL_FAST.replace(http_engine=engine)
     d1, w1 = _file(tmp_path, 1)
     d2, w2 = _file(tmp_path, 2)
     s3_server.put(s3_bucket, f"{prefix}/part one.safetensors", d1)
@@ -279,12 +284,12 @@ def test_odd_prefix_in_load_plan_stream_and_pull(s3_server, s3_bucket, tmp_path,
     s3_server.put(s3_bucket, f"{prefix}/", b"")  # the directory marker the console makes
     want = {**w1, **w2}
     for url in (f"s3://{s3_bucket}/{prefix}/", f"s3://{s3_bucket}/{prefix}"):
-        assert_bit_exact(fastload.load(url, config=FAIL_FAST), want)
-        assert {t.name for t in fastload.plan(url, config=FAIL_FAST).tensors} == set(want)
-        with fastload.stream(url, config=FAIL_FAST) as s:
+        assert_bit_exact(fastload.load(url, config=config), want)
+        assert {t.name for t in fastload.plan(url, config=config).tensors} == set(want)
+        with fastload.stream(url, config=config) as s:
             assert_bit_exact({n: t.clone() for n, t in s}, want)
     out = tmp_path / "out"
-    fastload.pull(f"s3://{s3_bucket}/{prefix}/", to=out, config=FAIL_FAST)
+    fastload.pull(f"s3://{s3_bucket}/{prefix}/", to=out, config=config)
     assert _files(out) == {"part one.safetensors": d1, "p+2%.safetensors": d2}
 
 

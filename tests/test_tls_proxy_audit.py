@@ -425,14 +425,15 @@ def test_s3_through_http_proxy_sends_head_and_gets_the_same_way(engine, s3_serve
                                                                 no_proxy_env):
     """botocore sends the HEAD through ``HTTP_PROXY``; the presigned GETs of the same load must take the
     same road, or a network where only the proxy reaches the store gets a HEAD that works and GETs that
-    cannot connect."""
+    cannot connect. (Checksums verified: a HEAD is asked then, not only when the first GET is refused.)"""
     file, tensors = write_checkpoint(tmp_path / "model.safetensors")
     key = f"m-{uuid.uuid4().hex[:8]}/model.safetensors"
     s3_server.put(s3_bucket, key, file.read_bytes())
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
     with ForwardProxy() as proxy:
         _set_proxy(no_proxy_env, http=proxy.url, https=proxy.url)
-        result, _ = load_checked(f"s3://{s3_bucket}/{key}", {proxy.port}, QUICK.replace(http_engine=engine))
+        result, _ = load_checked(f"s3://{s3_bucket}/{key}", {proxy.port},
+                                 QUICK.replace(http_engine=engine, verify_checksums=True))
         assert isinstance(result, dict), result
         assert_bit_exact(result, tensors)
         carried = proxy.carried()

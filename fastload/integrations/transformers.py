@@ -209,10 +209,10 @@ async def _stage(source: str, folder: Path, config, variant: str | None = None,
             # index (a load reads it against the index's own folder): the shards, named from here
             raw = await read_bytes(weights.for_url(info.url), info, 0, info.size)
             return [join(base, shard) for shard in parse_index(raw, url=info.url).files], None
-        # What finding it gave, for the load to take instead of asking again (over HTTP its probe, an index's
-        # whole body): not an S3 object's (its presigned URL belongs to these transports, which re-sign only
-        # their own), nor a local file's (a stat, and the load's own checks of local files go with it)
-        return join(base, name), info if scheme_of(base) in ("http", "hf") else None
+        # What finding it gave, for the load to take instead of asking again (its probe: the size, validators and
+        # first bytes, an index's whole body; the load signs an S3 object's GETs again, as its own): not a local
+        # file's (a stat, and the load's own checks of local files go with it)
+        return join(base, name), info if scheme_of(base) != "local" else None
     finally:
         await transports.aclose()
         await weights.aclose()

@@ -35,9 +35,11 @@ import threading
 from email.utils import parsedate_to_datetime
 
 import aiohttp
+from yarl import URL
 
 from ..config import LoadConfig
-from ..errors import ConfigError, SourceChangedError, SourceNotFoundError, SourcePermissionError, TransferError
+from ..errors import (ConfigError, FastloadError, SourceChangedError, SourceNotFoundError, SourcePermissionError,
+                      TransferError)
 from ..integrity import checksum_from_repr_digest
 from ..redact import describe, redact_url, scrub
 from ..trace import ReadRecord, Trace
@@ -57,6 +59,7 @@ WHOLE_JSON_BYTES = 64 << 20
 FIRST_PIECE = 64 << 10  # threaded bodies: the first read is small, so the trace sees the first byte early
 PIECE = 4 << 20  # later reads: progress (what a retry resumes from) is counted per piece
 GAP_BUFFER = 1 << 20  # bytes between wanted segments are received here and dropped
+_SIGNED = re.compile(r"[?&]X-(Amz|Goog)-Signature=", re.IGNORECASE)  # a presigned URL's query (S3 and GCS)
 # ASCII digits (RFC 9110), at most 19: a value past int64 cannot describe a file and would not parse cheaply.
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
 
@@ -83,6 +86,10 @@ def _int_header(headers, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise Transient(f"unparsable {name} header {value[:40]!r}") from None
+
+
+class _Declined(Exception):
+    """:meth:`HttpTransport.probe`'s one attempt did not answer plainly (carried past the retry loop)."""
 
 
 class BadRequest(TransferError):
@@ -290,8 +297,11 @@ class HttpTransport:
 
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
+            # A signed URL (presigned S3) goes out byte for byte as signed: yarl would drop the dot segments of a
+            # key such as "./dot/x.safetensors" (as curl does for a plain URL), and ask for another object.
+            target = URL(url, encoded=True) if _SIGNED.search(url) else url
             # MAX_REDIRECTS hops, as the threaded engine follows (aiohttp counts the reply that would be one more)
-            return await self.session().request(method, url, headers=headers, allow_redirects=True,
+            return await self.session().request(method, target, headers=headers, allow_redirects=True,
                                                 max_redirects=MAX_REDIRECTS + 1, **self.options(url))
         except aiohttp.InvalidURL as exc:
             raise SourceNotFoundError(f"invalid URL: {display}", url=display) from scrub(exc)
@@ -328,6 +338,28 @@ class HttpTransport:
         display = redact_url(display)
         return await self.policy.run(lambda: self._stat_once(fetch_url, display), url=display,
                                      byte_range=(0, _probe_bytes(fetch_url)), request=True)
+
+    async def probe(self, fetch_url: str, display: str) -> ObjectInfo | None:
+        """:meth:`stat_fetch_url` in one attempt, for a caller that has another way to ask (S3's HEAD, which
+        botocore retries, follows to the bucket's region and whose answer names an error exactly): not found
+        raises; any other failure (a refusal, a 5xx, a stall, a reply that cannot be used or parsed) is None."""
+        display = redact_url(display)
+
+        async def once() -> ObjectInfo:
+            try:
+                return await self._stat_once(fetch_url, display)
+            except SourceNotFoundError:
+                raise
+            except FastloadError as exc:
+                raise _Declined() from exc
+            except (Transient, Fatal) as exc:
+                self.trace.count("retries")  # the other way of asking is this failure's retry
+                raise _Declined() from exc
+
+        try:
+            return await self.policy.run(once, url=display, byte_range=(0, _probe_bytes(fetch_url)), request=True)
+        except _Declined:
+            return None
 
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and

@@ -121,6 +121,12 @@ _WHY_400 = ("an object encrypted with a customer-provided key (SSE-C), which fas
             "temporary credentials that expired and cannot be refreshed")
 
 
+def _http_date(when) -> str | None:
+    """botocore's datetime as the HTTP-date a GET's Last-Modified carries (whole seconds: a listing's has
+    milliseconds, which no conditional request could use)."""
+    return format_datetime(when.astimezone(timezone.utc).replace(microsecond=0), usegmt=True) if when else None
+
+
 def _whole_object_sha256(head: dict) -> str | None:
     """``ChecksumSHA256`` as ``"sha256:<hex>"`` when it covers the whole object.
 
@@ -198,13 +204,38 @@ class S3Transport:
         bucket, key = split_url(url)
         if not key:
             raise SourceNotFoundError(f"{url} names a bucket, not an object", url=url)
+        if not self.config.verify_checksums:
+            probed = await self._probe(url)
+            if probed is not None:
+                return probed
+        return await self._head(url, bucket, key)
+
+    async def _probe(self, url: str) -> ObjectInfo | None:
+        """The object as a presigned ranged GET of its first bytes sees it: its size (``Content-Range``), ETag
+        and Last-Modified, as a HEAD gives them, and the first bytes with them (a safetensors header's length,
+        an index whole), so the header read follows at once: one round trip fewer than HEAD, then GET.
+
+        A 404 is the answer (no such object; resolve asks whether the bucket exists). Anything else the GET
+        meets (a refusal, a 5xx, a stall), or a failure to sign, returns None after that one attempt and the HEAD
+        asks, retried as any request: botocore follows a bucket to its region, refreshes credentials, and names
+        the error exactly (a GET's 403 may be a stale signature, a 400 a region or SSE-C, a 416 an empty
+        object). Not with ``verify_checksums``: the object's ChecksumSHA256 comes with a HEAD only."""
+        try:
+            fetch_url = await self._presign(url)
+        except Exception:  # noqa: BLE001 -- no credentials, a bad config: the HEAD raises it, translated
+            return None
+        try:
+            info = await self.http.probe(fetch_url, url)
+        except SourceNotFoundError:
+            raise SourceNotFoundError(f"no such object: {url}", url=url) from None
+        return None if info is None else replace(info, url=url, fetch_url=fetch_url)
+
+    async def _head(self, url: str, bucket: str, key: str) -> ObjectInfo:
         # Checksum mode only when asked: it needs kms:Decrypt on KMS-encrypted objects.
         extra = {"ChecksumMode": "ENABLED"} if self.config.verify_checksums else {}
         head = await self._call(url, "head_object", Bucket=bucket, Key=key, **extra)
-        modified = head.get("LastModified")
         return ObjectInfo(url=url, size=int(head["ContentLength"]), etag=head.get("ETag"),
-                          last_modified=format_datetime(modified.astimezone(timezone.utc), usegmt=True)
-                          if modified else None,
+                          last_modified=_http_date(head.get("LastModified")),
                           fetch_url=await self._presign(url), checksum=_whole_object_sha256(head))
 
     async def no_such_bucket(self, url: str) -> bool:
@@ -219,18 +250,17 @@ class S3Transport:
         return False
 
     async def read(self, info: ObjectInfo, segments: list[Segment], record=None) -> int:
-        if info.url in self._presigned:
-            fetch_url, signed = self._presigned[info.url]
-            if time.monotonic() - signed > 0.8 * self.config.s3.presign_expiry_s:
-                # A load (or a stream read slowly) that outlives its GET URLs: sign again before S3 says 403.
-                fetch_url = await self._presign(info.url)
-            if fetch_url != info.fetch_url:
-                info = replace(info, fetch_url=fetch_url)
+        fetch_url, signed = self._presigned.get(info.url, (None, 0.0))
+        if fetch_url is None or time.monotonic() - signed > 0.8 * self.config.s3.presign_expiry_s:
+            # A load (or a stream read slowly) that outlives its GET URLs: sign again before S3 says 403. An object
+            # another load looked up (from_pretrained's probes) is signed here once, so that this one can renew it.
+            fetch_url = await self._presign(info.url)
+        if fetch_url != info.fetch_url:
+            info = replace(info, fetch_url=fetch_url)
         try:
             return await self.http.read(info, segments, record)
         except (SourcePermissionError, BadRequest):  # 403 expired; 400 ExpiredToken (temporary credentials)
-            if info.url not in self._presigned:
-                raise
+            pass
         # S3 refused a URL it took before: expired early (temporary credentials end with their session),
         # or its signature went stale. Once more with a URL signed now (botocore refreshes credentials).
         self.http.trace.count("retries")  # an attempt the record counts (as every retry is)
@@ -244,19 +274,22 @@ class S3Transport:
                                 url=info.url, byte_range=exc.byte_range) from exc
 
     async def list(self, url: str) -> list[str] | None:
-        return [key_url for key_url, _ in await self.objects(url)]
+        return [info.url for info in await self.objects(url)]
 
-    async def objects(self, url: str, *, recursive: bool = False) -> list[tuple[str, int]]:
-        """``(s3://bucket/key, size)`` of the objects under a prefix: one level, or all of them."""
+    async def objects(self, url: str, *, recursive: bool = False) -> list[ObjectInfo]:
+        """The objects under a prefix, one level or all of them, as the listing describes them: size, ETag and
+        Last-Modified, what a HEAD would say (no checksum: a listing has none), so a pull that trusts it asks
+        nothing more before the bytes. Their GETs are signed when first read."""
         bucket, prefix = split_url(url)
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        out: list[tuple[str, int]] = []
+        out: list[ObjectInfo] = []
         params = {"Bucket": bucket, "Prefix": prefix, **({} if recursive else {"Delimiter": "/"})}
         while True:
             page = await self._call(url, "list_objects_v2", **params)
-            out.extend((f"s3://{bucket}/{obj['Key']}", obj.get("Size")) for obj in page.get("Contents", [])
-                       if not obj["Key"].endswith("/"))
+            out.extend(ObjectInfo(url=f"s3://{bucket}/{obj['Key']}", size=int(obj.get("Size") or 0),
+                                  etag=obj.get("ETag"), last_modified=_http_date(obj.get("LastModified")))
+                       for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return out
