@@ -323,8 +323,9 @@ def test_s3_listed_directory(s3_server, s3_bucket, s3_proxy, http_dir, arrivals)
 
 def test_hub_single_file_repository(hub, http_dir, arrivals) -> None:
     """hf://org/name holding model.safetensors: the listing (commit and files: it says there is no index), the
-    resolve GET of the first 8 bytes following the redirect to the CDN, the header: 3 waves. fastload: listing,
-    HEAD index (404), HEAD model.safetensors (302), GET 8 bytes on the CDN, header: 5."""
+    resolve GET of the first 8 bytes, answered with the redirect to the CDN, the same GET on the CDN, the header:
+    4 waves. The redirect is a round trip of its own: only the Hub can sign the CDN's URL. (5 before the listing
+    answered for the index.)"""
     tensors = _tensors(6)
     file = write_single(http_dir / "repo" / "model.safetensors", tensors)
     repo = repo_name("rt")
@@ -332,13 +333,13 @@ def test_hub_single_file_repository(hub, http_dir, arrivals) -> None:
     _hold(hub)
     arrivals.clear()
     _same(fastload.load(f"hf://{repo}"), tensors)
-    _check(arrivals, _data_starts(file), 3, "hf:// single-file repository", now=4)
+    _check(arrivals, _data_starts(file), 4, "hf:// single-file repository")
 
 
 def test_hub_sharded_repository(hub, http_dir, arrivals) -> None:
-    """hf://org/name with index + 3 shards: listing, the index (one GET), the shards' first 8 bytes through their
-    redirects, their headers: 4 waves. fastload: listing, HEAD index, GET 8 bytes of it, GET the rest, HEAD each
-    shard, GET 8 bytes on the CDN, header: 7."""
+    """hf://org/name with index + 3 shards: listing, the index (one GET: the Hub serves it itself), the shards'
+    first 8 bytes asked of the Hub (302) and then of the CDN, their headers: 5 waves (HEAD, then GET, of the
+    index took 6; each request of a HEAD, then of 8 bytes, then of the rest took 7)."""
     tensors = _tensors(9)
     directory = write_sharded(http_dir / "repo", tensors, 3)
     repo = repo_name("rt")
@@ -346,15 +347,14 @@ def test_hub_sharded_repository(hub, http_dir, arrivals) -> None:
     _hold(hub)
     arrivals.clear()
     _same(fastload.load(f"hf://{repo}"), tensors)
-    _check(arrivals, _data_starts(directory), 4, "hf:// sharded repository", now=6)
+    _check(arrivals, _data_starts(directory), 5, "hf:// sharded repository")
 
 
 def test_hub_listed_folder(hub, http_dir, arrivals) -> None:
     """hf://org/name with two *.safetensors and neither index nor model.safetensors: the listing already says so
-    (and names the shards and their sizes), then the shards' first 8 bytes through their redirects, then their
-    headers: 3 waves. fastload: listing (of "main"), HEAD index (404), HEAD model.safetensors (404), the listing
-    again (of the commit "main" was pinned to: cached under the branch name only), HEAD each shard, GET 8 bytes
-    on the CDN, header: 7."""
+    (and names the shards and their sizes), then the shards' first 8 bytes asked of the Hub (302) and of the CDN,
+    then their headers: 4 waves (7 before the listing answered for the two names and was kept under the
+    commit too)."""
     tensors = _tensors(6)
     directory = http_dir / "repo"
     write_single(directory / "part-a.safetensors", dict(list(tensors.items())[:3]))
@@ -364,7 +364,7 @@ def test_hub_listed_folder(hub, http_dir, arrivals) -> None:
     _hold(hub)
     arrivals.clear()
     _same(fastload.load(f"hf://{repo}"), tensors)
-    _check(arrivals, _data_starts(directory), 3, "hf:// listed folder", now=4)
+    _check(arrivals, _data_starts(directory), 4, "hf:// listed folder")
 
 
 # -- from_pretrained ---------------------------------------------------------------------------------------------
@@ -455,8 +455,9 @@ def test_pull_s3_prefix(s3_server, s3_bucket, s3_proxy, http_dir, tmp_path, arri
 
 def test_pull_hub_repository(hub, http_dir, tmp_path, arrivals) -> None:
     """hf://: the listing names every file with its size and content id; the index is read (its shards checked),
-    then the bytes through the redirects: 2 waves before data. fastload: listing, HEAD index, GET 8 bytes, GET
-    index, HEAD every shard, GET 8 bytes of each on the CDN, then data: 6."""
+    then each shard's redirect to the CDN, then the bytes: 3 waves before data. fastload also probes each shard
+    on the CDN before its bytes (the listing said its size already): 4 (6 before the index's HEAD and GET became
+    one GET)."""
     directory = write_sharded(http_dir / "repo", _tensors(9), 3)
     (directory / "config.json").write_text('{"model_type": "llama"}')
     repo = repo_name("rt")
@@ -464,4 +465,4 @@ def test_pull_hub_repository(hub, http_dir, tmp_path, arrivals) -> None:
     _hold(hub)
     arrivals.clear()
     fastload.pull(f"hf://{repo}", cache_dir=tmp_path / "cache")
-    _check(arrivals, _data_starts(directory), 2, "pull of an hf:// repository", now=5)
+    _check(arrivals, _data_starts(directory), 3, "pull of an hf:// repository", now=4)

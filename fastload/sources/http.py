@@ -218,6 +218,11 @@ def _probe_bytes(url: str) -> int:
     return JSON_PROBE_BYTES if urlsplit(url).path.endswith(".json") else PROBE_BYTES
 
 
+def probe_headers(url: str) -> dict[str, str]:
+    """The headers of the size probe of ``url``: the Range of its first bytes."""
+    return {"Range": f"bytes=0-{_probe_bytes(url) - 1}"}
+
+
 class HttpTransport:
     def __init__(self, config: LoadConfig, policy: RetryPolicy, trace: Trace, *, ca_file: str | None = None):
         self.config = config
@@ -364,43 +369,48 @@ class HttpTransport:
     async def _stat_once(self, fetch_url: str, display: str) -> ObjectInfo:
         # A ranged GET of the first PROBE_BYTES: gives the size, the validators, proves Range works, and
         # brings a safetensors file's header length, so reading the header takes one request, not two.
+        async with await self._request("GET", fetch_url, display, probe_headers(fetch_url)) as resp:
+            return await self.probe_reply(resp, fetch_url, display)
+
+    async def probe_reply(self, resp, fetch_url: str, display: str) -> ObjectInfo:
+        """What ``resp``, the reply to a size probe of ``fetch_url`` (a GET with :func:`probe_headers`), says of
+        the object: its size, validators and first bytes."""
         prefix, probe = b"", _probe_bytes(fetch_url)
-        async with await self._request("GET", fetch_url, display, {"Range": f"bytes=0-{probe - 1}"}) as resp:
-            if resp.status == 416 and _value(resp.headers, "Content-Range") == "bytes */0":
-                return ObjectInfo(url=display, size=0, etag=_value(resp.headers, "ETag"),  # an empty object
-                                  last_modified=_value(resp.headers, "Last-Modified"),
-                                  fetch_url=None if fetch_url == display else fetch_url)
-            check_status(resp.status, resp.reason, url=display, headers=resp.headers)
-            _check_identity(resp, display, (0, probe))
-            if resp.status != 206:
-                self._no_ranges.add(display)
-            if resp.status == 206:
-                self._ranged.add(display)
-                match = _CONTENT_RANGE.fullmatch(_value(resp.headers, "Content-Range") or "")
-                if not match or match.group(3) == "*":
-                    raise TransferError("206 reply without a usable Content-Range", url=display)
-                size = int(match.group(3))
-                want = min(size, probe)
-                if (int(match.group(1)), int(match.group(2)) + 1) == (0, want):
-                    body = b""
-                    try:
-                        while len(body) <= want and (piece := await resp.content.read(want + 1 - len(body))):
-                            body += piece
-                            self.trace.count("bytes_fetched", len(piece), key=display)  # used or not, it came
-                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                        body = b""  # the headers told what a probe must; the header read fetches these bytes
-                    prefix = body if len(body) == want else b""  # a body of another length is not used
-            elif probe == JSON_PROBE_BYTES and (_int_header(resp.headers, "Content-Length") or 0) <= WHOLE_JSON_BYTES:
-                prefix = await self._whole_body(resp, display)
-                size = len(prefix)
-            else:
-                length = _int_header(resp.headers, "Content-Length")
-                if length is None:
-                    raise TransferError("server sent neither Content-Range nor Content-Length", url=display)
-                size = length
-            etag = _value(resp.headers, "ETag")
-            modified = _value(resp.headers, "Last-Modified")
-            checksum = checksum_from_repr_digest(_joined(resp.headers, "Repr-Digest"))
+        if resp.status == 416 and _value(resp.headers, "Content-Range") == "bytes */0":
+            return ObjectInfo(url=display, size=0, etag=_value(resp.headers, "ETag"),  # an empty object
+                              last_modified=_value(resp.headers, "Last-Modified"),
+                              fetch_url=None if fetch_url == display else fetch_url)
+        check_status(resp.status, resp.reason, url=display, headers=resp.headers)
+        _check_identity(resp, display, (0, probe))
+        if resp.status != 206:
+            self._no_ranges.add(display)
+        if resp.status == 206:
+            self._ranged.add(display)
+            match = _CONTENT_RANGE.fullmatch(_value(resp.headers, "Content-Range") or "")
+            if not match or match.group(3) == "*":
+                raise TransferError("206 reply without a usable Content-Range", url=display)
+            size = int(match.group(3))
+            want = min(size, probe)
+            if (int(match.group(1)), int(match.group(2)) + 1) == (0, want):
+                body = b""
+                try:
+                    while len(body) <= want and (piece := await resp.content.read(want + 1 - len(body))):
+                        body += piece
+                        self.trace.count("bytes_fetched", len(piece), key=display)  # used or not, it came
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    body = b""  # the headers told what a probe must; the header read fetches these bytes
+                prefix = body if len(body) == want else b""  # a body of another length is not used
+        elif probe == JSON_PROBE_BYTES and (_int_header(resp.headers, "Content-Length") or 0) <= WHOLE_JSON_BYTES:
+            prefix = await self._whole_body(resp, display)
+            size = len(prefix)
+        else:
+            length = _int_header(resp.headers, "Content-Length")
+            if length is None:
+                raise TransferError("server sent neither Content-Range nor Content-Length", url=display)
+            size = length
+        etag = _value(resp.headers, "ETag")
+        modified = _value(resp.headers, "Last-Modified")
+        checksum = checksum_from_repr_digest(_joined(resp.headers, "Repr-Digest"))
         return ObjectInfo(url=display, size=size, etag=etag, last_modified=modified,
                           fetch_url=None if fetch_url == display else fetch_url, checksum=checksum, prefix=prefix)
 

@@ -42,7 +42,7 @@ from ..integrity import verify_file
 from ..runner import in_worker
 from ..trace import Trace
 from .base import ObjectInfo, Segment
-from .http import BadRequest, HttpTransport, check_status
+from .http import BadRequest, HttpTransport, check_status, probe_headers
 from .hub_refs import (_SHA256, MAX_LISTING_BYTES, MAX_REDIRECTS, HubRef, HubSettings, RepoInfo, _origin,
                        cached_snapshot, parse_hub_url, parse_repo_info)
 from .retry import RetryPolicy, Transient
@@ -101,23 +101,31 @@ class HubTransport:
             # probe of model.safetensors where an index is found, or the index's where the file is single).
             raise SourceNotFoundError(f"not found: no {ref.path!r} in {url} (the Hub's listing of {listed.commit})",
                                       url=url)
-        target, linked, linked_size = await self.policy.run(lambda: self._follow(self.resolve_url(ref), url),
-                                                            url=url, byte_range=None, request=True)
-        info = await self._http(target).stat_fetch_url(target, url)
+        target, linked, linked_size, info = await self.policy.run(
+            lambda: self._follow(self.resolve_url(ref), url, probe=True), url=url, byte_range=None, request=True)
+        if info is None:  # sent on to the CDN: the probe asks there
+            info = await self._http(target).stat_fetch_url(target, url)
         if linked_size is not None and linked_size != info.size:  # the CDN serves other bytes than the Hub names
             raise IntegrityError(f"the Hub says {linked_size} bytes (X-Linked-Size), the CDN serves {info.size}",
                                  url=url)
         sha256 = (linked or "").removeprefix("W/").strip('"')
         return replace(info, checksum=f"sha256:{sha256}") if _SHA256.fullmatch(sha256) else info
 
-    async def _follow(self, fetch: str, shown: str) -> tuple[str, str | None, int | None]:
+    async def _follow(self, fetch: str, shown: str, probe: bool = False
+                      ) -> tuple[str, str | None, int | None, ObjectInfo | None]:
         """Where the Hub sends a resolve request -- itself (small files) or the CDN (LFS files) -- and the
-        ``X-Linked-Etag`` and ``X-Linked-Size`` it names an LFS file by (its sha256 and size)."""
+        ``X-Linked-Etag`` and ``X-Linked-Size`` it names an LFS file by (its sha256 and size).
+
+        With ``probe`` the requests are the size probe's ranged GETs, not HEADs: a file the Hub serves itself (an
+        index, a config) is then found and probed in one round trip, returned as the last item (None when the
+        reply sent the request on to the CDN, where the caller probes)."""
         linked = linked_size = None
         for _ in range(MAX_REDIRECTS):
             try:
                 http = self._http(fetch)
-                resp = await http.session().head(fetch, allow_redirects=False, **http.options(fetch))
+                resp = await http.session().request("GET" if probe else "HEAD", fetch, allow_redirects=False,
+                                                    headers=probe_headers(fetch) if probe else None,
+                                                    **http.options(fetch))
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
                 raise Transient(describe(scrub(exc))) from exc
             async with resp:
@@ -129,11 +137,15 @@ class HubTransport:
                     linked_size = int(size)
                 location = resp.headers.get("Location")
                 if resp.status not in (301, 302, 303, 307, 308) or not location:
-                    self._check(resp, shown)
-                    return fetch, linked, linked_size
+                    if not probe or resp.status in (401, 403, 404):  # (why, in the Hub's words)
+                        self._check(resp, shown)
+                    info = await http.probe_reply(resp, fetch, shown) if probe else None
+                    return fetch, linked, linked_size, info
+                if probe:  # the redirect's few bytes read, so that its connection serves the next request
+                    await resp.content.read(1 << 16)
                 fetch = str(resp.url.join(URL(location)))
             if _origin(fetch) != self._origin:
-                return fetch, linked, linked_size  # the CDN: its presigned URL is read directly
+                return fetch, linked, linked_size, None  # the CDN: its presigned URL is read directly
         raise TransferError(f"more than {MAX_REDIRECTS} redirects", url=shown)
 
     def _check(self, resp: aiohttp.ClientResponse, shown: str) -> None:
@@ -173,8 +185,8 @@ class HubTransport:
             except (SourcePermissionError, BadRequest):
                 pass
         ref = parse_hub_url(info.url)
-        target, _, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
-                                             byte_range=None, request=True)
+        target, _, _, _ = await self.policy.run(lambda: self._follow(self.resolve_url(ref), info.url), url=info.url,
+                                                byte_range=None, request=True)
         self._cdn_urls[info.url] = target
         return await self._http(target).read(replace(info, fetch_url=target), segments, record)
 
