@@ -167,6 +167,29 @@ def test_sharded_and_single_file_over_each_transport(request, transport: str, mo
     assert_same_model(ours_of(url), theirs_of(directory))
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_s3_clients_of_one_call_come_from_one_botocore_session(request, llama_dir: Path, monkeypatch, given) -> None:
+    """from_pretrained over S3 makes three botocore clients (the staging's two sets of transports and the load's):
+    from one session, so botocore reads its service models once (a client from a fresh session costs ~0.1 s of
+    CPU). A session the caller gives (S3Options.session) is the one used."""
+    import botocore.session
+
+    url = _published("s3", llama_dir, request, name="one-session")
+    made: list[int] = []
+    create = botocore.session.Session.create_client
+
+    def noted(self, *args, **kwargs):  # a spy: the real method runs
+        made.append(id(self))
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(botocore.session.Session, "create_client", noted)
+    mine = botocore.session.Session() if given else None
+    config = fastload.LoadConfig(s3=fastload.S3Options(session=mine))
+    assert_same_model(fastload.from_pretrained(url, config=config), theirs_of(llama_dir))
+    assert len(made) >= 3 and len(set(made)) == 1, made
+    assert not given or made[0] == id(mine)
+
+
 @pytest.mark.parametrize("transport", ["http", "s3", "hf"])
 def test_subfolder_and_variant_remotely(request, tmp_path: Path, transport: str) -> None:
     """``subfolder=`` and ``variant=`` mean what they mean in transformers, over every transport: the plain
