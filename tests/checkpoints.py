@@ -191,6 +191,34 @@ def write_sharded(directory: Path, tensors: dict[str, torch.Tensor], n_shards: i
     return directory
 
 
+def seeded_tensors(seed: int) -> dict[str, torch.Tensor]:
+    """Three small tensors (float32, int64, bfloat16) named after ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"a{seed}": torch.randn(300, generator=g), f"b{seed}": torch.arange(13, dtype=torch.int64) * seed,
+            f"c{seed}": torch.randn(4, 6, generator=g).to(torch.bfloat16)}
+
+
+def seeded_file(tmp_path: Path, seed: int) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """A safetensors file of :func:`seeded_tensors` under ``tmp_path``: its bytes, and safetensors' reading of it."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / f"f{seed}-{os.urandom(3).hex()}.safetensors"
+    save_file(seeded_tensors(seed), str(path))
+    return path.read_bytes(), load_file(str(path))
+
+
+def same_size_other_bytes(data: bytes) -> bytes:
+    """The same safetensors file (same header, same size) with every tensor byte changed."""
+    start = 8 + int.from_bytes(data[:8], "little")
+    return data[:start] + bytes((b ^ 0x5A) for b in data[start:])
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` but hidden ones (``.fastload/``), by relative path, with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(".")}
+
+
 def evict(path, offset: int = 0, length: int = 0) -> None:
     """Drop ``[offset, offset + length)`` of a file (all of it by default) from the page cache; it works
     on these machines. The fsync first: a file just written has dirty pages, which DONTNEED keeps."""

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from checkpoints import files_under, same_size_other_bytes, seeded_file
 from reliability_helpers import QUICK, assert_bit_exact, write_checkpoint
 from safetensors.torch import load_file, save_file
 from servers import FaultProxy, Faults
@@ -28,29 +29,6 @@ import fastload
 
 FAIL_FAST = QUICK.replace(stall_timeout_s=1.0, retry=fastload.RetryConfig(
     max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02, deadline_s=5.0))
-
-
-def _tensors(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"a{seed}": torch.randn(300, generator=g), f"b{seed}": torch.arange(13, dtype=torch.int64) * seed,
-            f"c{seed}": torch.randn(4, 6, generator=g).to(torch.bfloat16)}
-
-
-def _file(tmp_path, seed: int):
-    path = tmp_path / f"f{seed}-{uuid.uuid4().hex[:6]}.safetensors"
-    save_file(_tensors(seed), str(path))
-    return path.read_bytes(), load_file(str(path))
-
-
-def _same_size_other_bytes(data: bytes) -> bytes:
-    """The same safetensors file (same header, same size) with every tensor byte changed."""
-    start = 8 + int.from_bytes(data[:8], "little")
-    return data[:start] + bytes((b ^ 0x5A) for b in data[start:])
-
-
-def _files(root) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and not p.relative_to(root).as_posix().startswith(".")}
 
 
 # -- a front that answers as real S3 does for SSE-C objects ----------------------------------------------------
@@ -118,7 +96,7 @@ def test_same_size_overwrite_mid_load_is_changed_or_old_whole(s3_server, s3_buck
     client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
     file, old = write_checkpoint(tmp_path / "m.safetensors", count=6)
     data = file.read_bytes()
-    new_data = _same_size_other_bytes(data)
+    new_data = same_size_other_bytes(data)
     assert len(new_data) == len(data) and new_data != data
     s3_server.put(s3_bucket, "m.safetensors", data)
     fired = []
@@ -150,7 +128,7 @@ def test_pull_resumed_after_a_same_size_overwrite_is_the_new_version_whole(s3_se
     client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
     file, _ = write_checkpoint(tmp_path / "m.safetensors", count=6)
     data = file.read_bytes()
-    new_data = _same_size_other_bytes(data)
+    new_data = same_size_other_bytes(data)
     s3_server.put(s3_bucket, "m.safetensors", data)
     url = f"s3://{s3_bucket}/m.safetensors"
     out = tmp_path / "out"
@@ -222,7 +200,7 @@ def test_sse_c_object_is_a_prompt_typed_error_saying_why(s3_server, s3_bucket, f
     """SSE-C: S3 refuses a HEAD (400, no body) and a GET (400 InvalidRequest) without the customer key, which
     fastload cannot know. A prompt error of fastload's that names the object and says it is encrypted with a
     customer key, not a bare "S3 error 400" nor a retry loop. (Refused GETs only: a store whose HEAD answers.)"""
-    data, _ = _file(tmp_path, 1)
+    data, _ = seeded_file(tmp_path, 1)
     s3_server.put(s3_bucket, "enc/model.safetensors", data)
 
     def hook(method, target, headers):
@@ -256,7 +234,7 @@ def test_sse_c_object_is_a_prompt_typed_error_saying_why(s3_server, s3_bucket, f
 @pytest.mark.parametrize("sse", [{"ServerSideEncryption": "AES256"},
                                  {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/aws/s3"}])
 def test_sse_s3_and_sse_kms_objects_load_and_verify(s3_server, s3_bucket, tmp_path, sse):
-    data, want = _file(tmp_path, 2)
+    data, want = seeded_file(tmp_path, 2)
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="e/model.safetensors", Body=data, ChecksumAlgorithm="SHA256", **sse)
     trace = fastload.Trace()
@@ -277,8 +255,8 @@ ODD_PREFIXES = ["llama-3.1.", "a//b", "sp ace+plus%25/ünï.", "./dot"]
 def test_odd_prefix_in_load_plan_stream_and_pull(s3_server, s3_bucket, tmp_path, prefix, engine):
     """Both HTTP engines send a presigned URL as signed: a dot segment ("./dot") is part of the key."""
     config = FAIL_FAST.replace(http_engine=engine)
-    d1, w1 = _file(tmp_path, 1)
-    d2, w2 = _file(tmp_path, 2)
+    d1, w1 = seeded_file(tmp_path, 1)
+    d2, w2 = seeded_file(tmp_path, 2)
     s3_server.put(s3_bucket, f"{prefix}/part one.safetensors", d1)
     s3_server.put(s3_bucket, f"{prefix}/p+2%.safetensors", d2)
     s3_server.put(s3_bucket, f"{prefix}/", b"")  # the directory marker the console makes
@@ -290,12 +268,12 @@ def test_odd_prefix_in_load_plan_stream_and_pull(s3_server, s3_bucket, tmp_path,
             assert_bit_exact({n: t.clone() for n, t in s}, want)
     out = tmp_path / "out"
     fastload.pull(f"s3://{s3_bucket}/{prefix}/", to=out, config=config)
-    assert _files(out) == {"part one.safetensors": d1, "p+2%.safetensors": d2}
+    assert files_under(out) == {"part one.safetensors": d1, "p+2%.safetensors": d2}
 
 
 def test_index_in_a_prefix_with_a_trailing_dot(s3_server, s3_bucket, tmp_path):
-    d1, w1 = _file(tmp_path, 1)
-    d2, w2 = _file(tmp_path, 2)
+    d1, w1 = seeded_file(tmp_path, 1)
+    d2, w2 = seeded_file(tmp_path, 2)
     prefix = "org/llama-3.1-8b."
     s3_server.put(s3_bucket, f"{prefix}/model-1 of 2.safetensors", d1)
     s3_server.put(s3_bucket, f"{prefix}/model-2+of+2.safetensors", d2)
@@ -311,7 +289,7 @@ def test_dotted_bucket_under_each_addressing_style(s3_server, tmp_path, style):
     """A dotted bucket name cannot be a virtual host under TLS (nor, here, at an IP endpoint): "auto" and "path"
     load it; "virtual" either loads it or fails at once with a fastload error naming it, never hangs."""
     bucket = f"my.models.{uuid.uuid4().hex[:8]}"
-    data, want = _file(tmp_path, 3)
+    data, want = seeded_file(tmp_path, 3)
     s3_server.put(bucket, "ck./model.safetensors", data)
     config = FAIL_FAST.replace(s3=fastload.S3Options(addressing_style=style))
     start = time.monotonic()
@@ -346,7 +324,7 @@ def crowded(s3_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crowd")
     files = {}
     for seed, name in ((4, "a-first.safetensors"), (5, "m-middle.safetensors"), (6, "z-last.safetensors")):
-        files[name] = _file(tmp, seed)
+        files[name] = seeded_file(tmp, seed)
     _bulk_put(s3_server, bucket, [f"ck v1.0/b-{i:04d}.txt" for i in range(500)]
               + [f"ck v1.0/n sub/{i:04d}.safetensors" for i in range(500)])
     s3_server.put(bucket, "ck v1.0/", b"")
@@ -372,7 +350,7 @@ def test_pull_of_a_prefix_of_more_than_1000_keys(crowded, tmp_path):
     bucket, files, _ = crowded
     out = tmp_path / "out"
     fastload.pull(f"s3://{bucket}/ck v1.0/", to=out, config=FAIL_FAST.replace(max_concurrency=8))
-    got = _files(out)
+    got = files_under(out)
     assert len(got) == 3 + 1000, len(got)
     for name, (data, _) in files.items():
         assert got[name] == data
@@ -403,7 +381,7 @@ def test_from_pretrained_of_a_dotted_prefix_with_a_marker(s3_server, s3_bucket, 
 def test_delete_marker_is_not_found_naming_the_object(s3_server, s3_bucket, tmp_path):
     client = s3_server.client()
     client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
-    data, _ = _file(tmp_path, 1)
+    data, _ = seeded_file(tmp_path, 1)
     s3_server.put(s3_bucket, "gone/model.safetensors", data)
     s3_server.put(s3_bucket, "gone.safetensors", data)
     client.delete_object(Bucket=s3_bucket, Key="gone/model.safetensors")
@@ -427,8 +405,8 @@ def test_delete_marker_is_not_found_naming_the_object(s3_server, s3_bucket, tmp_
 def test_index_naming_a_shard_behind_a_delete_marker(s3_server, s3_bucket, tmp_path):
     client = s3_server.client()
     client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
-    d1, w1 = _file(tmp_path, 1)
-    d2, _ = _file(tmp_path, 2)
+    d1, w1 = seeded_file(tmp_path, 1)
+    d2, _ = seeded_file(tmp_path, 2)
     s3_server.put(s3_bucket, "ck/one.safetensors", d1)
     s3_server.put(s3_bucket, "ck/two.safetensors", d2)
     index = {"metadata": {}, "weight_map": {**{n: "one.safetensors" for n in w1}, "a2": "two.safetensors"}}

@@ -302,9 +302,11 @@ class HttpTransport:
 
     async def _request(self, method: str, url: str, display: str, headers: dict, byte_range=None):
         try:
-            # A signed URL (presigned S3) goes out byte for byte as signed: yarl would drop the dot segments of a
-            # key such as "./dot/x.safetensors" (as curl does for a plain URL), and ask for another object.
-            target = URL(url, encoded=True) if _SIGNED.search(url) else url
+            # A signed URL, and any GET URL botocore built for an S3 object (an anonymous one carries no
+            # signature), goes out byte for byte: yarl would drop the dot segments of a key such as
+            # "./dot/x.safetensors" (as curl does for a plain URL), and ask for another object.
+            verbatim = display.startswith("s3://") or _SIGNED.search(url)
+            target = URL(url, encoded=True) if verbatim else url
             # MAX_REDIRECTS hops, as the threaded engine follows (aiohttp counts the reply that would be one more)
             return await self.session().request(method, target, headers=headers, allow_redirects=True,
                                                 max_redirects=MAX_REDIRECTS + 1, **self.options(url))
