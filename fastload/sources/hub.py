@@ -25,6 +25,7 @@ install.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from dataclasses import replace
@@ -142,7 +143,8 @@ class HubTransport:
                     info = await http.probe_reply(resp, fetch, shown) if probe else None
                     return fetch, linked, linked_size, info
                 if probe:  # the redirect's few bytes read, so that its connection serves the next request
-                    await resp.content.read(1 << 16)
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        await resp.content.read(1 << 16)
                 fetch = str(resp.url.join(URL(location)))
             if _origin(fetch) != self._origin:
                 return fetch, linked, linked_size, None  # the CDN: its presigned URL is read directly
