@@ -1,9 +1,11 @@
 """S3 and S3-compatible stores.
 
-Metadata (HEAD, LIST) goes through botocore, which brings the standard AWS
-credential chain and environment (``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``,
-profiles, instance roles). Tensor bytes go through the HTTP transport on
-presigned GET URLs: one aiohttp session, our own retry and integrity checks,
+botocore brings the standard AWS credential chain and environment
+(``AWS_ENDPOINT_URL[_S3]``, ``AWS_REGION``, profiles, instance roles), signs,
+and makes the LIST and (when the first look is refused, or checksums are
+verified) the HEAD calls. An object is first looked at with a presigned ranged
+GET of its first bytes, as HTTP files are. Tensor bytes go through the HTTP
+transport on presigned GET URLs: one aiohttp session, our own retry and integrity checks,
 and no per-request signing or response buffering (measured faster than
 s3fs/aiobotocore's ``get_object``, which gathers each body into one bytes
 object before we could copy it; see benchmarks/README.md). Presigned URLs never
