@@ -321,6 +321,15 @@ def test_s3_listed_directory(s3_server, s3_bucket, s3_proxy, http_dir, arrivals)
 # -- hf:// -------------------------------------------------------------------------------------------------------
 
 
+def _load_from_hub(hub, directory: Path, tensors: dict, arrivals: list) -> None:
+    """Publish ``directory`` as a repository, hold every request, and load it (exact) with its arrivals noted."""
+    repo = repo_name("rt")
+    hub.add_repo(repo, directory)
+    _hold(hub)
+    arrivals.clear()
+    _same(fastload.load(f"hf://{repo}"), tensors)
+
+
 def test_hub_single_file_repository(hub, http_dir, arrivals) -> None:
     """hf://org/name holding model.safetensors: the listing (commit and files: it says there is no index), the
     resolve GET of the first 8 bytes, answered with the redirect to the CDN, the same GET on the CDN, the header:
@@ -328,11 +337,7 @@ def test_hub_single_file_repository(hub, http_dir, arrivals) -> None:
     answered for the index.)"""
     tensors = _tensors(6)
     file = write_single(http_dir / "repo" / "model.safetensors", tensors)
-    repo = repo_name("rt")
-    hub.add_repo(repo, file.parent)
-    _hold(hub)
-    arrivals.clear()
-    _same(fastload.load(f"hf://{repo}"), tensors)
+    _load_from_hub(hub, file.parent, tensors, arrivals)
     _check(arrivals, _data_starts(file), 4, "hf:// single-file repository")
 
 
@@ -342,11 +347,7 @@ def test_hub_sharded_repository(hub, http_dir, arrivals) -> None:
     index took 6; each request of a HEAD, then of 8 bytes, then of the rest took 7)."""
     tensors = _tensors(9)
     directory = write_sharded(http_dir / "repo", tensors, 3)
-    repo = repo_name("rt")
-    hub.add_repo(repo, directory)
-    _hold(hub)
-    arrivals.clear()
-    _same(fastload.load(f"hf://{repo}"), tensors)
+    _load_from_hub(hub, directory, tensors, arrivals)
     _check(arrivals, _data_starts(directory), 5, "hf:// sharded repository")
 
 
@@ -359,11 +360,7 @@ def test_hub_listed_folder(hub, http_dir, arrivals) -> None:
     directory = http_dir / "repo"
     write_single(directory / "part-a.safetensors", dict(list(tensors.items())[:3]))
     write_single(directory / "part-b.safetensors", dict(list(tensors.items())[3:]))
-    repo = repo_name("rt")
-    hub.add_repo(repo, directory)
-    _hold(hub)
-    arrivals.clear()
-    _same(fastload.load(f"hf://{repo}"), tensors)
+    _load_from_hub(hub, directory, tensors, arrivals)
     _check(arrivals, _data_starts(directory), 4, "hf:// listed folder")
 
 

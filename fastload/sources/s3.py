@@ -124,9 +124,9 @@ _WHY_400 = ("an object encrypted with a customer-provided key (SSE-C), which fas
 
 
 def _http_date(when) -> str | None:
-    """botocore's datetime as the HTTP-date a GET's Last-Modified carries (whole seconds: a listing's has
-    milliseconds, which no conditional request could use)."""
-    return format_datetime(when.astimezone(timezone.utc).replace(microsecond=0), usegmt=True) if when else None
+    """botocore's datetime as the HTTP-date a GET's Last-Modified carries (whole seconds: a listing's
+    milliseconds are dropped, as the HTTP-date has none)."""
+    return format_datetime(when.astimezone(timezone.utc), usegmt=True) if when else None
 
 
 def _whole_object_sha256(head: dict) -> str | None:
